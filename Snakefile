@@ -1,0 +1,24 @@
+# Rebuild LLM-retriever papers' tables (LLaRA, CSPLADE) end to end.
+#   snakemake --cores all results/beir_table.csv
+# See README.md; the design is in ../shared/DESIGN.md.
+
+
+import os
+
+
+# The embedded default; presets and --config are merged on top of it.
+configfile: os.path.join(workflow.basedir, "config", "config.yaml")
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/models.smk"
+include: "workflow/rules/bm25.smk"
+include: "workflow/rules/dense.smk"
+include: "workflow/rules/evaluate.smk"
+
+
+rule all:
+    input:
+        "results/beir_table.csv",
+        "results/plots/beir_table.png",

@@ -1,0 +1,291 @@
+"""Read, validate, subsample and write datasets in the BEIR layout.
+
+A BEIR dataset is a folder with ``corpus.jsonl`` (``_id``, ``title``, ``text``),
+``queries.jsonl`` (``_id``, ``text``) and ``qrels/{split}.tsv`` (``query-id``,
+``corpus-id``, ``score`` with a header line). Every later stage trusts what this module
+returns, so malformed input stops here with the file and line that is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+QRELS_HEADER = ("query-id", "corpus-id", "score")
+ON_UNKNOWN = ("error", "drop")
+
+
+class BeirFormatError(ValueError):
+    """A BEIR file breaks the format; the message names the file and line."""
+
+
+@dataclass
+class Corpus:
+    """Documents in file order; parallel lists keep millions of passages compact."""
+
+    ids: list[str] = field(default_factory=list)
+    titles: list[str] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def contents(self) -> list[str]:
+        """Title and text joined by a space, as BEIR's and Pyserini's baselines index them."""
+        return [f"{t} {x}" if t else x for t, x in zip(self.titles, self.texts, strict=True)]
+
+    def subset(self, keep: set[str]) -> Corpus:
+        out = Corpus()
+        for i, t, x in zip(self.ids, self.titles, self.texts, strict=True):
+            if i in keep:
+                out.ids.append(i)
+                out.titles.append(t)
+                out.texts.append(x)
+        return out
+
+
+Queries = dict[str, str]
+Qrels = dict[str, dict[str, int]]
+
+
+@dataclass
+class Dataset:
+    corpus: Corpus
+    queries: Queries
+    qrels: Qrels
+
+
+@dataclass
+class Subsample:
+    """How a preset shrinks a dataset; recorded in ``dataset.json`` and the table metadata."""
+
+    max_queries: int | None = None
+    max_docs: int | None = None
+    seed: int = 13
+
+    @property
+    def active(self) -> bool:
+        return self.max_queries is not None or self.max_docs is not None
+
+
+def _jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise BeirFormatError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(rec, dict):
+                raise BeirFormatError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+            yield lineno, rec
+
+
+def _id_of(rec: dict, path: Path, lineno: int) -> str:
+    if "_id" not in rec:
+        raise BeirFormatError(f"{path}:{lineno}: record has no '_id'")
+    doc_id = rec["_id"]
+    if isinstance(doc_id, int) and not isinstance(doc_id, bool):
+        doc_id = str(doc_id)
+    if not isinstance(doc_id, str) or not doc_id.strip():
+        raise BeirFormatError(f"{path}:{lineno}: '_id' must be a non-empty string, got {doc_id!r}")
+    if any(c.isspace() for c in doc_id):
+        # TREC run and qrels files are whitespace separated: such an id cannot round-trip.
+        raise BeirFormatError(f"{path}:{lineno}: '_id' {doc_id!r} contains white space")
+    return doc_id
+
+
+def _text_field(rec: dict, key: str, path: Path, lineno: int, required: bool) -> str:
+    value = rec.get(key)
+    if value is None:
+        if required:
+            raise BeirFormatError(f"{path}:{lineno}: record has no '{key}'")
+        return ""
+    if not isinstance(value, str):
+        raise BeirFormatError(f"{path}:{lineno}: '{key}' must be a string, got {type(value).__name__}")
+    return value
+
+
+def load_corpus(path: str | Path) -> Corpus:
+    path = Path(path)
+    corpus = Corpus()
+    seen: dict[str, int] = {}
+    for lineno, rec in _jsonl_records(path):
+        doc_id = _id_of(rec, path, lineno)
+        if doc_id in seen:
+            raise BeirFormatError(f"{path}:{lineno}: duplicate document id {doc_id!r} (first on line {seen[doc_id]})")
+        seen[doc_id] = lineno
+        corpus.ids.append(doc_id)
+        corpus.titles.append(_text_field(rec, "title", path, lineno, required=False))
+        corpus.texts.append(_text_field(rec, "text", path, lineno, required=True))
+    if not corpus.ids:
+        raise BeirFormatError(f"{path}: corpus is empty")
+    return corpus
+
+
+def load_queries(path: str | Path) -> Queries:
+    path = Path(path)
+    queries: Queries = {}
+    first_line: dict[str, int] = {}
+    for lineno, rec in _jsonl_records(path):
+        qid = _id_of(rec, path, lineno)
+        if qid in queries:
+            raise BeirFormatError(f"{path}:{lineno}: duplicate query id {qid!r} (first on line {first_line[qid]})")
+        first_line[qid] = lineno
+        queries[qid] = _text_field(rec, "text", path, lineno, required=True)
+    return queries
+
+
+def load_qrels(path: str | Path) -> Qrels:
+    """Read a BEIR qrels TSV (header required); a repeated pair is an error, not a silent overwrite."""
+    path = Path(path)
+    qrels: Qrels = {}
+    with open(path, encoding="utf-8") as f:
+        header = f.readline().rstrip("\n").split("\t")
+        if tuple(h.strip() for h in header) != QRELS_HEADER:
+            expected = "\t".join(QRELS_HEADER)
+            raise BeirFormatError(f"{path}:1: expected header {expected!r}, got {header!r}")
+        for lineno, line in enumerate(f, start=2):
+            if not line.strip():
+                continue
+            cols = line.rstrip("\n").split("\t")
+            if len(cols) != 3:
+                raise BeirFormatError(f"{path}:{lineno}: expected 3 tab-separated columns, got {len(cols)}")
+            qid, did, score = (c.strip() for c in cols)
+            if not qid or not did:
+                raise BeirFormatError(f"{path}:{lineno}: empty query or document id")
+            try:
+                rel = int(score)
+            except ValueError:
+                raise BeirFormatError(f"{path}:{lineno}: relevance {score!r} is not an integer") from None
+            if did in qrels.setdefault(qid, {}):
+                raise BeirFormatError(f"{path}:{lineno}: pair ({qid}, {did}) judged twice")
+            qrels[qid][did] = rel
+    if not qrels:
+        raise BeirFormatError(f"{path}: no judgments")
+    return qrels
+
+
+def load_dataset(folder: str | Path, split: str = "test", on_unknown: str = "error") -> Dataset:
+    """Load and cross-check a BEIR folder; keep only queries judged in ``split``.
+
+    ``on_unknown`` says what to do with judgments naming a query or document that does not
+    exist: ``error`` (default) stops with the qrels file named, ``drop`` removes them and logs
+    how many went.
+    """
+    if on_unknown not in ON_UNKNOWN:
+        raise ValueError(f"on_unknown must be one of {ON_UNKNOWN}, got {on_unknown!r}")
+    folder = Path(folder)
+    qrels_path = folder / "qrels" / f"{split}.tsv"
+    for p in (folder / "corpus.jsonl", folder / "queries.jsonl", qrels_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"BEIR dataset {folder}: missing {p.relative_to(folder)}")
+    corpus = load_corpus(folder / "corpus.jsonl")
+    queries = load_queries(folder / "queries.jsonl")
+    qrels = load_qrels(qrels_path)
+
+    doc_ids = set(corpus.ids)
+    unknown_q = sorted(q for q in qrels if q not in queries)
+    unknown_d = sorted({d for judged in qrels.values() for d in judged if d not in doc_ids})
+    if unknown_q or unknown_d:
+        what = []
+        if unknown_q:
+            what.append(f"{len(unknown_q)} unknown query ids (e.g. {unknown_q[:3]})")
+        if unknown_d:
+            what.append(f"{len(unknown_d)} unknown document ids (e.g. {unknown_d[:3]})")
+        msg = f"{qrels_path}: judgments name " + " and ".join(what)
+        if on_unknown == "error":
+            raise BeirFormatError(msg + "; set the dataset's on_unknown_qrels: drop to skip them")
+        dropped = 0
+        for q in list(qrels):
+            if q not in queries:
+                dropped += len(qrels.pop(q))
+                continue
+            for d in [d for d in qrels[q] if d not in doc_ids]:
+                del qrels[q][d]
+                dropped += 1
+            if not qrels[q]:
+                del qrels[q]
+        log.warning("%s; dropped %d judgments", msg, dropped)
+
+    queries = {q: queries[q] for q in queries if q in qrels}
+    return Dataset(corpus=corpus, queries=queries, qrels=qrels)
+
+
+def subsample(ds: Dataset, spec: Subsample) -> Dataset:
+    """Shrink a dataset for quick runs, deterministically, keeping every judged document.
+
+    Queries are sampled first; the corpus keeps all documents judged for the kept queries
+    and fills up to ``max_docs`` with a random sample of the rest (so the retrieval task is
+    still a search among distractors, only smaller).
+    """
+    if not spec.active:
+        return ds
+    rng = random.Random(spec.seed)
+    qids = sorted(ds.queries)
+    if spec.max_queries is not None and spec.max_queries < len(qids):
+        qids = sorted(rng.sample(qids, spec.max_queries))
+    qrels = {q: ds.qrels[q] for q in qids}
+    judged = {d for q in qids for d in qrels[q]}
+    keep = set(judged)
+    if spec.max_docs is not None:
+        rest = [d for d in ds.corpus.ids if d not in judged]
+        room = max(0, spec.max_docs - len(judged))
+        keep.update(rng.sample(rest, min(room, len(rest))))
+    else:
+        keep = set(ds.corpus.ids)
+    return Dataset(corpus=ds.corpus.subset(keep), queries={q: ds.queries[q] for q in qids}, qrels=qrels)
+
+
+def stats(ds: Dataset) -> dict:
+    n_judg = sum(len(v) for v in ds.qrels.values())
+    return {"documents": len(ds.corpus), "queries": len(ds.queries), "judgments": n_judg}
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_dataset(ds: Dataset, folder: str | Path, meta: dict | None = None) -> None:
+    """Write ``corpus.jsonl``, ``queries.jsonl``, ``qrels.tsv`` (BEIR formats) and
+    ``dataset.json`` (counts and how the copy was made) into ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def corpus(f):
+        for i, t, x in zip(ds.corpus.ids, ds.corpus.titles, ds.corpus.texts, strict=True):
+            f.write(json.dumps({"_id": i, "title": t, "text": x}, ensure_ascii=False) + "\n")
+
+    def queries(f):
+        for q, text in ds.queries.items():
+            f.write(json.dumps({"_id": q, "text": text}, ensure_ascii=False) + "\n")
+
+    def qrels(f):
+        f.write("\t".join(QRELS_HEADER) + "\n")
+        for q, judged in ds.qrels.items():
+            for d, rel in judged.items():
+                f.write(f"{q}\t{d}\t{rel}\n")
+
+    _atomic_write(folder / "corpus.jsonl", corpus)
+    _atomic_write(folder / "queries.jsonl", queries)
+    _atomic_write(folder / "qrels.tsv", qrels)
+    info = {**stats(ds), **(meta or {})}
+    _atomic_write(folder / "dataset.json", lambda f: json.dump(info, f, indent=2))
+
+
+def subsample_record(spec: Subsample, before: Dataset, after: Dataset) -> dict:
+    return {"subsample": asdict(spec) if spec.active else None, "original": stats(before)}

@@ -1,0 +1,788 @@
+"""BM25 that reproduces Pyserini's "BM25 flat" BEIR baselines, on top of bm25s.
+
+Pyserini's published BEIR numbers come from Anserini/Lucene: a ``contents`` field
+holding ``title + " " + text``, analysed by Anserini's ``DefaultEnglishAnalyzer``
+and scored by Lucene's ``BM25Similarity`` with k1=0.9, b=0.4.  This module mirrors
+each of those pieces so that our BM25 runs are a faithful stand-in:
+
+* :class:`LuceneAnalyzer` -- StandardTokenizer (approximated with a regex, see
+  below) -> EnglishPossessiveFilter -> LowerCaseFilter -> StopFilter (Lucene's
+  33 English stop words) -> PorterStemFilter.
+* Scoring -- Lucene's BM25: ``idf = ln(1 + (N - n + 0.5) / (n + 0.5))`` and
+  ``tf / (tf + k1 * (1 - b + b * dl / avgdl))`` (no ``(k1 + 1)`` factor, as in
+  Lucene >= 8), where ``dl`` is the number of analysed tokens of the document
+  (stop words removed: Lucene's field length counts emitted tokens), ``avgdl``
+  is the mean of ``dl`` over documents with at least one token and ``N`` is the
+  number of such documents (Lucene's ``docCount``).
+* Document lengths are stored the way Lucene stores norms: one byte per document
+  (``SmallFloat.intToByte4``), decoded with ``byte4ToInt`` -- lengths 0..39 are
+  exact, longer ones lose precision (rounded down to 4 significant bits above 24).
+  bm25s does not do this (it uses exact lengths), so with ``norms="lucene"`` the
+  score matrix is computed here, in float32 in the same operation order as
+  Lucene, and handed to a ``bm25s.BM25`` object that stores, saves and loads it.
+* Queries: analysed like documents; a term repeated in a query counts once per
+  occurrence (Anserini's ``BagOfWordsQueryGenerator`` turns a term seen c times
+  into one clause with boost c, i.e. c times its score).  bm25s's own scorer
+  keeps duplicate query token ids and also adds their scores once per
+  occurrence; we score through the same CSC matrix and keep that behaviour.
+* Results: only documents matching at least one query term (as Lucene), best
+  first; equal float32 scores are ordered by document id string, like Anserini's
+  ``BREAK_SCORE_TIES_BY_DOCID`` sort.
+
+StandardTokenizer approximation (UAX#29 word boundaries, done with ``re``):
+
+* a token is a run of word characters (``\\w`` minus the few numeric symbols
+  UAX#29 classes as "Other": superscript/subscript digits, vulgar fractions,
+  circled digits), which may also contain format/combining characters after its
+  first character (soft hyphen, LRM/RLM, ZWJ/ZWNJ, Latin combining marks);
+* runs are joined across one of ``' ’ ‘ . : ·`` (and their full-width forms)
+  when letters stand on both sides (``don't``, ``e.g``, ``u.s``), and across one of
+  ``, . ; ' ’ ‘`` when digits stand on both sides (``3.5``, ``1,000``); letters and
+  digits join directly (``il6``, ``3.5mg``), underscores join anything;
+* everything else separates tokens: hyphens, slashes, other punctuation
+  (``covid-19`` -> ``covid``, ``19``); Han ideographs and Hiragana are one token
+  per character; tokens of underscores only are dropped; tokens longer than 255
+  characters are cut into 255-character pieces (Lucene's maxTokenLength).
+
+Known gaps: UAX#29 rules for Hebrew letters, Katakana, South-East Asian scripts,
+emoji and non-Latin combining marks are not modelled; lowercasing uses Python's
+per-character mapping (close to Java's ``Character.toLowerCase``).  On SciFact
+these do not arise (its only non-ASCII word-break-relevant characters are the
+middle dot, curly quotes, super/subscript digits, LRM and soft hyphen, all
+handled above).
+
+Stemming: Lucene's ``PorterStemmer`` is Martin Porter's reference implementation,
+which departs from the published algorithm (and from Snowball/PyStemmer
+``porter``) in three ways: words of 1-2 characters are never stemmed (Snowball:
+``us`` -> ``u``, ``s`` -> ``""``), ``-bli`` becomes ``-ble`` (not only ``-abli``)
+and ``-logi`` becomes ``-log`` (``pathology`` -> ``patholog``; Snowball:
+``pathologi``).  ``stemmer="porter"`` therefore uses the port in this module;
+any other PyStemmer algorithm name (or ``"snowball-porter"`` for PyStemmer's
+``porter``) goes through PyStemmer.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from .config import settings
+
+__all__ = [
+    "LUCENE_ENGLISH_STOPWORDS",
+    "PARAMS_FORMAT_VERSION",
+    "BM25Index",
+    "BM25Params",
+    "LuceneAnalyzer",
+    "byte4_to_int",
+    "document_text",
+    "int_to_byte4",
+    "lucene_porter_stem",
+]
+
+#: Bumped whenever analysis or scoring changes in a way that invalidates saved indexes.
+PARAMS_FORMAT_VERSION = 1
+_PARAMS_FILE = "llmret_bm25.json"
+_DOC_IDS_FILE = "llmret_doc_ids.json"
+
+#: Lucene's ``EnglishAnalyzer.ENGLISH_STOP_WORDS_SET`` (used by Anserini's default analyzer).
+LUCENE_ENGLISH_STOPWORDS: frozenset[str] = frozenset(
+    {
+        "a",
+        "an",
+        "and",
+        "are",
+        "as",
+        "at",
+        "be",
+        "but",
+        "by",
+        "for",
+        "if",
+        "in",
+        "into",
+        "is",
+        "it",
+        "no",
+        "not",
+        "of",
+        "on",
+        "or",
+        "such",
+        "that",
+        "the",
+        "their",
+        "then",
+        "there",
+        "these",
+        "they",
+        "this",
+        "to",
+        "was",
+        "will",
+        "with",
+    }
+)
+
+_MAX_TOKEN_LENGTH = 255  # Lucene StandardTokenizer default maxTokenLength
+
+
+# --------------------------------------------------------------------------------------
+# Parameters
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BM25Params:
+    """Everything that determines BM25 scores, recorded with every index and run.
+
+    ``norms="lucene"`` stores document lengths as Lucene's one-byte norms (only
+    defined for ``method="lucene"``); ``norms="exact"`` lets bm25s build the index
+    with exact lengths (any bm25s ``method``; bm25s counts every document, even
+    one with no terms, in N and avgdl).
+    """
+
+    k1: float = 0.9
+    b: float = 0.4
+    # "porter" (Lucene's), "snowball-porter", any other PyStemmer algorithm, or "none"
+    stemmer: str = "porter"
+    stopwords: str = "lucene"  # "lucene" or "none"
+    method: str = "lucene"  # bm25s scoring variant
+    norms: str = "lucene"  # "lucene" (1-byte SmallFloat norms) or "exact"
+
+    def __post_init__(self) -> None:
+        if self.stopwords not in ("lucene", "none"):
+            raise ValueError(f"stopwords must be 'lucene' or 'none', got {self.stopwords!r}")
+        if self.norms not in ("lucene", "exact"):
+            raise ValueError(f"norms must be 'lucene' or 'exact', got {self.norms!r}")
+        if self.method not in ("lucene", "robertson", "atire", "bm25l", "bm25+"):
+            raise ValueError(f"unknown bm25s method {self.method!r}")
+        if self.norms == "lucene" and self.method != "lucene":
+            raise ValueError("norms='lucene' is only defined for method='lucene'; use norms='exact'")
+        _make_stemmer(self.stemmer)  # fail early on unknown stemmer names
+
+    def to_dict(self) -> dict:
+        """Plain dict (JSON-ready) for TREC run headers and index metadata."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> BM25Params:
+        """Inverse of :meth:`to_dict`; unknown keys are an error so stale files are noticed."""
+        return settings(cls, d, "BM25Params keys")
+
+
+# --------------------------------------------------------------------------------------
+# Lucene's Porter stemmer (reference implementation with its departures)
+# --------------------------------------------------------------------------------------
+
+
+class _Porter:
+    """Porter stemmer following Lucene's ``PorterStemmer`` step by step.
+
+    Works on the string ``b`` with ``k`` the index of the last live character
+    and ``j`` the end of the stem found by the last successful :meth:`ends`.
+    Any character other than a, e, i, o, u (and y after a consonant) counts as
+    a consonant, as in Lucene.
+    """
+
+    __slots__ = ("b", "j", "k")
+
+    _STEP3: ClassVar[dict[str, tuple]] = {  # Porter's step 2 (Lucene numbers it 3), keyed by the penultimate letter
+        "a": (("ational", "ate"), ("tional", "tion")),
+        "c": (("enci", "ence"), ("anci", "ance")),
+        "e": (("izer", "ize"),),
+        "l": (
+            ("bli", "ble"),
+            ("alli", "al"),
+            ("entli", "ent"),
+            ("eli", "e"),
+            ("ousli", "ous"),
+        ),
+        "o": (("ization", "ize"), ("ation", "ate"), ("ator", "ate")),
+        "s": (
+            ("alism", "al"),
+            ("iveness", "ive"),
+            ("fulness", "ful"),
+            ("ousness", "ous"),
+        ),
+        "t": (("aliti", "al"), ("iviti", "ive"), ("biliti", "ble")),
+        "g": (("logi", "log"),),
+    }
+    _STEP4: ClassVar[dict[str, tuple]] = {  # keyed by the last letter
+        "e": (("icate", "ic"), ("ative", ""), ("alize", "al")),
+        "i": (("iciti", "ic"),),
+        "l": (("ical", "ic"), ("ful", "")),
+        "s": (("ness", ""),),
+    }
+    _STEP5: ClassVar[dict[str, tuple]] = {  # suffixes removed when m() > 1, keyed by the penultimate letter
+        "a": ("al",),
+        "c": ("ance", "ence"),
+        "e": ("er",),
+        "i": ("ic",),
+        "l": ("able", "ible"),
+        "n": ("ant", "ement", "ment", "ent"),
+        "s": ("ism",),
+        "t": ("ate", "iti"),
+        "u": ("ous",),
+        "v": ("ive",),
+        "z": ("ize",),
+    }
+
+    def __init__(self, word: str) -> None:
+        self.b = word
+        self.k = len(word) - 1
+        self.j = 0
+
+    def cons(self, i: int) -> bool:
+        ch = self.b[i]
+        if ch in "aeiou":
+            return False
+        if ch == "y":
+            return True if i == 0 else not self.cons(i - 1)
+        return True
+
+    def m(self) -> int:
+        """Number of VC sequences in b[0..j]."""
+        n, i, j = 0, 0, self.j
+        while True:
+            if i > j:
+                return n
+            if not self.cons(i):
+                break
+            i += 1
+        i += 1
+        while True:
+            while True:
+                if i > j:
+                    return n
+                if self.cons(i):
+                    break
+                i += 1
+            i += 1
+            n += 1
+            while True:
+                if i > j:
+                    return n
+                if not self.cons(i):
+                    break
+                i += 1
+            i += 1
+
+    def vowelinstem(self) -> bool:
+        return any(not self.cons(i) for i in range(self.j + 1))
+
+    def doublec(self, j: int) -> bool:
+        return j >= 1 and self.b[j] == self.b[j - 1] and self.cons(j)
+
+    def cvc(self, i: int) -> bool:
+        if i < 2 or not self.cons(i) or self.cons(i - 1) or not self.cons(i - 2):
+            return False
+        return self.b[i] not in "wxy"
+
+    def ends(self, s: str) -> bool:
+        o = self.k - len(s) + 1
+        if o < 0 or not self.b.startswith(s, o, self.k + 1):
+            return False
+        self.j = self.k - len(s)
+        return True
+
+    def setto(self, s: str) -> None:
+        self.b = self.b[: self.j + 1] + s
+        self.k = self.j + len(s)
+
+    def r(self, s: str) -> None:
+        if self.m() > 0:
+            self.setto(s)
+
+    def step1(self) -> None:
+        if self.b[self.k] == "s":
+            if self.ends("sses"):
+                self.k -= 2
+            elif self.ends("ies"):
+                self.setto("i")
+            elif self.b[self.k - 1] != "s":
+                self.k -= 1
+        if self.ends("eed"):
+            if self.m() > 0:
+                self.k -= 1
+        elif (self.ends("ed") or self.ends("ing")) and self.vowelinstem():
+            self.k = self.j
+            if self.ends("at"):
+                self.setto("ate")
+            elif self.ends("bl"):
+                self.setto("ble")
+            elif self.ends("iz"):
+                self.setto("ize")
+            elif self.doublec(self.k):
+                ch = self.b[self.k]
+                self.k -= 1
+                if ch in "lsz":
+                    self.k += 1
+            elif self.m() == 1 and self.cvc(self.k):
+                self.setto("e")
+
+    def step2(self) -> None:
+        if self.ends("y") and self.vowelinstem():
+            self.b = self.b[: self.k] + "i" + self.b[self.k + 1 :]
+
+    def step3(self) -> None:
+        if self.k == 0:
+            return
+        for suffix, repl in self._STEP3.get(self.b[self.k - 1], ()):
+            if self.ends(suffix):
+                self.r(repl)
+                break
+
+    def step4(self) -> None:
+        for suffix, repl in self._STEP4.get(self.b[self.k], ()):
+            if self.ends(suffix):
+                self.r(repl)
+                break
+
+    def step5(self) -> None:
+        if self.k == 0:
+            return
+        ch = self.b[self.k - 1]
+        if ch == "o":
+            matched = (self.ends("ion") and self.j >= 0 and self.b[self.j] in "st") or self.ends("ou")
+        else:
+            matched = any(self.ends(s) for s in self._STEP5.get(ch, ()))
+        if matched and self.m() > 1:
+            self.k = self.j
+
+    def step6(self) -> None:
+        self.j = self.k
+        if self.b[self.k] == "e":
+            a = self.m()
+            if a > 1 or (a == 1 and not self.cvc(self.k - 1)):
+                self.k -= 1
+        if self.b[self.k] == "l" and self.doublec(self.k) and self.m() > 1:
+            self.k -= 1
+
+    def stem(self) -> str:
+        if self.k > 1:  # Lucene leaves words of one or two characters alone
+            self.step1()
+            self.step2()
+            self.step3()
+            self.step4()
+            self.step5()
+            self.step6()
+        return self.b[: self.k + 1]
+
+
+@lru_cache(maxsize=1 << 20)
+def lucene_porter_stem(word: str) -> str:
+    """Stem ``word`` as Lucene's ``PorterStemFilter`` does (expects lowercase input)."""
+    return _Porter(word).stem()
+
+
+def _make_stemmer(name: str) -> Callable[[str], str] | None:
+    """Return a str->str stemmer for ``name`` (None for no stemming)."""
+    if name == "none":
+        return None
+    if name == "porter":
+        return lucene_porter_stem
+    import Stemmer  # PyStemmer
+
+    algo = "porter" if name == "snowball-porter" else name
+    if algo not in Stemmer.algorithms():
+        raise ValueError(
+            f"unknown stemmer {name!r}: use 'porter' (Lucene's), 'snowball-porter', 'none' "
+            f"or one of PyStemmer's {Stemmer.algorithms()}"
+        )
+    return Stemmer.Stemmer(algo).stemWord
+
+
+# --------------------------------------------------------------------------------------
+# Analyzer
+# --------------------------------------------------------------------------------------
+
+# Characters \w matches that UAX#29 classes as Word_Break=Other (numeric symbols).
+_NUM_SYMBOLS = (
+    "\u00b2\u00b3\u00b9\u00bc-\u00be\u2070\u2074-\u2079\u2080-\u2089\u2150-\u215f\u2189"
+    "\u2460-\u249b\u24ea-\u24ff\u2776-\u2793"
+)
+# Han ideographs and Hiragana: StandardTokenizer emits one token per character.
+_IDEO = "\u3040-\u309f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f"
+# Format / Extend characters that stay inside a word (WB4), Latin-relevant subset.
+_EXT = (
+    "\u00ad\u0300-\u036f\u1ab0-\u1aff\u1dc0-\u1dff\u200c-\u200f\u202a-\u202e\u2060-\u2064"
+    "\u20d0-\u20ff\ufe00-\ufe0f\ufe20-\ufe2f\ufeff"
+)
+_W = rf"[^\W{_NUM_SYMBOLS}{_IDEO}]"  # word character (letter, digit, underscore)
+_LETTER = rf"[^\W\d_{_NUM_SYMBOLS}{_IDEO}]"
+# MidLetter + MidNumLet + Single_Quote: join letters.
+_MID_LETTER = "['.:\u00b7\u0387\u05f4\u2018\u2019\u2024\u2027\ufe13\ufe52\ufe55\uff07\uff0e\uff1a]"
+# MidNum + MidNumLet + Single_Quote: join digits.
+_MID_NUM = (
+    "[',.;\u037e\u0589\u060c\u060d\u066c\u07f8\u2018\u2019\u2024\u2044"
+    "\ufe10\ufe14\ufe50\ufe52\ufe54\uff07\uff0c\uff0e\uff1b]"
+)
+_MID_ANY = _MID_LETTER[:-1] + _MID_NUM[1:]  # cheap guard before the look-arounds
+_UNIT = rf"{_W}+(?:[{_EXT}]+{_W}*)*"
+_TOKEN_RE = re.compile(
+    rf"{_UNIT}(?:(?={_MID_ANY})(?:(?<={_LETTER}){_MID_LETTER}(?={_LETTER})|(?<=\d){_MID_NUM}(?=\d)){_UNIT})*"
+    rf"|[{_IDEO}]"
+)
+_POSSESSIVE_APOSTROPHES = ("'", "\u2019", "\uff07")
+_CACHE_LIMIT = 1 << 21  # analysed-word cache entries before it is reset (bounds memory)
+
+
+def _lower(token: str) -> str:
+    """Per-character lowercase, like Java's ``Character.toLowerCase`` (no final-sigma rule)."""
+    if token.isascii():
+        return token.lower()
+    return "".join(ch.lower()[0] if ch.lower() else ch for ch in token)
+
+
+def standard_tokenize(text: str) -> list[str]:
+    """Approximate Lucene's StandardTokenizer (see the module docstring)."""
+    toks = _TOKEN_RE.findall(text)
+    # rare slow path: underscore-only tokens to drop, over-long tokens to cut
+    if toks and ("_" in text or max(map(len, toks)) > _MAX_TOKEN_LENGTH):
+        out: list[str] = []
+        for tok in toks:
+            if not tok.strip("_"):
+                continue
+            out.extend(tok[i : i + _MAX_TOKEN_LENGTH] for i in range(0, len(tok), _MAX_TOKEN_LENGTH))
+        return out
+    return toks
+
+
+class LuceneAnalyzer:
+    """Anserini's ``DefaultEnglishAnalyzer`` in Python (see module docstring).
+
+    Tokenize -> strip possessive ``'s`` -> lowercase -> drop stop words -> stem.
+    Stems are cached per distinct word, so analysing a corpus costs little more
+    than tokenizing it.
+    """
+
+    def __init__(self, stemmer: str = "porter", stopwords: str = "lucene") -> None:
+        if stopwords not in ("lucene", "none"):
+            raise ValueError(f"stopwords must be 'lucene' or 'none', got {stopwords!r}")
+        self.stemmer = stemmer
+        self.stopwords = stopwords
+        self._stop = LUCENE_ENGLISH_STOPWORDS if stopwords == "lucene" else frozenset()
+        self._stem = _make_stemmer(stemmer)
+        self._cache: dict[str, str | None] = {}
+
+    def _normalize(self, tok: str) -> str | None:
+        t = tok
+        if len(t) >= 2 and t[-1] in "sS" and t[-2] in _POSSESSIVE_APOSTROPHES:
+            t = t[:-2]
+        t = _lower(t)
+        if not t or t in self._stop:
+            return None
+        return self._stem(t) if self._stem is not None else t
+
+    def __call__(self, text: str) -> list[str]:
+        toks = standard_tokenize(text)
+        cache = self._cache
+        if len(cache) > _CACHE_LIMIT:
+            cache.clear()
+        for tok in toks:
+            if tok not in cache:
+                cache[tok] = self._normalize(tok)
+        terms = [cache[tok] for tok in toks]
+        return [t for t in terms if t is not None]
+
+
+def document_text(title: str | None, text: str) -> str:
+    """Pyserini's BEIR ``contents``: title, a space, text (just text when no title)."""
+    title = (title or "").strip()
+    return f"{title} {text}" if title else text
+
+
+# --------------------------------------------------------------------------------------
+# Lucene norms (SmallFloat)
+# --------------------------------------------------------------------------------------
+
+
+def _long_to_int4(i: int) -> int:
+    if i < 0:
+        raise ValueError(f"only non-negative values, got {i}")
+    num_bits = i.bit_length()
+    if num_bits < 4:
+        return i  # subnormal
+    shift = num_bits - 4
+    encoded = (i >> shift) & 0x07  # keep 4 significant bits, the top one implicit
+    return encoded | ((shift + 1) << 3)
+
+
+def _int4_to_long(i: int) -> int:
+    bits = i & 0x07
+    shift = (i >> 3) - 1
+    return bits if shift == -1 else (bits | 0x08) << shift
+
+
+_NUM_FREE_VALUES = 255 - _long_to_int4(2**31 - 1)  # = 24
+
+
+def int_to_byte4(i: int) -> int:
+    """Lucene ``SmallFloat.intToByte4`` as an unsigned byte 0..255 (lossy above 39)."""
+    if i < 0:
+        raise ValueError(f"only non-negative values, got {i}")
+    if i < _NUM_FREE_VALUES:
+        return i
+    return _NUM_FREE_VALUES + _long_to_int4(i - _NUM_FREE_VALUES)
+
+
+def byte4_to_int(b: int) -> int:
+    """Lucene ``SmallFloat.byte4ToInt`` for an unsigned byte 0..255."""
+    if not 0 <= b <= 255:
+        raise ValueError(f"byte out of range: {b}")
+    if b < _NUM_FREE_VALUES:
+        return b
+    return _NUM_FREE_VALUES + _int4_to_long(b - _NUM_FREE_VALUES)
+
+
+#: BM25Similarity's LENGTH_TABLE: decoded length for each norm byte.
+_LENGTH_TABLE = np.array([byte4_to_int(i) for i in range(256)], dtype=np.float32)
+
+
+def _encode_lengths(lengths: np.ndarray) -> np.ndarray:
+    """Vectorised ``intToByte4`` over an array of non-negative document lengths."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    x = lengths - _NUM_FREE_VALUES
+    out = lengths.copy()  # identity below NUM_FREE_VALUES + 8 (exact / subnormal)
+    big = x >= 8  # longToInt4's "normal" range
+    xb = x[big]
+    # bit_length via frexp (exact for values < 2**53)
+    num_bits = np.frexp(xb.astype(np.float64))[1].astype(np.int64)
+    shift = num_bits - 4
+    out[big] = _NUM_FREE_VALUES + (((xb >> shift) & 0x07) | ((shift + 1) << 3))
+    return out.astype(np.uint8)
+
+
+# --------------------------------------------------------------------------------------
+# Index
+# --------------------------------------------------------------------------------------
+
+
+def _lucene_score_matrix(doc_tokens: list[list[int]], n_vocab: int, k1: float, b: float) -> tuple[dict, np.ndarray]:
+    """Per (term, doc) BM25 score exactly as Lucene's BM25Similarity (float32, 1-byte norms).
+
+    Returns bm25s's score dict (CSC over terms: ``indptr`` per term, doc ``indices``,
+    ``data``) and the float32 idf per term.
+    """
+    n_docs = len(doc_tokens)
+    lengths = np.fromiter((len(t) for t in doc_tokens), dtype=np.int64, count=n_docs)
+    doc_count = int((lengths > 0).sum())  # Lucene's docCount: docs with >= 1 term
+    flat = np.fromiter(
+        (t for toks in doc_tokens for t in toks),
+        dtype=np.int64,
+        count=int(lengths.sum()),
+    )
+    doc_of = np.repeat(np.arange(n_docs, dtype=np.int64), lengths)
+    # one entry per distinct (term, doc), sorted by term then doc: CSC order
+    pair, tf = np.unique(flat * n_docs + doc_of, return_counts=True)
+    term_of = pair // n_docs
+    doc_idx = (pair % n_docs).astype(np.int32)
+    df = np.bincount(term_of, minlength=n_vocab)
+    indptr = np.zeros(n_vocab + 1, dtype=np.int64)
+    np.cumsum(df, out=indptr[1:])
+
+    # idf = (float) log(1 + (docCount - docFreq + 0.5D) / (docFreq + 0.5D))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        idf = np.log1p((doc_count - df + 0.5) / (df + 0.5)).astype(np.float32)
+    idf[df == 0] = 0.0
+    # avgdl = (float) (sumTotalTermFreq / (double) docCount)
+    avgdl = np.float32(lengths.sum() / doc_count) if doc_count else np.float32(1.0)
+    k1f, bf = np.float32(k1), np.float32(b)
+    # cache[i] = 1f / (k1 * ((1 - b) + b * LENGTH_TABLE[i] / avgdl))
+    norm_inverse = np.float32(1.0) / (k1f * ((np.float32(1.0) - bf) + bf * _LENGTH_TABLE / avgdl))
+    norms = _encode_lengths(lengths)
+    ni = norm_inverse[norms[doc_idx]]
+    w = idf[term_of]
+    # score = weight - weight / (1f + freq * normInverse), weight = boost * idf (boost 1)
+    data = (w - w / (np.float32(1.0) + tf.astype(np.float32) * ni)).astype(np.float32)
+    scores = {"data": data, "indices": doc_idx, "indptr": indptr, "num_docs": n_docs}
+    return scores, idf
+
+
+class BM25Index:
+    """A searchable BM25 index: a ``bm25s.BM25`` score matrix plus doc ids and params.
+
+    Build with :meth:`build`, persist with :meth:`save` / :meth:`load`, query with
+    :meth:`search`.
+    """
+
+    def __init__(self, retriever, doc_ids: Sequence[str], params: BM25Params) -> None:
+        self.retriever = retriever
+        self.doc_ids = list(doc_ids)
+        self.params = params
+        self.analyzer = LuceneAnalyzer(params.stemmer, params.stopwords)
+        # rank of each doc id in string order: Anserini breaks score ties by doc id
+        order = np.argsort(np.asarray(self.doc_ids, dtype=str), kind="stable")
+        self._id_rank = np.empty(len(self.doc_ids), dtype=np.int64)
+        self._id_rank[order] = np.arange(len(self.doc_ids))
+
+    def __len__(self) -> int:
+        return len(self.doc_ids)
+
+    @classmethod
+    def build(
+        cls,
+        doc_ids: Sequence[str],
+        texts: Sequence[str],
+        params: BM25Params = BM25Params(),
+        show_progress: bool = True,
+    ) -> BM25Index:
+        """Analyse ``texts`` (already ``document_text``-joined) and build the score matrix."""
+        import bm25s
+
+        if len(doc_ids) != len(texts):
+            raise ValueError(f"{len(doc_ids)} doc ids but {len(texts)} texts")
+        if len(set(doc_ids)) != len(doc_ids):
+            raise ValueError("doc ids are not unique")
+        if not doc_ids:
+            raise ValueError("cannot index an empty corpus")
+        analyzer = LuceneAnalyzer(params.stemmer, params.stopwords)
+        vocab: dict[str, int] = {}
+        doc_tokens: list[list[int]] = []
+        it = texts
+        if show_progress:
+            from tqdm.auto import tqdm
+
+            it = tqdm(texts, desc="BM25 analyse", total=len(texts))
+        for text in it:
+            doc_tokens.append([vocab.setdefault(t, len(vocab)) for t in analyzer(text)])
+        if not vocab:
+            vocab[""] = 0  # keep bm25s happy with an all-empty corpus
+        retriever = bm25s.BM25(k1=params.k1, b=params.b, method=params.method)
+        if params.norms == "lucene":
+            scores, _ = _lucene_score_matrix(doc_tokens, len(vocab), params.k1, params.b)
+            retriever.scores = scores
+            retriever.vocab_dict = vocab
+            retriever.nonoccurrence_array = None
+            retriever.unique_token_ids_set = set(vocab.values())
+        else:
+            retriever.index(
+                (doc_tokens, vocab),
+                create_empty_token=False,
+                show_progress=show_progress,
+            )
+        return cls(retriever, doc_ids, params)
+
+    def save(self, folder: str | Path) -> None:
+        """Write bm25s's files plus doc ids and params into ``folder`` (a fresh one)."""
+        import bm25s
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.retriever.save(str(folder), show_progress=False)
+        (folder / _DOC_IDS_FILE).write_text(json.dumps(self.doc_ids), encoding="utf-8")
+        meta = {
+            "format_version": PARAMS_FORMAT_VERSION,
+            "params": self.params.to_dict(),
+            "num_docs": len(self),
+            "bm25s_version": bm25s.__version__,
+        }
+        # params file last: its presence marks a complete index
+        tmp = folder / (_PARAMS_FILE + ".tmp")
+        tmp.write_text(json.dumps(meta, indent=2, sort_keys=True), encoding="utf-8")
+        tmp.replace(folder / _PARAMS_FILE)
+
+    @classmethod
+    def load(cls, folder: str | Path, mmap: bool = False) -> BM25Index:
+        """Load an index written by :meth:`save`; refuses incomplete or outdated folders."""
+        import bm25s
+
+        folder = Path(folder)
+        pfile = folder / _PARAMS_FILE
+        if not pfile.is_file():
+            raise ValueError(f"{folder}: no {_PARAMS_FILE}; not a (complete) llmret BM25 index")
+        try:
+            meta = json.loads(pfile.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{folder}: unreadable {_PARAMS_FILE}: {e}") from e
+        version = meta.get("format_version") if isinstance(meta, dict) else None
+        if version != PARAMS_FORMAT_VERSION:
+            raise ValueError(
+                f"{folder}: BM25 index format version {version!r}, this code reads "
+                f"{PARAMS_FORMAT_VERSION}; rebuild the index"
+            )
+        try:
+            params = BM25Params.from_dict(meta["params"])
+            doc_ids = json.loads((folder / _DOC_IDS_FILE).read_text(encoding="utf-8"))
+            retriever = bm25s.BM25.load(str(folder), mmap=mmap, show_progress=False)
+        except (KeyError, TypeError, ValueError, OSError) as e:
+            raise ValueError(f"{folder}: broken BM25 index ({type(e).__name__}: {e})") from e
+        if len(doc_ids) != meta.get("num_docs") or retriever.scores["num_docs"] != len(doc_ids):
+            raise ValueError(f"{folder}: doc id count does not match the index")
+        return cls(retriever, doc_ids, params)
+
+    # ---- search ------------------------------------------------------------------
+
+    def _query_term_ids(self, text: str) -> list[int]:
+        vocab = self.retriever.vocab_dict
+        return [vocab[t] for t in self.analyzer(text) if t in vocab]
+
+    def _search_one(self, term_ids: list[int], k: int) -> list[tuple[str, float]]:
+        if not term_ids or k <= 0:
+            return []
+        sc = self.retriever.scores
+        data, indices, indptr = sc["data"], sc["indices"], sc["indptr"]
+        acc = np.zeros(len(self.doc_ids), dtype=np.float64)  # Lucene sums clauses in double
+        matched = np.zeros(len(self.doc_ids), dtype=bool)
+        for t in term_ids:  # a repeated term is added once per occurrence
+            s, e = int(indptr[t]), int(indptr[t + 1])
+            docs = indices[s:e]
+            acc[docs] += data[s:e]  # doc ids within one term's postings are distinct
+            matched[docs] = True
+        nonocc = getattr(self.retriever, "nonoccurrence_array", None)
+        if nonocc is not None:
+            acc += float(nonocc[term_ids].sum())
+        cand = np.flatnonzero(matched)
+        scores = acc[cand].astype(np.float32)
+        if len(cand) > k:  # keep the top k, plus anything tied with the k-th score
+            kth = np.partition(scores, len(scores) - k)[len(scores) - k]
+            keep = scores >= kth
+            cand, scores = cand[keep], scores[keep]
+        order = np.lexsort((self._id_rank[cand], -scores))[:k]
+        return [(self.doc_ids[i], float(s)) for i, s in zip(cand[order], scores[order], strict=True)]
+
+    def search(
+        self,
+        queries: Mapping[str, str],
+        k: int = 1000,
+        n_threads: int = 1,
+        show_progress: bool = True,
+    ) -> dict[str, list[tuple[str, float]]]:
+        """Top-``k`` (doc id, score) per query id, best first.
+
+        Only documents matching a query term are returned (so possibly fewer than
+        ``k``; ``k`` is capped at the corpus size); a query whose analysed text is
+        empty (or has no indexed term) gets an empty list.
+        """
+        k = min(int(k), len(self.doc_ids))
+        qids = list(queries)
+        term_ids = [self._query_term_ids(queries[q]) for q in qids]
+
+        def run(i: int) -> list[tuple[str, float]]:
+            return self._search_one(term_ids[i], k)
+
+        idx = range(len(qids))
+        if n_threads > 1:
+            with ThreadPoolExecutor(max_workers=n_threads) as ex:
+                results = ex.map(run, idx)
+                if show_progress:
+                    from tqdm.auto import tqdm
+
+                    results = tqdm(results, total=len(qids), desc="BM25 search")
+                out = list(results)
+        else:
+            if show_progress:
+                from tqdm.auto import tqdm
+
+                idx = tqdm(idx, desc="BM25 search")
+            out = [run(i) for i in idx]
+        return dict(zip(qids, out, strict=True))

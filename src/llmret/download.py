@@ -1,0 +1,533 @@
+"""Robust, atomic downloads and safe zip extraction for the workflow.
+
+Snakemake treats any file that exists at a rule's output path as done, so a
+half-written download or half-extracted archive would poison every later run.
+Everything here therefore writes into a temporary sibling first and only moves
+it onto the final name once it is complete and verified; on any failure
+(including Ctrl-C) the temporary is removed and the destination is untouched.
+
+Errors:
+
+* :class:`DownloadError` (and its subclass :class:`ChecksumError`) for fetches;
+  the message always names the source and the destination.
+* :class:`ArchiveError` for archives that cannot be read (not a zip, truncated,
+  CRC mismatch) and :class:`UnsafeArchiveError` (a subclass) for archives whose
+  members would land outside the target or are not plain files/folders.
+  Catch ``ArchiveError`` to handle both.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import http.client
+import logging
+import os
+import posixpath
+import shutil
+import stat
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import zipfile
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import BinaryIO
+
+from tqdm import tqdm
+
+__all__ = [
+    "ArchiveError",
+    "ChecksumError",
+    "DownloadError",
+    "UnsafeArchiveError",
+    "fetch",
+    "md5sum",
+    "resolve_source",
+    "safe_extract_zip",
+]
+
+logger = logging.getLogger(__name__)
+
+_CHUNK = 1 << 20
+_USER_AGENT = "llmret-download/1.0 (+https://github.com/)"
+_URL_SCHEMES = ("http", "https", "file")
+# macOS Finder junk that some zips carry; never part of a dataset.
+_JUNK_DIRS = frozenset({"__MACOSX"})
+_JUNK_FILES = frozenset({".DS_Store"})
+
+
+class DownloadError(RuntimeError):
+    """A fetch failed; the message names the source and the destination."""
+
+
+class ChecksumError(DownloadError):
+    """The fetched bytes do not have an accepted md5 (final, never retried)."""
+
+    def __init__(self, source: str, dest: Path, expected: Sequence[str], actual: str) -> None:
+        self.source = source
+        self.dest = dest
+        self.expected = list(expected)
+        self.actual = actual
+        want = " or ".join(self.expected)
+        super().__init__(f"md5 mismatch for {source} -> {dest}: expected {want}, got {actual}")
+
+
+class ArchiveError(RuntimeError):
+    """An archive cannot be read (corrupt, truncated, CRC error); names the archive."""
+
+
+class UnsafeArchiveError(ArchiveError):
+    """A member would escape the target or is a symlink; names archive and member."""
+
+
+class _TransientError(Exception):
+    """Internal: an attempt failed in a retryable way (network, 5xx/429, truncation)."""
+
+
+class _FatalError(Exception):
+    """Internal: an attempt failed in a way retrying cannot fix (404, missing file)."""
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def _url_scheme(s: str) -> str | None:
+    """Return the lower-cased scheme if *s* looks like a URL ('x://...'), else None.
+
+    Only 'scheme://' counts, so Windows paths like 'C:\\data' stay local paths.
+    """
+    if "://" not in s:
+        return None
+    scheme = s.split("://", 1)[0].lower()
+    if scheme and scheme.replace("+", "").replace("-", "").replace(".", "").isalnum():
+        return scheme
+    return None
+
+
+def resolve_source(url: str, mirror: str | None, mirror_path: str) -> str:
+    """Pick where to fetch from: *url* itself, or *mirror_path* under a mirror.
+
+    Lets an offline cluster (or a test) point the whole workflow at a local
+    folder or an internal HTTP server without editing every URL.  The mirror may
+    be a local folder (absolute, relative or '~'), a ``file://`` URL or an
+    ``http(s)://`` base URL; the result keeps the mirror's form (a path stays a
+    path, a URL stays a URL, with *mirror_path* percent-quoted).  Exactly one
+    slash joins the two parts.
+    """
+    if not mirror:
+        return url
+    rel = mirror_path.replace("\\", "/").lstrip("/")
+    scheme = _url_scheme(mirror)
+    if scheme is None:
+        base = os.path.expanduser(mirror)
+        return os.path.join(base, rel) if rel else base
+    if scheme not in _URL_SCHEMES:
+        raise ValueError(
+            f"unsupported mirror scheme {scheme!r} in {mirror!r} (use a folder, file://, http:// or https://)"
+        )
+    if not rel:
+        return mirror
+    return mirror.rstrip("/") + "/" + urllib.parse.quote(rel, safe="/")
+
+
+def _local_path(source: str) -> Path | None:
+    """Return the filesystem path for a plain path or file:// URL, None for http(s)."""
+    scheme = _url_scheme(source)
+    if scheme is None:
+        return Path(os.path.expanduser(source))
+    if scheme == "file":
+        parsed = urllib.parse.urlparse(source)
+        if parsed.netloc not in ("", "localhost"):
+            raise _FatalError(f"unsupported file URL host {parsed.netloc!r}")
+        return Path(urllib.request.url2pathname(parsed.path))
+    if scheme in ("http", "https"):
+        return None
+    raise _FatalError(f"unsupported URL scheme {scheme!r}")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def md5sum(path: str | Path, chunk_size: int = _CHUNK) -> str:
+    """Return the lower-case hex md5 of a file, read in chunks to bound memory."""
+    h = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _normalise_md5(md5: str | Sequence[str] | None) -> list[str] | None:
+    """Turn the md5 argument into a list of lower-case hex digests (or None)."""
+    if md5 is None:
+        return None
+    items = [md5] if isinstance(md5, str) else list(md5)
+    out = []
+    for item in items:
+        if not isinstance(item, str):
+            raise TypeError(f"md5 must be a hex string or a list of them, got {item!r}")
+        h = item.strip().lower()
+        if len(h) != 32 or any(c not in "0123456789abcdef" for c in h):
+            raise ValueError(f"not an md5 hex digest: {item!r}")
+        out.append(h)
+    if not out:
+        raise ValueError("md5 list is empty; pass None to skip the check")
+    return out
+
+
+def _unique_sibling(parent: Path, prefix: str, create: Callable[[Path], None]) -> Path:
+    """Create a new uniquely named entry in *parent* with *create* and return its path.
+
+    Unlike tempfile.mkstemp/mkdtemp this lets ``create`` use default permissions
+    (0666/0777 minus umask), so the final renamed file/folder is not private 0600/0700.
+    """
+    for _ in range(100):
+        candidate = parent / f"{prefix}{os.urandom(4).hex()}"
+        try:
+            create(candidate)
+        except FileExistsError:
+            continue
+        return candidate
+    raise FileExistsError(errno.EEXIST, "no unique temporary name available", str(parent))
+
+
+def _create_file(p: Path) -> None:
+    os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+
+
+def _remove_quietly(p: Path) -> None:
+    try:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as e:  # never mask the original failure
+        logger.warning("could not remove temporary %s: %s", p, e)
+
+
+def _fsync_dir(d: Path) -> None:
+    """Persist a rename in *d* (best effort; not all filesystems allow it)."""
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- fetch
+
+
+@contextmanager
+def _open_http(url: str, timeout: float) -> Iterator[tuple[BinaryIO, int | None]]:
+    """Open *url*, yielding (response, content_length); classify failures.
+
+    4xx other than 429 raise _FatalError; 5xx, 429 and network errors
+    raise _TransientError (retried by the caller).
+    """
+    req = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT, "Accept-Encoding": "identity"})
+    try:
+        resp = urllib.request.urlopen(req, timeout=timeout)
+    except urllib.error.HTTPError as e:
+        e.close()
+        if e.code == 429 or e.code >= 500:
+            raise _TransientError(f"HTTP {e.code} {e.reason}") from e
+        raise _FatalError(f"HTTP {e.code} {e.reason}") from e
+    except (OSError, http.client.HTTPException) as e:
+        raise _TransientError(f"{type(e).__name__}: {e}") from e
+    with resp:
+        length: int | None = None
+        header = resp.headers.get("Content-Length")
+        if header is not None:
+            try:
+                length = int(header)
+            except ValueError:
+                length = None
+        yield resp, length
+
+
+def _read_network(resp: BinaryIO, n: int) -> bytes:
+    try:
+        return resp.read(n)
+    except (OSError, http.client.HTTPException) as e:
+        raise _TransientError(f"{type(e).__name__}: {e}") from e
+
+
+def _stream_once(
+    source: str,
+    local: Path | None,
+    dest: Path,
+    timeout: float,
+    progress: bool,
+) -> tuple[Path, str, int]:
+    """One attempt: stream *source* into a new temp file next to *dest*.
+
+    Returns (temp_path, md5_hex, n_bytes).  On any exception the temp file is
+    removed before the exception propagates.
+    """
+    tmp = _unique_sibling(dest.parent, f".{dest.name}.part-", _create_file)
+    try:
+        h = hashlib.md5(usedforsecurity=False)
+        n = 0
+        with (
+            open(tmp, "wb") as out,
+            _open_source(source, local, dest, timeout) as (src, total),
+        ):
+            read = src.read if local is not None else partial(_read_network, src)
+            with tqdm(
+                total=total,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                mininterval=2.0,
+                desc=dest.name,
+                disable=not progress,
+                file=sys.stderr,
+            ) as bar:
+                while chunk := read(_CHUNK):
+                    h.update(chunk)
+                    out.write(chunk)
+                    n += len(chunk)
+                    bar.update(len(chunk))
+            if total is not None and n < total:
+                raise _TransientError(f"truncated: got {n} of {total} bytes")
+            out.flush()
+            os.fsync(out.fileno())
+        return tmp, h.hexdigest(), n
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+
+
+@contextmanager
+def _open_source(source: str, local: Path | None, dest: Path, timeout: float) -> Iterator[tuple[BinaryIO, int | None]]:
+    if local is None:
+        with _open_http(source, timeout) as pair:
+            yield pair
+        return
+    try:
+        f = open(local, "rb")  # noqa: SIM115 - closed by the with below
+    except FileNotFoundError as e:
+        raise _FatalError("source file not found") from e
+    except IsADirectoryError as e:
+        raise _FatalError("source is a directory, not a file") from e
+    with f:
+        yield f, os.fstat(f.fileno()).st_size
+
+
+def fetch(
+    source: str,
+    dest: str | Path,
+    md5: str | Sequence[str] | None,
+    *,
+    retries: int = 3,
+    timeout: float = 60.0,
+    backoff: float = 2.0,
+    progress: bool = True,
+) -> Path:
+    """Download *source* (http/https, file:// or a local path) to *dest* atomically.
+
+    Writes to ``.{dest.name}.part-XXXXXXXX`` beside *dest*, hashing while
+    streaming, and ``os.replace``s it onto *dest* only after the size and md5
+    are verified, so Snakemake never sees a partial file.  *md5* is one hex
+    digest or a list of accepted ones (case-insensitive); None skips the check
+    with a warning.  HTTP 5xx/429, network errors, timeouts and truncated bodies
+    are retried: ``retries`` is the number of *extra* attempts (``retries+1``
+    requests at most), sleeping ``backoff * 2**i`` seconds before retry ``i``.
+    Other HTTP errors (404, 403, ...), missing local files and md5 mismatches
+    fail at once.  On any failure, KeyboardInterrupt included, the temp file is
+    removed and *dest* is left as it was.  Returns *dest* as a Path.
+    """
+    dest = Path(dest)
+    expected = _normalise_md5(md5)
+    if retries < 0:
+        raise ValueError("retries must be >= 0")
+    try:
+        local = _local_path(source)
+    except _FatalError as e:
+        raise DownloadError(f"failed to fetch {source} -> {dest}: {e}") from e
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if expected is None:
+        logger.warning("no md5 given for %s; its content will not be verified", source)
+    logger.info("fetching %s -> %s", source, dest)
+
+    attempts = 1 if local is not None else retries + 1
+    last: _TransientError | None = None
+    for attempt in range(attempts):
+        if attempt:
+            delay = backoff * 2 ** (attempt - 1)
+            logger.warning(
+                "attempt %d/%d for %s failed (%s); retrying in %.1f s",
+                attempt,
+                attempts,
+                source,
+                last,
+                delay,
+            )
+            time.sleep(delay)
+        try:
+            tmp, actual, size = _stream_once(source, local, dest, timeout, progress)
+        except _TransientError as e:
+            last = e
+            continue
+        except _FatalError as e:
+            raise DownloadError(f"failed to fetch {source} -> {dest}: {e}") from e
+        except OSError as e:  # local read/write errors (disk full, permissions): final
+            raise DownloadError(f"failed to fetch {source} -> {dest}: {e}") from e
+
+        try:
+            if expected is not None and actual not in expected:
+                raise ChecksumError(source, dest, expected, actual)
+            os.replace(tmp, dest)
+        except BaseException:
+            _remove_quietly(tmp)
+            raise
+        _fsync_dir(dest.parent)
+        logger.info(
+            "fetched %s -> %s (%d bytes, md5 %s, %s)",
+            source,
+            dest,
+            size,
+            actual,
+            "verified" if expected else "NOT verified",
+        )
+        return dest
+
+    raise DownloadError(f"failed to fetch {source} -> {dest} after {attempts} attempt(s): {last}") from last
+
+
+# --------------------------------------------------------------------------- zip
+
+
+def _member_target(archive: Path, info: zipfile.ZipInfo, strip: str | None) -> str | None:
+    """Validate one member; return its relative POSIX path in target, None to skip."""
+    raw = info.filename
+    name = raw.replace("\\", "/")  # treat backslashes as separators for the checks
+    if PurePosixPath(name).is_absolute() or PureWindowsPath(raw).drive or PureWindowsPath(raw).is_absolute():
+        raise UnsafeArchiveError(f"{archive}: member {raw!r} has an absolute path")
+    if stat.S_ISLNK(info.external_attr >> 16):
+        raise UnsafeArchiveError(f"{archive}: member {raw!r} is a symlink")
+    norm = posixpath.normpath(name) if name else "."
+    if norm == ".." or norm.startswith("../"):
+        raise UnsafeArchiveError(f"{archive}: member {raw!r} escapes the target folder")
+    parts = [p for p in norm.split("/") if p not in ("", ".")]
+    if not parts or parts[0] in _JUNK_DIRS or parts[-1] in _JUNK_FILES:
+        return None
+    if strip:
+        prefix = [p for p in strip.replace("\\", "/").split("/") if p]
+        if parts[: len(prefix)] != prefix or (len(parts) == len(prefix) and not info.is_dir()):
+            raise UnsafeArchiveError(
+                f"{archive}: member {raw!r} is not under the expected top-level folder {'/'.join(prefix)!r}/"
+            )
+        parts = parts[len(prefix) :]
+        if not parts:
+            return None  # the top-level folder entry itself
+    return "/".join(parts)
+
+
+def _open_zip(archive: Path) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(archive)
+    except FileNotFoundError:
+        raise
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
+        raise ArchiveError(f"{archive}: not a readable zip archive ({e})") from e
+
+
+def safe_extract_zip(archive: str | Path, target: str | Path, *, strip_top_level: str | None = None) -> Path:
+    """Extract *archive* into folder *target* safely and atomically.
+
+    Every member is checked before anything is written: absolute paths, '..'
+    escapes and symlinks raise UnsafeArchiveError.  With *strip_top_level*
+    (e.g. 'scifact' for BEIR zips) every member must live under that folder and
+    is written without it, so ``target/corpus.jsonl`` exists; anything else is
+    rejected.  macOS junk (``__MACOSX/``, ``.DS_Store``) is skipped.  Files are
+    extracted into a temp folder beside *target* (CRC-checked while reading) and
+    renamed into place; an existing *target* is replaced only once the new one
+    is complete.  Corrupt/truncated archives raise ArchiveError naming the
+    archive; on any failure the temp folder is removed and *target* is left as
+    it was.  Returns *target* as a Path.
+    """
+    archive = Path(archive)
+    target = Path(target)
+    with _open_zip(archive) as zf:
+        try:
+            infos = zf.infolist()
+        except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+            raise ArchiveError(f"{archive}: cannot read member list ({e})") from e
+        plan: list[tuple[zipfile.ZipInfo, str]] = []
+        for info in infos:
+            rel = _member_target(archive, info, strip_top_level)
+            if rel is not None:
+                plan.append((info, rel))
+        if not any(not info.is_dir() for info, _ in plan):
+            raise ArchiveError(f"{archive}: contains no files to extract into {target}")
+
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _unique_sibling(target.parent, f".{target.name}.extract-", lambda p: p.mkdir())
+        try:
+            root = os.path.realpath(tmp)
+            n_files = 0
+            for info, rel in plan:
+                out = os.path.realpath(os.path.join(root, *rel.split("/")))
+                if os.path.commonpath([root, out]) != root:  # belt and braces
+                    raise UnsafeArchiveError(f"{archive}: member {info.filename!r} escapes the target folder")
+                if info.is_dir():
+                    os.makedirs(out, exist_ok=True)
+                    continue
+                os.makedirs(os.path.dirname(out), exist_ok=True)
+                try:
+                    with zf.open(info) as src, open(out, "wb") as dst:
+                        shutil.copyfileobj(src, dst, _CHUNK)
+                except (
+                    zipfile.BadZipFile,
+                    zlib.error,
+                    EOFError,
+                    NotImplementedError,
+                ) as e:
+                    raise ArchiveError(f"{archive}: corrupt member {info.filename!r} ({e})") from e
+                n_files += 1
+            _swap_into_place(tmp, target)
+        except BaseException:
+            _remove_quietly(tmp)
+            raise
+    _fsync_dir(target.parent)
+    logger.info("extracted %d files from %s into %s", n_files, archive, target)
+    return target
+
+
+def _swap_into_place(new: Path, target: Path) -> None:
+    """Rename *new* onto *target*, replacing an existing target only after success."""
+    if not os.path.lexists(target):
+        os.rename(new, target)
+        return
+    holder = _unique_sibling(target.parent, f".{target.name}.old-", lambda p: p.mkdir())
+    old = holder / "old"
+    try:
+        os.rename(target, old)
+    except BaseException:
+        _remove_quietly(holder)
+        raise
+    try:
+        os.rename(new, target)
+    except BaseException:
+        try:
+            os.rename(old, target)  # put the previous content back
+        except OSError as e:  # keep it where it is rather than lose it
+            logger.error("could not restore %s; previous content kept in %s: %s", target, old, e)
+        else:
+            _remove_quietly(holder)
+        raise
+    _remove_quietly(holder)

@@ -1,0 +1,165 @@
+"""Encode queries and passages into dense vectors with any HF checkpoint.
+
+Causal LLMs (LLaRA eq. 3): the text goes into a prompt template, an end-of-sequence token
+is appended, and the final hidden state at that token is the embedding. Truncation cuts the
+*text*, never the template or the EOS, so the pooled token always sees the prompt.
+BERT-style encoders use the tokenizer's own special tokens and mean or CLS pooling.
+
+Speed on CPU comes from sorting texts by length into token-budgeted batches (little
+padding), ``torch.inference_mode`` and an optional reduced dtype.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .config import settings
+from .pooling import POOLINGS, pool
+
+log = logging.getLogger(__name__)
+
+KINDS = ("query", "passage")
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """How a system turns text into a vector; every field is part of the cache key."""
+
+    pooling: str = "last"
+    query_template: str = "{text}"
+    passage_template: str = "{text}"
+    append_eos: bool = True
+    normalize: bool = True
+    max_query_length: int = 64
+    max_passage_length: int = 256
+    batch_tokens: int = 8192
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        for name in ("query_template", "passage_template"):
+            if getattr(self, name).count("{text}") != 1:
+                raise ValueError(f"{name} must contain '{{text}}' exactly once: {getattr(self, name)!r}")
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> EncoderSpec:
+        return settings(cls, cfg, "encoder settings")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def special_frame(tokenizer) -> tuple[list[int], list[int]]:
+    """Ids the tokenizer puts before and after a text when it adds special tokens.
+
+    transformers v5 tokenizers no longer expose ``build_inputs_with_special_tokens``, so
+    the frame is read off a probe text instead.
+    """
+    probe = "hello"
+    bare = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    full = tokenizer(probe, add_special_tokens=True)["input_ids"]
+    for i in range(len(full) - len(bare) + 1):
+        if full[i : i + len(bare)] == bare:
+            return full[:i], full[i + len(bare) :]
+    raise ValueError(f"cannot locate the text inside {type(tokenizer).__name__}'s special-token frame")
+
+
+class TextEncoder:
+    """A loaded model plus the spec that says how to feed and pool it."""
+
+    def __init__(self, model_dir: str, spec: EncoderSpec, device: str = "cpu", threads: int | None = None):
+        from transformers import AutoModel, AutoTokenizer
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.spec = spec
+        self.device = torch.device(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        dtype = getattr(torch, spec.dtype)
+        # AutoModel drops the LM head: the vocabulary projection is the costliest layer of a
+        # small LLM and dense retrieval never uses it.
+        self.model = AutoModel.from_pretrained(model_dir, dtype=dtype).to(self.device).eval()
+        self.head, self.tail = special_frame(self.tokenizer)
+        eos = self.tokenizer.eos_token_id
+        if spec.append_eos and eos is None:
+            raise ValueError(f"{model_dir}: append_eos is set but the tokenizer has no eos token")
+        self.eos = [eos] if spec.append_eos else []
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else (eos if eos is not None else 0)
+
+    def tokenize(self, texts: Sequence[str], kind: str) -> list[list[int]]:
+        """Token ids per text: frame + prompt prefix + truncated text + prompt suffix + EOS."""
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        template = self.spec.query_template if kind == "query" else self.spec.passage_template
+        max_len = self.spec.max_query_length if kind == "query" else self.spec.max_passage_length
+        before, after = template.split("{text}")
+        tok = self.tokenizer
+        pre = tok(before, add_special_tokens=False)["input_ids"] if before else []
+        post = tok(after, add_special_tokens=False)["input_ids"] if after else []
+        fixed_head = self.head + pre
+        fixed_tail = post + self.tail + self.eos
+        budget = max_len - len(fixed_head) - len(fixed_tail)
+        if budget < 1:
+            raise ValueError(
+                f"max_{kind}_length={max_len} leaves no room for text after the template and special tokens "
+                f"({len(fixed_head) + len(fixed_tail)} tokens)"
+            )
+        ids = tok(list(texts), add_special_tokens=False)["input_ids"]
+        return [fixed_head + t[:budget] + fixed_tail for t in ids]
+
+    def batches(self, lengths: Sequence[int]) -> list[list[int]]:
+        """Indices grouped longest-first so each batch is padded to similar lengths.
+
+        A batch grows until (rows x longest row) would pass ``batch_tokens``; this keeps
+        memory flat while short queries travel in large batches.
+        """
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        out: list[list[int]] = []
+        cur: list[int] = []
+        for i in order:
+            width = lengths[cur[0]] if cur else lengths[i]
+            if cur and (len(cur) + 1) * width > self.spec.batch_tokens:
+                out.append(cur)
+                cur = []
+            cur.append(i)
+        if cur:
+            out.append(cur)
+        return out
+
+    @torch.inference_mode()
+    def embed_ids(self, ids: list[list[int]]) -> torch.Tensor:
+        width = max(len(x) for x in ids)
+        input_ids = torch.full((len(ids), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for r, x in enumerate(ids):
+            input_ids[r, : len(x)] = torch.tensor(x)
+            mask[r, : len(x)] = 1
+        out = self.model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device))
+        vec = pool(self.spec.pooling, out.last_hidden_state, mask.to(self.device)).float()
+        if self.spec.normalize:
+            vec = torch.nn.functional.normalize(vec, dim=-1)
+        return vec.cpu()
+
+    def encode(self, texts: Sequence[str], kind: str, show_progress: bool = True) -> np.ndarray:
+        """Vectors for ``texts`` in input order, float32, shape (len(texts), hidden)."""
+        if not texts:
+            raise ValueError("nothing to encode")
+        ids = self.tokenize(texts, kind)
+        dim = self.model.config.hidden_size
+        out = np.empty((len(ids), dim), dtype=np.float32)
+        plan = self.batches([len(x) for x in ids])
+        with tqdm(
+            total=len(ids), desc=f"encode {kind} texts", unit="text", mininterval=5.0, disable=not show_progress
+        ) as bar:
+            for batch in plan:
+                out[batch] = self.embed_ids([ids[i] for i in batch]).numpy()
+                bar.update(len(batch))
+        return out

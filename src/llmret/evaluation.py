@@ -1,0 +1,92 @@
+"""Score runs against judgments with ranx, and test systems against a baseline.
+
+Graded judgments (TREC DL) use the grades as gains for nDCG; binary measures (MRR, recall)
+count a document as relevant from ``relevance_level`` up, as TREC DL does with level 2.
+Queries that a run does not answer count as zero, never as missing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+DEFAULT_METRICS = ("ndcg@10", "mrr@10", "recall@100", "recall@1000")
+GRADED = ("ndcg", "ndcg_burges", "dcg", "dcg_burges")
+
+
+def ranx_metric(metric: str, relevance_level: int) -> str:
+    """The ranx name of ``metric`` with the binary relevance threshold applied."""
+    base = metric.split("@")[0]
+    if relevance_level <= 1 or base in GRADED:
+        return metric
+    return f"{metric}-l{relevance_level}"
+
+
+def _ranx_qrels(qrels: Mapping[str, Mapping[str, int]]):
+    from ranx import Qrels
+
+    # Built from a dict rather than a DataFrame: ranx's from_df breaks on pandas 3 string ids.
+    return Qrels({q: dict(d) for q, d in qrels.items()})
+
+
+def _ranx_run(run: Mapping[str, Sequence[tuple[str, float]]], name: str, qrels):
+    from ranx import Run
+
+    # ranx sorts by score alone; nudging ties by rank keeps the file's (score, doc id) order.
+    data = {}
+    for q, ranked in run.items():
+        n = len(ranked)
+        data[q] = {d: float(s) + (n - i) * 1e-9 for i, (d, s) in enumerate(sorted(ranked, key=lambda x: (-x[1], x[0])))}
+    return Run(data, name=name).make_comparable(qrels)
+
+
+def evaluate(
+    qrels: Mapping[str, Mapping[str, int]],
+    run: Mapping[str, Sequence[tuple[str, float]]],
+    metrics: Sequence[str] = DEFAULT_METRICS,
+    relevance_level: int = 1,
+) -> dict:
+    """Mean and per-query scores, keyed by our metric names (not ranx's)."""
+    from ranx import evaluate as rx_evaluate
+
+    rq = _ranx_qrels(qrels)
+    rr = _ranx_run(run, "run", rq)
+    names = {m: ranx_metric(m, relevance_level) for m in metrics}
+    per_query = rx_evaluate(rq, rr, list(names.values()), return_mean=False, make_comparable=False)
+    if len(names) == 1:
+        per_query = {next(iter(names.values())): per_query}
+    qids = list(rr.keys())
+    out_pq = {m: dict(zip(qids, map(float, per_query[r]), strict=True)) for m, r in names.items()}
+    means = {m: (sum(v.values()) / len(v) if v else 0.0) for m, v in out_pq.items()}
+    unanswered = sum(1 for q in qrels if not run.get(q))
+    return {
+        "metrics": means,
+        "per_query": out_pq,
+        "queries": len(qrels),
+        "unanswered_queries": unanswered,
+        "relevance_level": relevance_level,
+        "ranx_metrics": names,
+    }
+
+
+def significance(
+    qrels: Mapping[str, Mapping[str, int]],
+    runs: Mapping[str, Mapping[str, Sequence[tuple[str, float]]]],
+    baseline: str,
+    metrics: Sequence[str] = DEFAULT_METRICS,
+    relevance_level: int = 1,
+    test: str = "student",
+) -> dict[str, dict[str, float]]:
+    """p-value of each system against ``baseline`` per metric (paired test from ranx)."""
+    from ranx import compare
+
+    if baseline not in runs:
+        raise ValueError(f"baseline {baseline!r} is not among the runs {sorted(runs)}")
+    others = [s for s in runs if s != baseline]
+    if not others:
+        return {}
+    rq = _ranx_qrels(qrels)
+    rx_runs = [_ranx_run(runs[baseline], baseline, rq)] + [_ranx_run(runs[s], s, rq) for s in others]
+    names = {m: ranx_metric(m, relevance_level) for m in metrics}
+    report = compare(rq, rx_runs, list(names.values()), stat_test=test, max_p=0.05).to_dict()
+    comp = report[baseline]["comparisons"]
+    return {s: {m: float(comp[s][r]) for m, r in names.items()} for s in others}

@@ -1,0 +1,58 @@
+"""TREC run files: ``qid Q0 docid rank score tag``, with the run's settings in a header.
+
+The header is one line starting with ``#`` holding JSON (system, dataset, settings), so a
+run file says how it was made. Tools that do not skip comments (trec_eval) take
+``grep -v '^#' run.trec``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+Run = dict[str, list[tuple[str, float]]]
+HEADER_PREFIX = "# llmret-run "
+
+
+def write_run(
+    path: str | Path, run: Mapping[str, list[tuple[str, float]]], tag: str, header: dict | None = None
+) -> None:
+    """Write atomically; ties are broken by document id so files are reproducible."""
+    if any(c.isspace() for c in tag) or not tag:
+        raise ValueError(f"run tag must be a non-empty word, got {tag!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(HEADER_PREFIX + json.dumps(header or {}, sort_keys=True) + "\n")
+        for qid in sorted(run):
+            ranked = sorted(run[qid], key=lambda x: (-x[1], x[0]))
+            for rank, (doc, score) in enumerate(ranked, start=1):
+                f.write(f"{qid} Q0 {doc} {rank} {score:.6f} {tag}\n")
+    os.replace(tmp, path)
+
+
+def read_run(path: str | Path) -> Run:
+    path = Path(path)
+    run: Run = {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip() or line.startswith("#"):
+                continue
+            cols = line.split()
+            if len(cols) != 6:
+                raise ValueError(f"{path}:{lineno}: expected 6 columns 'qid Q0 docid rank score tag', got {len(cols)}")
+            try:
+                score = float(cols[4])
+            except ValueError:
+                raise ValueError(f"{path}:{lineno}: score {cols[4]!r} is not a number") from None
+            run.setdefault(cols[0], []).append((cols[2], score))
+    return run
+
+
+def read_header(path: str | Path) -> dict:
+    with open(path, encoding="utf-8") as f:
+        first = f.readline()
+    return json.loads(first[len(HEADER_PREFIX) :]) if first.startswith(HEADER_PREFIX) else {}

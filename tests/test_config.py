@@ -1,0 +1,66 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llmret import config as cfg
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load(name):
+    return yaml.safe_load((ROOT / "config" / name).read_text())
+
+
+def test_shipped_configs_pass_the_cross_checks():
+    for name in ("config.yaml", "smoke.yaml"):
+        cfg.check(load(name))
+
+
+def test_shipped_configs_pass_the_schema():
+    from snakemake.utils import validate
+
+    for name in ("config.yaml", "smoke.yaml"):
+        c = load(name)
+        validate(c, str(ROOT / "workflow" / "schemas" / "config.schema.yaml"))
+        # defaults are filled in, down into each dataset
+        assert c["evaluation"]["top_k"] == 1000
+        assert all("relevance_level" in d and "split" in d for d in c["datasets"].values())
+
+
+def test_schema_rejects_a_typo_with_the_key_named():
+    from snakemake.exceptions import WorkflowError
+    from snakemake.utils import validate
+
+    c = load("smoke.yaml")
+    c["datasets"]["scifact"]["md5s"] = "x"
+    with pytest.raises(WorkflowError, match="md5s"):
+        validate(c, str(ROOT / "workflow" / "schemas" / "config.schema.yaml"))
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda c: c["systems"]["minilm-l6"].update(model="nope"),
+            r"systems\.minilm-l6\.model: 'nope' is not in models",
+        ),
+        (lambda c: c.setdefault("table", {}).update(datasets=["trec-covid"]), r"table\.datasets: 'trec-covid'"),
+        (lambda c: c.setdefault("table", {}).update(systems=["bm25", "x"]), r"table\.systems: 'x'"),
+        (lambda c: c["evaluation"].update(baseline="dense"), r"evaluation\.baseline: 'dense'"),
+        (lambda c: c["systems"].update({"a/b": {"type": "bm25"}}), r"no '/'"),
+    ],
+)
+def test_cross_check_errors_name_the_setting(edit, message):
+    c = load("smoke.yaml")
+    edit(c)
+    with pytest.raises(cfg.ConfigError, match=message):
+        cfg.check(c)
+
+
+def test_mirror_setting_then_environment(monkeypatch):
+    monkeypatch.delenv(cfg.MIRROR_ENV, raising=False)
+    assert cfg.mirror({"mirror": ""}) is None
+    monkeypatch.setenv(cfg.MIRROR_ENV, "/srv/mirror")
+    assert cfg.mirror({"mirror": ""}) == "/srv/mirror"
+    assert cfg.mirror({"mirror": "http://h/m"}) == "http://h/m"

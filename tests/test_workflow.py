@@ -1,0 +1,177 @@
+"""The smoke preset end to end through Snakemake, downloads served over HTTP on 127.0.0.1.
+
+One session-scoped run (a few minutes on 2 cores) feeds several checks: the table, the
+traceability of its cells, a second run doing nothing, and a changed setting rerunning
+only what depends on it.
+"""
+
+import functools
+import http.server
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import ROOT, SHARED_DATA
+
+pytestmark = pytest.mark.integration
+
+SMOKE = ROOT / "config" / "smoke.yaml"
+
+
+@pytest.fixture(scope="session")
+def mirror_url():
+    if not (SHARED_DATA / "beir" / "scifact.zip").is_file():
+        pytest.skip(f"shared test data not found under {SHARED_DATA}")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(SHARED_DATA))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(workdir), "--cores", "2", *args]
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(ROOT / ".cache" / "numba")}
+    env.pop("LLMRET_MIRROR", None)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+        )
+    return proc
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory, mirror_url):
+    workdir = tmp_path_factory.mktemp("smoke")
+    snakemake(workdir, "--configfile", str(SMOKE), "--config", f"mirror={mirror_url}")
+    return workdir, mirror_url
+
+
+def test_table_has_every_system_and_dataset(smoke_run):
+    workdir, _ = smoke_run
+    table = pd.read_csv(workdir / "results" / "beir_table.csv")
+    assert list(table["system"]) == ["bm25", "smollm2-135m", "minilm-l6"]
+    assert list(table.columns) == ["system", "scifact", "msmarco-dl19-5k", "avg"]
+    values = table[["scifact", "msmarco-dl19-5k"]].to_numpy()
+    assert ((values > 0) & (values <= 1)).all()
+    assert table["avg"].tolist() == pytest.approx(values.mean(axis=1).tolist(), abs=1e-3)
+    # Even on a subsample, BM25 and a trained sentence encoder beat chance by far.
+    assert table.set_index("system").loc["bm25", "scifact"] > 0.5
+
+
+def test_cells_trace_back_to_metrics_and_runs(smoke_run):
+    workdir, _ = smoke_run
+    table = pd.read_csv(workdir / "results" / "beir_table.csv").set_index("system")
+    full = pd.read_csv(workdir / "results" / "beir_table_full.csv")
+    assert set(full["metric"]) == {"ndcg@10", "mrr@10", "recall@100", "recall@1000"}
+    for _, row in full[full["metric"] == "ndcg@10"].iterrows():
+        metrics = json.loads((workdir / row["metrics"]).read_text())
+        assert metrics["metrics"]["ndcg@10"] == pytest.approx(row["value"], abs=1e-4)
+        assert table.loc[row["system"], row["dataset"]] == pytest.approx(row["value"], abs=1e-3)
+        first = (workdir / row["run"]).read_text().splitlines()[0]
+        assert first.startswith("# llmret-run ") and json.loads(first[13:])["system"] == row["system"]
+        if row["system"] == "bm25":
+            assert pd.isna(row["p_vs_bm25"])
+        else:
+            assert 0 <= row["p_vs_bm25"] <= 1
+    meta = json.loads((workdir / "results" / "beir_table.meta.json").read_text())
+    dl19 = meta["datasets"]["msmarco-dl19-5k"]
+    assert dl19["subsample"]["max_queries"] == 4 and dl19["queries"] == 4
+    assert dl19["original"] == {"documents": 5000, "queries": 43, "judgments": 4102}
+    assert meta["datasets"]["scifact"]["original"]["queries"] == 300
+    assert (workdir / "results" / "plots" / "beir_table.png").stat().st_size > 1000
+
+
+def test_models_are_imported_as_safetensors(smoke_run):
+    workdir, _ = smoke_run
+    for name in ("smollm2-135m", "minilm-l6"):
+        folder = workdir / "resources" / "models" / name
+        assert (folder / "model.safetensors").is_file()
+        assert not list(folder.glob("*.bin")) and not list(folder.glob("*.gguf"))
+        info = json.loads((folder / "import.json").read_text())
+        assert info["sha256"]["model.safetensors"]
+
+
+def test_second_run_does_nothing(smoke_run):
+    workdir, mirror = smoke_run
+    out = snakemake(workdir, "-n", "--configfile", str(SMOKE), "--config", f"mirror={mirror}")
+    assert "Nothing to be done" in out.stdout + out.stderr
+
+
+def _planned_jobs(text: str) -> list[tuple[str, str]]:
+    """(rule, wildcards) pairs from a dry run's listing."""
+    jobs, rule = [], None
+    for line in text.splitlines():
+        m = re.match(r"^(?:local)?rule (\w+):", line.strip())
+        if m:
+            rule = m.group(1)
+            jobs.append((rule, ""))
+        elif line.strip().startswith("wildcards:") and jobs:
+            jobs[-1] = (rule, line.strip()[len("wildcards:") :].strip())
+    return jobs
+
+
+def test_changed_setting_reruns_only_what_depends_on_it(smoke_run, tmp_path):
+    workdir, mirror = smoke_run
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text("systems:\n  minilm-l6:\n    max_passage_length: 96\n")
+    out = snakemake(workdir, "-n", "--configfile", str(SMOKE), str(overlay), "--config", f"mirror={mirror}")
+    jobs = _planned_jobs(out.stdout + out.stderr)
+    rules = {r for r, _ in jobs}
+    assert rules == {"encode", "faiss_index", "dense_search", "evaluate", "beir_table", "plot_table", "all"}
+    for rule, wc in jobs:
+        if rule in ("encode", "faiss_index", "dense_search", "evaluate"):
+            assert "system=minilm-l6" in wc, (rule, wc)
+
+
+def test_mirror_change_does_not_rerun_downloads(smoke_run):
+    workdir, _ = smoke_run
+    out = snakemake(workdir, "-n", "--configfile", str(SMOKE), "--config", f"mirror={SHARED_DATA}")
+    assert "Nothing to be done" in out.stdout + out.stderr
+
+
+def test_corrupt_corpus_line_fails_with_file_and_line(tmp_path, mirror_url):
+    """A user-facing check: a broken dataset stops at validation, naming file and line."""
+    import zipfile
+
+    mirror = tmp_path / "mirror"
+    (mirror / "beir").mkdir(parents=True)
+    broken = mirror / "beir" / "scifact.zip"
+    with zipfile.ZipFile(SHARED_DATA / "beir" / "scifact.zip") as src, zipfile.ZipFile(broken, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            if item.filename.endswith("corpus.jsonl"):
+                lines = data.split(b"\n")
+                lines[41] = lines[41][:30]
+                data = b"\n".join(lines)
+            dst.writestr(item, data)
+    from llmret.download import md5sum
+
+    config = tmp_path / "broken.yaml"
+    config.write_text(
+        "datasets:\n  scifact:\n    url: http://127.0.0.1:9/unused.zip\n"
+        f"    md5: {md5sum(broken)}\n"
+        "table:\n  datasets: [scifact]\n  systems: [bm25]\n"
+    )
+    workdir = tmp_path / "work"
+    out = snakemake(
+        workdir,
+        "results/data/scifact/dataset.json",
+        "--configfile",
+        str(config),
+        "--config",
+        f"mirror={mirror}",
+        check=False,
+    )
+    assert out.returncode != 0
+    log = (workdir / "logs" / "prepare" / "scifact.log").read_text()
+    assert re.search(r"corpus\.jsonl:42: invalid JSON", log), log[-2000:]
+    assert not (workdir / "results" / "data" / "scifact" / "corpus.jsonl").exists()

@@ -1,0 +1,63 @@
+# Datasets: download (verified, atomic), unpack (safe), validate and maybe subsample.
+
+
+localrules:
+    download_dataset,
+
+
+rule download_dataset:
+    """Fetch a dataset zip from its URL or the mirror; the md5 pins the content, so the
+    mirror location is read from the config and is deliberately not a rerun trigger."""
+    output:
+        "resources/downloads/{dataset}.zip",
+    log:
+        "logs/download/{dataset}.log",
+    conda:
+        "../../envs/retrieval.yaml"
+    resources:
+        downloads=1,
+    params:
+        url=lambda wc: config["datasets"][wc.dataset]["url"],
+        md5=lambda wc: config["datasets"][wc.dataset]["md5"],
+        mirror_path=lambda wc: config["datasets"][wc.dataset].get(
+            "mirror_path", f"beir/{wc.dataset}.zip"
+        ),
+        retries=config["download"]["retries"],
+        timeout=config["download"]["timeout"],
+    script:
+        "../scripts/download_dataset.py"
+
+
+rule unpack_dataset:
+    input:
+        "resources/downloads/{dataset}.zip",
+    output:
+        directory("resources/datasets/{dataset}"),
+    log:
+        "logs/unpack/{dataset}.log",
+    conda:
+        "../../envs/retrieval.yaml"
+    script:
+        "../scripts/unpack_dataset.py"
+
+
+rule prepare_dataset:
+    """Validate the BEIR files (file and line named on error), keep the evaluation split's
+    judged queries, apply the preset's subsampling, and write the copy systems read."""
+    input:
+        "resources/datasets/{dataset}",
+    output:
+        corpus="results/data/{dataset}/corpus.jsonl",
+        queries="results/data/{dataset}/queries.jsonl",
+        qrels="results/data/{dataset}/qrels.tsv",
+        info="results/data/{dataset}/dataset.json",
+    log:
+        "logs/prepare/{dataset}.log",
+    conda:
+        "../../envs/retrieval.yaml"
+    params:
+        split=lambda wc: config["datasets"][wc.dataset]["split"],
+        on_unknown=lambda wc: config["datasets"][wc.dataset]["on_unknown_qrels"],
+        subsample=lambda wc: config["datasets"][wc.dataset]["subsample"],
+    script:
+        "../scripts/prepare_dataset.py"

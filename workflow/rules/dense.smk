@@ -1,0 +1,66 @@
+# Dense systems: encode corpus and queries, exact FAISS inner-product index, top-k search.
+
+
+rule encode:
+    """One rule for both sides: {side} is corpus or queries."""
+    input:
+        model=lambda wc: f"resources/models/{config['systems'][wc.system]['model']}",
+        texts=lambda wc: prepared(wc.dataset, wc.side),
+    output:
+        vectors="results/embeddings/{system}/{dataset}/{side}.npy",
+        ids="results/embeddings/{system}/{dataset}/{side}.ids",
+    log:
+        "logs/encode/{system}/{dataset}/{side}.log",
+    benchmark:
+        "results/benchmarks/encode/{system}/{dataset}/{side}.tsv"
+    wildcard_constraints:
+        system=one_of(DENSE_SYSTEMS),
+        side="corpus|queries",
+    conda:
+        "../../envs/retrieval.yaml"
+    threads: 8
+    resources:
+        mem_mb=6000,
+    params:
+        settings=system_settings,
+    script:
+        "../scripts/encode.py"
+
+
+rule faiss_index:
+    input:
+        vectors="results/embeddings/{system}/{dataset}/corpus.npy",
+    output:
+        "results/index/{system}/{dataset}/faiss.index",
+    log:
+        "logs/faiss_index/{system}/{dataset}.log",
+    wildcard_constraints:
+        system=one_of(DENSE_SYSTEMS),
+    conda:
+        "../../envs/retrieval.yaml"
+    script:
+        "../scripts/faiss_index.py"
+
+
+rule dense_search:
+    input:
+        index="results/index/{system}/{dataset}/faiss.index",
+        doc_ids="results/embeddings/{system}/{dataset}/corpus.ids",
+        queries="results/embeddings/{system}/{dataset}/queries.npy",
+        query_ids="results/embeddings/{system}/{dataset}/queries.ids",
+    output:
+        "results/runs/{system}/{dataset}.trec",
+    log:
+        "logs/dense_search/{system}/{dataset}.log",
+    benchmark:
+        "results/benchmarks/dense_search/{system}/{dataset}.tsv"
+    wildcard_constraints:
+        system=one_of(DENSE_SYSTEMS),
+    conda:
+        "../../envs/retrieval.yaml"
+    threads: 2
+    params:
+        top_k=config["evaluation"]["top_k"],
+        settings=system_settings,
+    script:
+        "../scripts/dense_search.py"

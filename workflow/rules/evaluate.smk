@@ -1,0 +1,81 @@
+# Evaluation with ranx, and the paper-style tables.
+
+
+rule evaluate:
+    input:
+        run="results/runs/{system}/{dataset}.trec",
+        qrels=lambda wc: prepared(wc.dataset, "qrels"),
+    output:
+        "results/metrics/{system}/{dataset}.json",
+    log:
+        "logs/evaluate/{system}/{dataset}.log",
+    conda:
+        "../../envs/evaluation.yaml"
+    params:
+        metrics=config["evaluation"]["metrics"],
+        relevance_level=lambda wc: config["datasets"][wc.dataset]["relevance_level"],
+    script:
+        "../scripts/evaluate.py"
+
+
+rule beir_table:
+    input:
+        metrics=expand(
+            "results/metrics/{system}/{dataset}.json",
+            system=TABLE_SYSTEMS,
+            dataset=TABLE_DATASETS,
+        ),
+        runs=expand(
+            "results/runs/{system}/{dataset}.trec",
+            system=TABLE_SYSTEMS,
+            dataset=TABLE_DATASETS,
+        ),
+        qrels=[prepared(d, "qrels") for d in TABLE_DATASETS],
+        info=[prepared(d, "info") for d in TABLE_DATASETS],
+    output:
+        table=report(
+            "results/beir_table.csv",
+            category="Tables",
+            caption="../report/beir_table.rst",
+        ),
+        full=report(
+            "results/beir_table_full.csv",
+            category="Tables",
+            caption="../report/beir_table_full.rst",
+        ),
+        meta="results/beir_table.meta.json",
+    log:
+        "logs/beir_table.log",
+    conda:
+        "../../envs/evaluation.yaml"
+    params:
+        systems=TABLE_SYSTEMS,
+        datasets=TABLE_DATASETS,
+        metric=config["table"]["metric"],
+        metrics=config["evaluation"]["metrics"],
+        baseline=config["evaluation"]["baseline"],
+        test=config["evaluation"]["test"],
+        relevance_levels={
+            d: config["datasets"][d]["relevance_level"] for d in TABLE_DATASETS
+        },
+    script:
+        "../scripts/beir_table.py"
+
+
+rule plot_table:
+    input:
+        "results/beir_table.csv",
+    output:
+        report(
+            "results/plots/beir_table.png",
+            category="Plots",
+            caption="../report/beir_plot.rst",
+        ),
+    log:
+        "logs/plot_table.log",
+    conda:
+        "../../envs/evaluation.yaml"
+    params:
+        metric=config["table"]["metric"],
+    script:
+        "../scripts/plot_table.py"

@@ -1,0 +1,26 @@
+"""Snakemake entry point: the BEIR-style table, its full-metrics sibling and metadata."""
+
+from itertools import product
+
+from llmret import logs, tables
+
+sm = snakemake  # noqa: F821
+logs.to_file(sm.log[0])
+p = sm.params
+cells = list(product(p.systems, p.datasets))  # the order of expand() in the rule
+tables.build_beir_tables(
+    metrics_files=dict(zip(cells, sm.input.metrics, strict=True)),
+    run_files=dict(zip(cells, sm.input.runs, strict=True)),
+    qrels_files=dict(zip(p.datasets, sm.input.qrels, strict=True)),
+    info_files=dict(zip(p.datasets, sm.input.info, strict=True)),
+    systems=p.systems,
+    datasets=p.datasets,
+    metric=p.metric,
+    metrics=p.metrics,
+    baseline=p.baseline,
+    test=p.test,
+    relevance_levels=p.relevance_levels,
+    out_table=sm.output.table,
+    out_full=sm.output.full,
+    out_meta=sm.output.meta,
+)

@@ -1,0 +1,10 @@
+"""Snakemake entry point: build a BM25 index over a prepared corpus."""
+
+from llmret import beir, bm25, logs
+
+sm = snakemake  # noqa: F821
+logs.to_file(sm.log[0])
+corpus = beir.load_corpus(sm.input.corpus)
+params = bm25.BM25Params.from_dict(sm.params.settings)
+index = bm25.BM25Index.build(corpus.ids, corpus.contents(), params)
+index.save(sm.output[0])

@@ -1,0 +1,17 @@
+"""Snakemake entry point: BM25 top-k for every query, written as a TREC run."""
+
+from llmret import beir, bm25, logs, trec
+
+sm = snakemake  # noqa: F821
+logs.to_file(sm.log[0])
+index = bm25.BM25Index.load(sm.input.index)
+queries = beir.load_queries(sm.input.queries)
+run = index.search(queries, k=sm.params.top_k, n_threads=sm.threads)
+header = {
+    "system": sm.wildcards.system,
+    "dataset": sm.wildcards.dataset,
+    "type": "bm25",
+    "top_k": sm.params.top_k,
+    "settings": index.params.to_dict(),
+}
+trec.write_run(sm.output[0], run, tag=sm.wildcards.system, header=header)

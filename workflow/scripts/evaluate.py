@@ -1,0 +1,10 @@
+"""Snakemake entry point: metrics of one run (mean and per query) as JSON."""
+
+from llmret import beir, evaluation, logs, tables, trec
+
+sm = snakemake  # noqa: F821
+logs.to_file(sm.log[0])
+qrels = beir.load_qrels(sm.input.qrels)
+result = evaluation.evaluate(qrels, trec.read_run(sm.input.run), sm.params.metrics, sm.params.relevance_level)
+result.update(system=sm.wildcards.system, dataset=sm.wildcards.dataset, run=sm.input.run, qrels=sm.input.qrels)
+tables.write_json(result, sm.output[0])

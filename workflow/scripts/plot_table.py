@@ -1,0 +1,10 @@
+"""Snakemake entry point: bar plot of the BEIR-style table."""
+
+import pandas as pd
+
+from llmret import logs, tables
+
+sm = snakemake  # noqa: F821
+logs.to_file(sm.log[0])
+table = pd.read_csv(sm.input[0]).drop(columns=["avg"])
+tables.bar_plot(table, sm.output[0], metric=sm.params.metric)

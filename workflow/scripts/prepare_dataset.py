@@ -1,0 +1,14 @@
+"""Snakemake entry point: validate a BEIR folder, subsample if the preset says so, write it."""
+
+from pathlib import Path
+
+from llmret import beir, logs
+
+sm = snakemake  # noqa: F821
+logs.to_file(sm.log[0])
+p = sm.params
+full = beir.load_dataset(sm.input[0], split=p.split, on_unknown=p.on_unknown)
+spec = beir.Subsample(**p.subsample)
+ds = beir.subsample(full, spec)
+meta = {"dataset": sm.wildcards.dataset, "split": p.split, **beir.subsample_record(spec, full, ds)}
+beir.write_dataset(ds, Path(sm.output.info).parent, meta=meta)

@@ -1,0 +1,7 @@
+"""Snakemake entry point: unpack a BEIR zip (members checked, atomic) into its folder."""
+
+from llmret import download, logs
+
+sm = snakemake  # noqa: F821
+logs.to_file(sm.log[0])
+download.safe_extract_zip(sm.input[0], sm.output[0], strip_top_level=sm.wildcards.dataset)
