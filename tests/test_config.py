@@ -14,7 +14,28 @@ def load(name):
 
 def test_shipped_configs_pass_the_cross_checks():
     for name in ("config.yaml", "smoke.yaml"):
-        cfg.check(load(name))
+        c = load(name)
+        cfg.complete(c)
+        cfg.check(c)
+
+
+def test_known_beir_dataset_is_one_line():
+    c = {"datasets": {"nfcorpus": {}, "msmarco": {}}, "systems": {"bm25": {"type": "bm25"}}}
+    cfg.complete(c)
+    cfg.check(c)
+    assert c["datasets"]["nfcorpus"] == {
+        "url": "https://public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/datasets/nfcorpus.zip",
+        "md5": "a89dba18a62ef92f7d323ec890a0d38d",
+        "split": "test",
+    }
+    assert c["datasets"]["msmarco"]["split"] == "dev"
+
+
+def test_unknown_dataset_needs_url_and_md5():
+    c = {"datasets": {"mine": {"url": "http://x/mine.zip"}}, "systems": {"bm25": {"type": "bm25"}}}
+    cfg.complete(c)
+    with pytest.raises(cfg.ConfigError, match=r"datasets\.mine\.md5: not set"):
+        cfg.check(c)
 
 
 def test_shipped_configs_pass_the_schema():
@@ -25,7 +46,7 @@ def test_shipped_configs_pass_the_schema():
         validate(c, str(ROOT / "workflow" / "schemas" / "config.schema.yaml"))
         # defaults are filled in, down into each dataset
         assert c["evaluation"]["top_k"] == 1000
-        assert all("relevance_level" in d and "split" in d for d in c["datasets"].values())
+        assert all("relevance_level" in d and "subsample" in d for d in c["datasets"].values())
 
 
 def test_schema_rejects_a_typo_with_the_key_named():
@@ -53,6 +74,7 @@ def test_schema_rejects_a_typo_with_the_key_named():
 )
 def test_cross_check_errors_name_the_setting(edit, message):
     c = load("smoke.yaml")
+    cfg.complete(c)
     edit(c)
     with pytest.raises(cfg.ConfigError, match=message):
         cfg.check(c)

@@ -175,3 +175,12 @@ def test_corrupt_corpus_line_fails_with_file_and_line(tmp_path, mirror_url):
     log = (workdir / "logs" / "prepare" / "scifact.log").read_text()
     assert re.search(r"corpus\.jsonl:42: invalid JSON", log), log[-2000:]
     assert not (workdir / "results" / "data" / "scifact" / "corpus.jsonl").exists()
+
+
+def test_report_holds_tables_and_plot(smoke_run):
+    workdir, mirror = smoke_run
+    report = workdir / "report.html"
+    snakemake(workdir, "--report", str(report), "--configfile", str(SMOKE), "--config", f"mirror={mirror}")
+    html = report.read_text(encoding="utf-8")
+    for name in ("beir_table.csv", "beir_table_full.csv", "beir_table.png"):
+        assert name in html

@@ -23,6 +23,14 @@ class ConfigError(ValueError):
     """A setting is wrong; the message names it as ``section.key``."""
 
 
+def complete(config: dict) -> None:
+    """Fill what the schema cannot: registry URLs, checksums and splits of BEIR datasets."""
+    from .registry import complete_dataset
+
+    for name, ds in (config.get("datasets") or {}).items():
+        config["datasets"][name] = complete_dataset(name, ds)
+
+
 def check(config: Mapping) -> None:
     datasets = config.get("datasets") or {}
     models = config.get("models") or {}
@@ -31,6 +39,10 @@ def check(config: Mapping) -> None:
         raise ConfigError("datasets: at least one dataset is needed")
     if not systems:
         raise ConfigError("systems: at least one system is needed")
+    for name, ds in datasets.items():
+        for key in ("url", "md5"):
+            if not ds.get(key):
+                raise ConfigError(f"datasets.{name}.{key}: not set, and {name!r} is not a known BEIR dataset")
     for name, sys_cfg in systems.items():
         kind = sys_cfg.get("type")
         if kind not in SYSTEM_TYPES:

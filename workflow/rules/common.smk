@@ -13,6 +13,7 @@ from llmret import config as cfgcheck  # noqa: E402
 cfgcheck.prepare_environment(os.path.join(workflow.basedir, "src"))
 
 validate(config, "../schemas/config.schema.yaml")
+cfgcheck.complete(config)
 cfgcheck.check(config)
 
 DATASETS = list(config["datasets"])

@@ -1,0 +1,384 @@
+"""LLaRA pretraining objective (Li et al., "Making Large Language Models A Better Foundation
+For Dense Retrieval"): EBAE + EBAR in one forward pass.
+
+A causal LM reads ``text`` and then two prompts, each closed by an end-of-sequence token:
+
+    [frame-head] text  SELF [frame-tail] </s>  NEXT [frame-tail] </s>
+
+``SELF`` is the EBAE prompt (" The original sentence:"), ``NEXT`` the EBAR prompt (" The next
+sentence:"). The final hidden state at each ``</s>`` is a text embedding. EBAE asks the first
+embedding to predict the tokens of ``text`` itself, EBAR asks the second to predict the tokens
+of the text that follows it. Both are bag-of-words objectives over the vocabulary (paper
+eq. 6), so each embedding is projected to vocabulary logits once, never the whole sequence.
+
+Sharing the ``text`` prefix between the tasks halves the cost, but only if the two prompts
+cannot see each other: a 4-D attention mask hides the SELF segment from the NEXT segment,
+and NEXT restarts its position ids where SELF started. The joint pass is then equivalent to
+two separate passes ``text + SELF + </s>`` and ``text + NEXT + </s>`` (checked in the tests).
+
+Each segment is ``prompt ids + frame tail + eos``, exactly what
+:class:`llmret.encoding.TextEncoder` produces for a template ``"{text}" + prompt`` with
+``append_eos``, so an embedding learnt here is the one the encoder later pools.
+
+Mask semantics in transformers v5 (read off 5.23 ``masking_utils`` / ``modeling_llama`` /
+``integrations/sdpa_attention``): a 4-D ``attention_mask`` is returned by
+``create_causal_mask`` as-is, for every attention implementation. Eager attention *adds* it
+to the scores, so a bool mask would silently add 0/1 instead of masking; SDPA hands it to
+``torch.nn.functional.scaled_dot_product_attention``, which reads a bool mask as "may attend"
+and a float mask as additive, documented as having the query's dtype (the CPU kernel in
+torch 2.13 tolerates fp32 with a bf16 model; eager then promotes the scores to fp32). A float
+additive mask in the model's dtype is the one form both honour as intended, hence
+:func:`additive_mask` and the cast in :meth:`LlaraModel.embed`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .encoding import special_frame
+
+EBAE_PROMPT = " The original sentence:"
+EBAR_PROMPT = " The next sentence:"
+
+# Segment labels of a joint row; used to build the mask and exposed for inspection.
+PAD, TEXT, SELF, NEXT = -1, 0, 1, 2
+
+HEAD_MODES = ("copy", "tie")
+# Attention implementations verified to honour a custom 4-D additive mask (see tests).
+MASKED_ATTENTION = ("eager", "sdpa")
+
+
+@dataclass(frozen=True)
+class LlaraObjective:
+    """Prompts and lengths of the LLaRA objective; every field changes what is learnt.
+
+    ``max_text_length`` caps the tokens of the text *and* of the next text (the EBAR
+    target): prompts, frame tokens and EOS are always kept, as in the encoder.
+    """
+
+    ebae_prompt: str = EBAE_PROMPT
+    ebar_prompt: str = EBAR_PROMPT
+    max_text_length: int = 128
+    ebae_weight: float = 1.0
+    ebar_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.max_text_length < 1:
+            raise ValueError(f"max_text_length must be >= 1, got {self.max_text_length}")
+        if not self.ebae_prompt or not self.ebar_prompt:
+            raise ValueError("ebae_prompt and ebar_prompt must be non-empty")
+        if self.ebae_weight < 0 or self.ebar_weight < 0:
+            raise ValueError("loss weights must be >= 0")
+
+
+@dataclass
+class JointBatch:
+    """Tensors for one forward pass over ``[head] text SELF </s> NEXT </s>`` rows.
+
+    ``attention_mask`` is additive (0 = attend, ``finfo(dtype).min`` = blocked), shape
+    (B, 1, L, L). ``segments`` holds PAD/TEXT/SELF/NEXT per position. The ``*_targets`` are
+    optional (B, V) multi-hot bags of words; :class:`LlaraModel` needs them for the loss.
+    """
+
+    input_ids: torch.Tensor  # (B, L) long, right-padded
+    attention_mask: torch.Tensor  # (B, 1, L, L) float additive
+    position_ids: torch.Tensor  # (B, L) long
+    ebae_index: torch.Tensor  # (B,) long: position of SELF's </s>
+    ebar_index: torch.Tensor  # (B,) long: position of NEXT's </s>
+    segments: torch.Tensor  # (B, L) long, PAD/TEXT/SELF/NEXT
+    text_ids: list[list[int]] = field(default_factory=list)  # truncated text tokens per row
+    ebae_targets: torch.Tensor | None = None  # (B, V) float
+    ebar_targets: torch.Tensor | None = None  # (B, V) float
+
+    def to(self, device: torch.device | str) -> JointBatch:
+        moved = {
+            k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items() if k != "text_ids"
+        }
+        return replace(self, **moved)
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Bool "may attend" (B, L, L) -> float additive (B, 1, L, L) in ``dtype``.
+
+    ``finfo(dtype).min`` rather than ``-inf`` (as transformers does): blocked keys get an
+    exactly-zero weight after the softmax, with no inf arithmetic. Rows with no allowed key
+    are refused, since their softmax would be meaningless (NaN with ``-inf``).
+    """
+    if allowed.dtype != torch.bool or allowed.ndim != 3:
+        raise ValueError(f"expected a (B, L, L) bool tensor, got {tuple(allowed.shape)} {allowed.dtype}")
+    if not allowed.any(-1).all():
+        raise ValueError("a query row attends to nothing; its softmax would be NaN")
+    out = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    out.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return out[:, None]
+
+
+def joint_allowed(segments: torch.Tensor) -> torch.Tensor:
+    """Which key each query may see, (B, L, L) bool, from per-position segment labels.
+
+    Rules: causal; padding keys are never seen; NEXT never sees SELF (SELF cannot see NEXT
+    anyway, it comes first). A padding query sees only itself, so no row is fully masked
+    and the softmax of pad rows stays finite (their outputs are never used).
+    """
+    L = segments.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=segments.device).tril()
+    q, k = segments[:, :, None], segments[:, None, :]
+    allowed = causal[None] & (k != PAD) & ~((q == NEXT) & (k == SELF))
+    pad_q = (segments == PAD)[:, :, None]
+    eye = torch.eye(L, dtype=torch.bool, device=segments.device)[None]
+    return torch.where(pad_q, eye, allowed)
+
+
+def _ids(tokenizer, texts: Sequence[str] | Sequence[Sequence[int]]) -> list[list[int]]:
+    """Token ids without special tokens; id lists pass through unchanged."""
+    if len(texts) == 0:
+        raise ValueError("no texts")
+    if all(isinstance(t, str) for t in texts):
+        return [list(x) for x in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+    if any(isinstance(t, str) for t in texts):
+        raise TypeError("texts must be all strings or all token-id lists")
+    return [[int(i) for i in t] for t in texts]
+
+
+def _pad_id(tokenizer) -> int:
+    pad = tokenizer.pad_token_id
+    return pad if pad is not None else tokenizer.eos_token_id
+
+
+def build_joint_inputs(
+    tokenizer,
+    texts: Sequence[str] | Sequence[Sequence[int]],
+    objective: LlaraObjective = LlaraObjective(),
+    dtype: torch.dtype = torch.float32,
+) -> JointBatch:
+    """One joint row per text: ``head + text[:max_text_length] + SELF seg + NEXT seg``.
+
+    Positions: head/text/SELF count 0, 1, ...; NEXT restarts at the first SELF position,
+    so both prompts sit exactly where they would in a separate pass. Padding gets
+    position 0 (it is masked everywhere, any valid position would do).
+    """
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError(f"{type(tokenizer).__name__} has no eos token; LLaRA pools at </s>")
+    head, tail = special_frame(tokenizer)
+    ebae = tokenizer(objective.ebae_prompt, add_special_tokens=False)["input_ids"] + tail + [eos]
+    ebar = tokenizer(objective.ebar_prompt, add_special_tokens=False)["input_ids"] + tail + [eos]
+    text_ids = [t[: objective.max_text_length] for t in _ids(tokenizer, texts)]
+
+    rows = [head + t + ebae + ebar for t in text_ids]
+    B, L = len(rows), max(len(r) for r in rows)
+    input_ids = torch.full((B, L), _pad_id(tokenizer), dtype=torch.long)
+    segments = torch.full((B, L), PAD, dtype=torch.long)
+    position_ids = torch.zeros((B, L), dtype=torch.long)
+    ebae_index = torch.empty(B, dtype=torch.long)
+    ebar_index = torch.empty(B, dtype=torch.long)
+    for b, (row, t) in enumerate(zip(rows, text_ids, strict=True)):
+        n, s, m = len(head) + len(t), len(ebae), len(ebar)
+        input_ids[b, : len(row)] = torch.tensor(row)
+        segments[b, :n] = TEXT
+        segments[b, n : n + s] = SELF
+        segments[b, n + s : n + s + m] = NEXT
+        position_ids[b, : n + s] = torch.arange(n + s)
+        position_ids[b, n + s : n + s + m] = torch.arange(n, n + m)
+        ebae_index[b] = n + s - 1
+        ebar_index[b] = n + s + m - 1
+    return JointBatch(
+        input_ids=input_ids,
+        attention_mask=additive_mask(joint_allowed(segments), dtype),
+        position_ids=position_ids,
+        ebae_index=ebae_index,
+        ebar_index=ebar_index,
+        segments=segments,
+        text_ids=text_ids,
+    )
+
+
+def bow_targets(target_ids: Sequence[Sequence[int]], vocab_size: int, exclude_ids: Sequence[int] = ()) -> torch.Tensor:
+    """Multi-hot (B, V) float: 1 for every distinct token of a target text.
+
+    A repeated token counts once (the paper's target is the token *set*). Padding and
+    special ids are dropped: they carry no content and would dominate every bag.
+    """
+    out = torch.zeros(len(target_ids), vocab_size, dtype=torch.float32)
+    drop = set(int(i) for i in exclude_ids)
+    for b, ids in enumerate(target_ids):
+        keep = sorted({int(i) for i in ids} - drop)
+        if keep and (keep[0] < 0 or keep[-1] >= vocab_size):
+            raise ValueError(f"row {b}: token id outside [0, {vocab_size})")
+        if keep:
+            out[b, keep] = 1.0
+    return out
+
+
+def excluded_ids(tokenizer) -> list[int]:
+    """Ids never used as bag-of-words targets: all special tokens plus padding."""
+    ids = set(tokenizer.all_special_ids)
+    ids.add(_pad_id(tokenizer))
+    return sorted(i for i in ids if i is not None)
+
+
+def build_training_batch(
+    tokenizer,
+    texts: Sequence[str] | Sequence[Sequence[int]],
+    next_texts: Sequence[str] | Sequence[Sequence[int]],
+    vocab_size: int,
+    objective: LlaraObjective = LlaraObjective(),
+    dtype: torch.dtype = torch.float32,
+) -> JointBatch:
+    """Joint inputs plus targets: EBAE = tokens of the (truncated) text, EBAR = tokens of
+    the next text truncated to the same ``max_text_length``.
+
+    ``vocab_size`` is the model's (``config.vocab_size``), which may exceed ``len(tokenizer)``.
+    """
+    if len(texts) != len(next_texts):
+        raise ValueError(f"{len(texts)} texts but {len(next_texts)} next texts")
+    batch = build_joint_inputs(tokenizer, texts, objective, dtype)
+    nxt = [t[: objective.max_text_length] for t in _ids(tokenizer, next_texts)]
+    drop = excluded_ids(tokenizer)
+    batch.ebae_targets = bow_targets(batch.text_ids, vocab_size, drop)
+    batch.ebar_targets = bow_targets(nxt, vocab_size, drop)
+    return batch
+
+
+def embeddings_from_hidden(hidden: torch.Tensor, batch: JointBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(EBAE, EBAR) embeddings, each (B, H): final hidden states at the two </s> tokens."""
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    return hidden[rows, batch.ebae_index.to(hidden.device)], hidden[rows, batch.ebar_index.to(hidden.device)]
+
+
+def bow_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Paper eq. 6 for one task, averaged so that text length does not weight examples.
+
+    For example i with token set T_i (targets[i] multi-hot, or any non-negative weights):
+        loss_i = -sum_t targets[i, t] * log_softmax(logits[i])[t] / sum_t targets[i, t]
+    i.e. the mean of -log p(t | e_i) over the distinct target tokens; the result is the
+    mean of loss_i over examples whose target is non-empty (0 if none is).
+    """
+    if logits.shape != targets.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} vs targets {tuple(targets.shape)}")
+    logp = F.log_softmax(logits.float(), dim=-1)
+    targets = targets.to(logp)
+    size = targets.sum(-1)
+    has = size > 0
+    if not has.any():
+        return logp.sum() * 0.0  # keeps the graph alive for backward
+    per = -(targets * logp).sum(-1)[has] / size[has]
+    return per.mean()
+
+
+def decoder_of(lm: nn.Module) -> nn.Module:
+    """The transformer body (e.g. ``LlamaModel``) of a causal LM, PEFT-wrapped or not."""
+    if hasattr(lm, "get_base_model"):  # peft.PeftModel: LoRA layers live inside it
+        lm = lm.get_base_model()
+    body = getattr(lm, "base_model", None)
+    if body is None or body is lm:
+        raise ValueError(f"cannot find the decoder body of {type(lm).__name__}")
+    return body
+
+
+class LlaraModel(nn.Module):
+    """A causal LM plus the vocabulary projection of the two bag-of-words heads.
+
+    ``head="copy"``: a fresh ``nn.Linear(hidden, vocab, bias=False)`` starting from the LM
+    head weight, trained on its own. ``head="tie"``: the projection *is* the LM head
+    (shared parameter; with tied word embeddings, also the input embeddings). Only the two
+    gathered embeddings are projected, never every position.
+    """
+
+    def __init__(self, lm: nn.Module, objective: LlaraObjective = LlaraObjective(), head: str = "copy"):
+        super().__init__()
+        if head not in HEAD_MODES:
+            raise ValueError(f"head must be one of {HEAD_MODES}, got {head!r}")
+        self.lm = lm
+        self.objective = objective
+        lm_head = lm.get_output_embeddings()
+        if lm_head is None:
+            raise ValueError(f"{type(lm).__name__} has no output embeddings to start the projection from")
+        vocab, hidden = lm_head.weight.shape
+        self.projection = nn.Linear(hidden, vocab, bias=False, device=lm_head.weight.device, dtype=lm_head.weight.dtype)
+        with torch.no_grad():
+            self.projection.weight.copy_(lm_head.weight)
+        if head == "tie":
+            self.projection.weight = lm_head.weight
+        self.head = head
+
+    @property
+    def decoder(self) -> nn.Module:
+        return decoder_of(self.lm)
+
+    def embed(self, batch: JointBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(EBAE, EBAR) embeddings from one joint pass."""
+        body = self.decoder
+        impl = getattr(body.config, "_attn_implementation", None)
+        if impl not in MASKED_ATTENTION:
+            # flash-attention kernels take no arbitrary 4-D mask: SELF would leak into NEXT.
+            raise ValueError(f"attn_implementation must be one of {MASKED_ATTENTION} for the joint mask, got {impl!r}")
+        param = next(body.parameters())
+        mask = batch.attention_mask.to(param.device)
+        if mask.dtype != param.dtype:  # SDPA requires the query dtype; re-derive min for it
+            mask = additive_mask(mask[:, 0] == 0, param.dtype)
+        out = body(
+            input_ids=batch.input_ids.to(param.device),
+            attention_mask=mask,
+            position_ids=batch.position_ids.to(param.device),
+            use_cache=False,
+        )
+        return embeddings_from_hidden(out.last_hidden_state, batch)
+
+    def forward(self, batch: JointBatch) -> dict[str, torch.Tensor]:
+        """Embeddings always; ``loss``, ``loss_ebae``, ``loss_ebar`` when the batch has targets.
+
+        loss = ebae_weight * loss_ebae + ebar_weight * loss_ebar (paper: both weights 1).
+        """
+        ebae, ebar = self.embed(batch)
+        out = {"ebae_emb": ebae, "ebar_emb": ebar}
+        if batch.ebae_targets is None or batch.ebar_targets is None:
+            return out
+        dev = ebae.device
+        out["loss_ebae"] = bow_loss(self.projection(ebae), batch.ebae_targets.to(dev))
+        out["loss_ebar"] = bow_loss(self.projection(ebar), batch.ebar_targets.to(dev))
+        out["loss"] = self.objective.ebae_weight * out["loss_ebae"] + self.objective.ebar_weight * out["loss_ebar"]
+        return out
+
+
+_SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s)")
+
+
+def split_pairs(text: str, min_words: int = 8, word_fallback: bool = True) -> tuple[str, str] | None:
+    """Cut one document into (text, next text) for EBAR, deterministically.
+
+    Rule: candidate cuts are sentence ends (``.``, ``!`` or ``?``, optional closing quotes or
+    brackets, followed by whitespace). Among cuts leaving at least ``min_words`` whitespace
+    words on each side, take the one whose word offset is closest to half the words (ties:
+    the earlier cut). With no such cut and ``word_fallback``, cut after word ``n // 2``.
+    Documents under ``2 * min_words`` words are too short: None. Abbreviations ("e.g. x")
+    count as sentence ends; the cut only needs to be roughly in the middle.
+    """
+    if min_words < 1:
+        raise ValueError(f"min_words must be >= 1, got {min_words}")
+    text = text.strip()
+    words = text.split()
+    total = len(words)
+    if total < 2 * min_words:
+        return None
+    best: tuple[float, int] | None = None  # (distance to the middle in words, char offset of the cut)
+    for m in _SENTENCE_END.finditer(text):
+        left = len(text[: m.end()].split())
+        if min(left, total - left) < min_words:
+            continue
+        key = (abs(left - total / 2), m.end())
+        if best is None or key < best:
+            best = key
+    if best is not None:
+        cut = best[1]
+        return text[:cut].strip(), text[cut:].strip()
+    if not word_fallback:
+        return None
+    half = total // 2
+    return " ".join(words[:half]), " ".join(words[half:])

@@ -1,0 +1,41 @@
+"""Known public datasets, so a BEIR dataset is one config line: ``nfcorpus: {}``.
+
+Checksums are the md5s the BEIR authors publish for their zips (BEIR README, "Available
+Datasets"). CQADupstack is left out: its zip nests one BEIR folder per forum.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+BEIR_URL = "https://public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/datasets/{name}.zip"
+
+BEIR_MD5 = {
+    "msmarco": "444067daf65d982533ea17ebd59501e4",
+    "trec-covid": "ce62140cb23feb9becf6270d0d1fe6d1",
+    "nfcorpus": "a89dba18a62ef92f7d323ec890a0d38d",
+    "nq": "d4d3d2e48787a744b6f6e691ff534307",
+    "hotpotqa": "f412724f78b0d91183a0e86805e16114",
+    "fiqa": "17918ed23cd04fb15047f73e6c3bd9d9",
+    "arguana": "8ad3e3c2a5867cdced806d6503f29b99",
+    "webis-touche2020": "46f650ba5a527fc69e0a6521c5a23563",
+    "quora": "18fb154900ba42a600f84b839c173167",
+    "dbpedia-entity": "c2a39eb420a3164af735795df012ac2c",
+    "scidocs": "38121350fc3a4d2f48850f6aff52e4a9",
+    "fever": "5a818580227bfb4b35bb6fa46d9b6c03",
+    "climate-fever": "8b66f0a9126c521bae2bde127b4dc99d",
+    "scifact": "5f7d1de60b170fc8027bb7898e2efca1",
+}
+
+# The split BEIR evaluates on, where it is not "test".
+BEIR_EVAL_SPLIT = {"msmarco": "dev"}
+
+
+def complete_dataset(name: str, cfg: Mapping) -> dict:
+    """Fill ``url``, ``md5`` and ``split`` of a known BEIR dataset where the config omits them."""
+    out = dict(cfg)
+    if name in BEIR_MD5:
+        out.setdefault("url", BEIR_URL.format(name=name))
+        out.setdefault("md5", BEIR_MD5[name])
+    out.setdefault("split", BEIR_EVAL_SPLIT.get(name, "test"))
+    return out
