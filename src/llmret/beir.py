@@ -39,7 +39,7 @@ class Corpus:
 
     def contents(self) -> list[str]:
         """Title and text joined by a space, as BEIR's and Pyserini's baselines index them."""
-        return [f"{t} {x}" if t else x for t, x in zip(self.titles, self.texts, strict=True)]
+        return [join_title(t, x) for t, x in zip(self.titles, self.texts, strict=True)]
 
     def subset(self, keep: set[str]) -> Corpus:
         out = Corpus()
@@ -114,18 +114,33 @@ def _text_field(rec: dict, key: str, path: Path, lineno: int, required: bool) ->
     return value
 
 
-def load_corpus(path: str | Path) -> Corpus:
+def join_title(title: str, text: str) -> str:
+    """Title and text joined by a space, as BEIR's and Pyserini's baselines index them."""
+    return f"{title} {text}" if title else text
+
+
+def iter_corpus(path: str | Path) -> Iterator[tuple[str, str, str]]:
+    """Stream validated ``(id, title, text)`` records: corpora may not fit in memory."""
     path = Path(path)
-    corpus = Corpus()
     seen: dict[str, int] = {}
     for lineno, rec in _jsonl_records(path):
         doc_id = _id_of(rec, path, lineno)
         if doc_id in seen:
             raise BeirFormatError(f"{path}:{lineno}: duplicate document id {doc_id!r} (first on line {seen[doc_id]})")
         seen[doc_id] = lineno
+        yield (
+            doc_id,
+            _text_field(rec, "title", path, lineno, required=False),
+            _text_field(rec, "text", path, lineno, required=True),
+        )
+
+
+def load_corpus(path: str | Path) -> Corpus:
+    corpus = Corpus()
+    for doc_id, title, text in iter_corpus(path):
         corpus.ids.append(doc_id)
-        corpus.titles.append(_text_field(rec, "title", path, lineno, required=False))
-        corpus.texts.append(_text_field(rec, "text", path, lineno, required=True))
+        corpus.titles.append(title)
+        corpus.texts.append(text)
     if not corpus.ids:
         raise BeirFormatError(f"{path}: corpus is empty")
     return corpus

@@ -1,0 +1,627 @@
+"""Unlabelled (text, next text) pairs for LLaRA pretraining, tokenised into fixed shards.
+
+Pipeline (one Snakemake job per box):
+
+    pair source --(shard_of)--> tokenize_shard x N  -->  write_manifest  -->  ShardDataset
+
+* Pair sources stream :class:`Pair` objects from BEIR corpora (each document cut in two by
+  :func:`llmret.llara.split_pairs`; no queries or qrels are read) or from DPR's Wikipedia
+  passages (consecutive passages of one article).
+* :func:`shard_of` assigns a pair to a shard from a stable hash of its id and a seed, so
+  every shard job can read the whole source independently and keep its own pairs: no
+  coordination, no dependence on order or process, and a pair can never land in two shards.
+* A shard file is safetensors: CSR token arrays plus string metadata. Its bytes depend only
+  on the *set* of pairs, the tokenizer and the settings (pairs are sorted by id, then
+  shuffled with a seeded RNG; the metadata header is written in a canonical key order), so
+  a rerun reproduces it byte for byte and Snakemake sees no spurious change.
+* The manifest sums the shards and checks that they were made together; the dataset
+  serves token-id lists that :func:`llmret.llara.build_training_batch` takes directly.
+"""
+
+from __future__ import annotations
+
+import bisect
+import csv
+import gzip
+import hashlib
+import io
+import json
+import operator
+import os
+import random
+import struct
+import tempfile
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+from . import beir
+from .llara import JointBatch, LlaraObjective, build_training_batch, split_pairs
+
+PathLike = str | os.PathLike[str]
+
+FORMAT = "llmret.pretrain-shard/1"
+ARRAYS = {"text_ids": np.int32, "next_ids": np.int32, "text_offsets": np.int64, "next_offsets": np.int64}
+METADATA_KEYS = (
+    "format",
+    "num_pairs",
+    "shard",
+    "num_shards",
+    "seed",
+    "tokenizer",
+    "tokenizer_vocab_sha256",
+    "max_text_length",
+    "ids_sha256",
+    "text_tokens",
+    "next_tokens",
+)
+DPR_HEADER = ["id", "text", "title"]
+# A DPR passage is 100 words; this only bounds the damage of an unterminated quote.
+DPR_FIELD_LIMIT = 1 << 24
+TOKENIZE_BATCH = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Pair:
+    """One EBAR example: ``next_text`` follows ``text``. ``id`` is globally unique and decides the shard."""
+
+    id: str
+    text: str
+    next_text: str
+
+
+# --------------------------------------------------------------------------- pair sources
+
+
+def _corpus_file(path: PathLike) -> Path:
+    path = Path(path)
+    return path / "corpus.jsonl" if path.is_dir() else path
+
+
+def pairs_from_beir(corpus_paths: Sequence[PathLike], min_words: int = 8) -> Iterator[Pair]:
+    """Every document of each BEIR corpus, cut in two by :func:`llara.split_pairs`.
+
+    Only ``corpus.jsonl`` is read (streamed, validated as :func:`beir.load_corpus` does), never
+    queries or qrels, so pretraining cannot see evaluation labels. The document is the
+    title + text that retrieval indexes (:meth:`beir.Corpus.contents`). The corpus name is the
+    folder holding ``corpus.jsonl`` (``results/data/{dataset}/corpus.jsonl``); pair ids are
+    ``{corpus}:{doc_id}``. Documents too short to split are skipped.
+    """
+    files: dict[str, Path] = {}
+    for p in corpus_paths:
+        path = _corpus_file(p)
+        name = path.parent.name
+        if not name or ":" in name:
+            raise ValueError(f"{path}: cannot name the corpus after its folder {name!r}")
+        if name in files:
+            raise ValueError(f"two corpora named {name!r} ({files[name]} and {path}): pair ids would collide")
+        files[name] = path
+    for name, path in files.items():
+        for doc_id, title, text in beir.iter_corpus(path):
+            content = beir.join_title(title, text)
+            halves = split_pairs(content, min_words=min_words)
+            if halves is not None:
+                yield Pair(f"{name}:{doc_id}", halves[0], halves[1])
+
+
+def _text_source(source: PathLike | IO[bytes]) -> tuple[io.TextIOWrapper, str, Callable[[], None]]:
+    """(text stream, name for messages, release). Gzip is recognised by its magic bytes.
+
+    ``release`` closes what we opened, but only detaches from a caller's stream: the caller
+    owns it (closing a wrapper would otherwise close the stream underneath).
+    """
+    if isinstance(source, (str, os.PathLike)):
+        raw: IO[bytes] = open(source, "rb")
+        name, owned = str(source), True
+    else:
+        raw, name, owned = source, str(getattr(source, "name", "<stream>")), False
+    wrapped = not hasattr(raw, "peek")
+    buffered = io.BufferedReader(raw) if wrapped else raw  # type: ignore[arg-type]
+    binary = gzip.GzipFile(fileobj=buffered, mode="rb") if buffered.peek(2)[:2] == b"\x1f\x8b" else buffered
+    text = io.TextIOWrapper(binary, encoding="utf-8", newline="")
+
+    def release() -> None:
+        if owned:
+            text.close()
+            raw.close()
+            return
+        text.detach()
+        if wrapped:
+            buffered.detach()
+
+    return text, name, release
+
+
+def pairs_from_dpr_wiki(source: PathLike | IO[bytes], max_passages: int | None = None) -> Iterator[Pair]:
+    """Pairs (passage i, passage i+1) of each article in DPR's ``psgs_w100.tsv(.gz)``.
+
+    ``source`` is a path or an open binary stream (e.g. an HTTP response body, so the 4.7 GB
+    file is read once without being stored); gzip is detected from the content. The file is
+    TSV with header ``id text title`` and csv quoting (text in double quotes, ``""`` inside),
+    so it is parsed with :mod:`csv`, never split on tabs. Passages of one article are
+    consecutive and share a title; a pair never crosses articles. Reading stops after
+    ``max_passages`` passages. Pair ids are ``dpr-wiki:{id of passage i}``. A malformed line
+    raises ValueError naming the file and line.
+    """
+    if max_passages is not None and max_passages < 0:
+        raise ValueError(f"max_passages must be >= 0, got {max_passages}")
+    csv.field_size_limit(max(csv.field_size_limit(), DPR_FIELD_LIMIT))
+    text_stream, name, release = _text_source(source)
+    try:
+        # Not strict, like DPR's own reader: a stray quote inside a title is kept, not fatal.
+        reader = csv.reader(text_stream, delimiter="\t", quotechar='"')
+        read = 0
+        prev: tuple[str, str, str] | None = None  # (id, text, title) of the last passage
+        while max_passages is None or read < max_passages:
+            lineno = reader.line_num + 1  # first physical line of the next record
+            try:
+                row = next(reader, None)
+            except (csv.Error, UnicodeDecodeError) as e:
+                raise ValueError(f"{name}:{lineno}: malformed DPR line ({e})") from None
+            if row is None:
+                if lineno == 1:
+                    raise ValueError(f"{name}: empty, expected header {DPR_HEADER}")
+                break
+            if lineno == 1:
+                if [c.strip() for c in row] != DPR_HEADER:
+                    raise ValueError(f"{name}:1: expected header {DPR_HEADER}, got {row[:4]!r}")
+                continue
+            if not row:  # blank line
+                continue
+            if len(row) != 3:
+                raise ValueError(f"{name}:{lineno}: expected 3 tab-separated fields (id, text, title), got {len(row)}")
+            pid, text, title = (c.strip() for c in row)
+            if not pid:
+                raise ValueError(f"{name}:{lineno}: empty passage id")
+            read += 1
+            if prev is not None and prev[2] == title and prev[1] and text:
+                yield Pair(f"dpr-wiki:{prev[0]}", prev[1], text)
+            prev = (pid, text, title)
+    finally:
+        release()
+
+
+# --------------------------------------------------------------------------- sharding
+
+
+def shard_of(pair_id: str, num_shards: int, seed: int) -> int:
+    """Shard of a pair: sha256 of (seed, id) modulo ``num_shards``.
+
+    hashlib rather than :func:`hash`, which is salted per process: every shard job must
+    agree on the assignment, whatever order it reads the pairs in.
+    """
+    if num_shards < 1:
+        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+    digest = hashlib.sha256(f"{seed}\x00{pair_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % num_shards
+
+
+_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of the vocabulary (token -> id, added tokens included).
+
+    ``name_or_path`` is a machine-specific path; this tells whether two tokenizers map text to
+    the same ids, which is what a shard's meaning depends on. Cached per tokenizer object and
+    vocabulary size (adding tokens changes the size), since hashing 50k entries is not free.
+    """
+    size = len(tokenizer)
+    try:
+        cached = _FINGERPRINTS.get(tokenizer)
+    except TypeError:  # not weak-referenceable: just compute
+        cached = None
+    if cached is not None and cached[0] == size:
+        return cached[1]
+    vocab = sorted(tokenizer.get_vocab().items(), key=operator.itemgetter(1, 0))
+    digest = hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
+    try:
+        _FINGERPRINTS[tokenizer] = (size, digest)
+    except TypeError:
+        pass
+    return digest
+
+
+def _token_ids(tokenizer, texts: list[str], max_len: int) -> list[list[int]]:
+    """Ids as :func:`llara.build_training_batch` computes them: no special tokens, then cut."""
+    return [list(ids[:max_len]) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def _csr(rows: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([len(r) for r in rows], dtype=np.int64)
+    flat = np.concatenate(rows).astype(np.int32) if rows else np.zeros(0, dtype=np.int32)
+    return flat, offsets
+
+
+def _canonical_header(path: Path) -> None:
+    """Rewrite the safetensors JSON header with sorted keys, in place.
+
+    safetensors keeps metadata in a Rust HashMap whose order is random per process, which
+    would make identical shards differ in bytes. Sorting changes no value, and the data
+    offsets are relative to the end of the header, so only the header bytes move.
+    """
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        raw = f.read(n)
+        header = json.loads(raw)
+        canon = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(canon) > n:  # cannot happen for the same JSON re-serialised compactly; refuse rather than corrupt
+            raise RuntimeError(f"{path}: canonical safetensors header is longer than the original")
+        f.seek(8)
+        f.write(canon + b" " * (n - len(canon)))
+
+
+def _atomic_path(out_path: Path) -> Path:
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def tokenize_shard(
+    pairs: Iterable[Pair],
+    shard: int,
+    num_shards: int,
+    seed: int,
+    tokenizer,
+    max_text_length: int,
+    out_path: PathLike,
+) -> dict[str, int]:
+    """Tokenise the pairs of one shard and write them to ``out_path`` (atomically).
+
+    Pairs of other shards are skipped unread beyond their id, so N jobs each scan the whole
+    source and together tokenise it once. Texts are tokenised without special tokens and cut
+    to ``max_text_length`` tokens (the objective adds prompts/EOS itself); pairs with an empty
+    side after tokenisation are dropped. The kept pairs are sorted by id and then shuffled with
+    ``random.Random(f"{seed}-{shard}")``, so the file depends on the set of pairs, not on the
+    order the source yields them. A repeated id is an error: it would otherwise be trained on
+    twice (the same id always hashes to the same shard, so this check is global).
+
+    Returns ``{"pairs", "text_tokens", "next_tokens", "seen", "skipped_empty"}``.
+    """
+    if not 0 <= shard < num_shards:
+        raise ValueError(f"shard must be in [0, {num_shards}), got {shard}")
+    if max_text_length < 1:
+        raise ValueError(f"max_text_length must be >= 1, got {max_text_length}")
+    out_path = Path(out_path)
+
+    mine: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    pending: list[Pair] = []
+    seen = skipped = 0
+
+    def flush() -> None:
+        nonlocal skipped
+        if not pending:
+            return
+        texts = _token_ids(tokenizer, [p.text for p in pending], max_text_length)
+        nexts = _token_ids(tokenizer, [p.next_text for p in pending], max_text_length)
+        for p, t, n in zip(pending, texts, nexts, strict=True):
+            if not t or not n:
+                skipped += 1
+                continue
+            mine[p.id] = (np.asarray(t, dtype=np.int32), np.asarray(n, dtype=np.int32))
+        pending.clear()
+
+    taken: set[str] = set()
+    for pair in pairs:
+        seen += 1
+        if shard_of(pair.id, num_shards, seed) != shard:
+            continue
+        if pair.id in taken:
+            raise ValueError(f"pair id {pair.id!r} occurs twice in the source")
+        taken.add(pair.id)
+        pending.append(pair)
+        if len(pending) >= TOKENIZE_BATCH:
+            flush()
+    flush()
+
+    ids = sorted(mine)
+    random.Random(f"{seed}-{shard}").shuffle(ids)
+    text_ids, text_offsets = _csr([mine[i][0] for i in ids])
+    next_ids, next_offsets = _csr([mine[i][1] for i in ids])
+    ids_hash = hashlib.sha256()
+    for i in ids:
+        ids_hash.update(i.encode() + b"\n")
+    stats = {
+        "pairs": len(ids),
+        "text_tokens": int(text_offsets[-1]),
+        "next_tokens": int(next_offsets[-1]),
+        "seen": seen,
+        "skipped_empty": skipped,
+    }
+    metadata = {
+        "format": FORMAT,
+        "num_pairs": str(len(ids)),
+        "shard": str(shard),
+        "num_shards": str(num_shards),
+        "seed": str(seed),
+        "tokenizer": str(getattr(tokenizer, "name_or_path", "")),
+        "tokenizer_vocab_sha256": tokenizer_fingerprint(tokenizer),
+        "max_text_length": str(max_text_length),
+        "ids_sha256": ids_hash.hexdigest(),
+        "text_tokens": str(stats["text_tokens"]),
+        "next_tokens": str(stats["next_tokens"]),
+    }
+    tensors = {"text_ids": text_ids, "text_offsets": text_offsets, "next_ids": next_ids, "next_offsets": next_offsets}
+    tmp = _atomic_path(out_path)
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        _canonical_header(tmp)
+        _fsync(tmp)
+        os.replace(tmp, out_path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return stats
+
+
+# --------------------------------------------------------------------------- reading shards
+
+
+@dataclass
+class TokenShard:
+    """One shard in memory: pair i is ``text_ids[text_offsets[i]:text_offsets[i+1]]`` and likewise for next."""
+
+    path: Path
+    metadata: dict[str, str]
+    text_ids: np.ndarray
+    text_offsets: np.ndarray
+    next_ids: np.ndarray
+    next_offsets: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.text_offsets) - 1
+
+    def __getitem__(self, i: int) -> tuple[list[int], list[int]]:
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"pair {i} out of range for {self.path} ({n} pairs)")
+        i %= n
+        t = self.text_ids[self.text_offsets[i] : self.text_offsets[i + 1]]
+        x = self.next_ids[self.next_offsets[i] : self.next_offsets[i + 1]]
+        return t.tolist(), x.tolist()
+
+    @property
+    def max_text_length(self) -> int:
+        return int(self.metadata["max_text_length"])
+
+
+def _check_offsets(path: Path, name: str, offsets: np.ndarray, ids: np.ndarray, n: int) -> None:
+    if offsets.shape != (n + 1,):
+        raise ValueError(f"{path}: {name} has shape {offsets.shape}, expected ({n + 1},) for {n} pairs")
+    if offsets[0] != 0 or offsets[-1] != len(ids) or (np.diff(offsets) < 0).any():
+        raise ValueError(f"{path}: {name} is not a valid CSR offset array over {len(ids)} tokens")
+
+
+def load_shard(path: PathLike) -> TokenShard:
+    """Read and validate a shard; anything truncated, missing or inconsistent is a ValueError naming the file."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="np") as f:
+            metadata = dict(f.metadata() or {})
+            keys = set(f.keys())
+            missing = [k for k in ARRAYS if k not in keys]
+            if missing:
+                raise ValueError(f"{path}: not a pretraining shard, missing arrays {missing}")
+            arrays = {k: f.get_tensor(k) for k in ARRAYS}
+    except SafetensorError as e:
+        raise ValueError(f"{path}: unreadable safetensors file ({e})") from None
+    missing = [k for k in METADATA_KEYS if k not in metadata]
+    if missing:
+        raise ValueError(f"{path}: not a pretraining shard, missing metadata {missing}")
+    if metadata["format"] != FORMAT:
+        raise ValueError(f"{path}: format {metadata['format']!r}, expected {FORMAT!r}")
+    for k, dtype in ARRAYS.items():
+        if arrays[k].dtype != dtype or arrays[k].ndim != 1:
+            raise ValueError(
+                f"{path}: {k} is {arrays[k].dtype} with shape {arrays[k].shape}, expected 1-D {np.dtype(dtype)}"
+            )
+    try:
+        n = int(metadata["num_pairs"])
+    except ValueError:
+        raise ValueError(f"{path}: num_pairs {metadata['num_pairs']!r} is not an integer") from None
+    _check_offsets(path, "text_offsets", arrays["text_offsets"], arrays["text_ids"], n)
+    _check_offsets(path, "next_offsets", arrays["next_offsets"], arrays["next_ids"], n)
+    return TokenShard(path=path, metadata=metadata, **arrays)
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+SHARED_SETTINGS = ("num_shards", "seed", "tokenizer_vocab_sha256", "max_text_length", "format")
+
+
+def write_manifest(
+    shard_paths: Sequence[PathLike], out_path: PathLike, require_complete: bool = True
+) -> dict[str, Any]:
+    """Summarise shards in a JSON file (atomic): per-shard pairs/tokens/sha256 and totals.
+
+    All shards must come from one run (same num_shards, seed, tokenizer vocabulary,
+    max_text_length) with no shard twice; with ``require_complete`` every shard index must be
+    present, so the training stage cannot silently train on part of the data. Paths are
+    stored relative to the manifest so the folder can move.
+    """
+    out_path = Path(out_path)
+    if not shard_paths:
+        raise ValueError("no shards")
+    entries: list[dict[str, Any]] = []
+    settings: dict[str, str] | None = None
+    first: Path | None = None
+    tokenizer_name = ""
+    by_index: dict[int, Path] = {}
+    for p in shard_paths:
+        path = Path(p)
+        shard = load_shard(path)
+        meta = shard.metadata
+        mine = {k: meta[k] for k in SHARED_SETTINGS}
+        if settings is None:
+            settings, first, tokenizer_name = mine, path, meta["tokenizer"]
+        elif mine != settings:
+            diff = sorted(k for k in SHARED_SETTINGS if mine[k] != settings[k])
+            raise ValueError(f"{path}: made with different {diff} than {first}")
+        idx = int(meta["shard"])
+        if idx in by_index:
+            raise ValueError(f"shard {idx} given twice: {by_index[idx]} and {path}")
+        by_index[idx] = path
+        entries.append(
+            {
+                "path": os.path.relpath(path.resolve(), out_path.parent.resolve()),
+                "shard": idx,
+                "pairs": len(shard),
+                "text_tokens": int(shard.text_offsets[-1]),
+                "next_tokens": int(shard.next_offsets[-1]),
+                "ids_sha256": meta["ids_sha256"],
+                "sha256": _file_sha256(path),
+            }
+        )
+    assert settings is not None
+    num_shards = int(settings["num_shards"])
+    absent = sorted(set(range(num_shards)) - set(by_index))
+    if require_complete and absent:
+        raise ValueError(f"shards {absent} of {num_shards} are missing")
+    entries.sort(key=lambda e: e["shard"])
+    manifest = {
+        "format": "llmret.pretrain-manifest/1",
+        "settings": {**settings, "tokenizer": tokenizer_name},
+        "complete": not absent,
+        "shards": entries,
+        "totals": {k: sum(e[k] for e in entries) for k in ("pairs", "text_tokens", "next_tokens")},
+    }
+    tmp = _atomic_path(out_path)
+    try:
+        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        _fsync(tmp)
+        os.replace(tmp, out_path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return manifest
+
+
+def read_manifest(path: PathLike) -> dict[str, Any]:
+    """Load a manifest, check totals, and resolve shard paths to absolute ``Path`` objects."""
+    path = Path(path)
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        shards = manifest["shards"]
+        totals = manifest["totals"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a pretraining manifest ({e})") from None
+    for k in ("pairs", "text_tokens", "next_tokens"):
+        if totals.get(k) != sum(e[k] for e in shards):
+            raise ValueError(f"{path}: total {k} {totals.get(k)} != sum over shards")
+    for e in shards:
+        e["path"] = (path.parent / e["path"]).resolve()
+    return manifest
+
+
+# --------------------------------------------------------------------------- training input
+
+
+class ShardDataset(torch.utils.data.Dataset):
+    """Several shards as one dataset: global index -> (text_ids, next_ids).
+
+    Shards are loaded (and validated) up front; the arrays are plain numpy, so DataLoader
+    workers forked later share them copy-on-write.
+    """
+
+    def __init__(self, shard_paths: Sequence[PathLike]):
+        if not shard_paths:
+            raise ValueError("no shards")
+        self.shards = [load_shard(p) for p in shard_paths]
+        lengths = [len(s) for s in self.shards]
+        self._ends = list(np.cumsum(lengths, dtype=np.int64).tolist())
+        fingerprints = {s.metadata["tokenizer_vocab_sha256"] for s in self.shards}
+        lengths_cap = {s.max_text_length for s in self.shards}
+        if len(fingerprints) > 1 or len(lengths_cap) > 1:
+            raise ValueError("shards were made with different tokenizers or max_text_length")
+
+    @classmethod
+    def from_manifest(cls, manifest_path: PathLike) -> ShardDataset:
+        return cls([e["path"] for e in read_manifest(manifest_path)["shards"]])
+
+    def __len__(self) -> int:
+        return self._ends[-1]
+
+    def __getitem__(self, i: int) -> tuple[list[int], list[int]]:
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"pair {i} out of range ({n} pairs)")
+        i %= n
+        k = bisect.bisect_right(self._ends, i)
+        start = self._ends[k - 1] if k else 0
+        return self.shards[k][i - start]
+
+    @property
+    def max_text_length(self) -> int:
+        return self.shards[0].max_text_length
+
+    @property
+    def tokenizer_fingerprint(self) -> str:
+        return self.shards[0].metadata["tokenizer_vocab_sha256"]
+
+    def check_compatible(self, tokenizer, objective: LlaraObjective) -> None:
+        """Refuse a tokenizer whose ids differ from the shards', or an objective wanting longer texts than stored."""
+        if tokenizer_fingerprint(tokenizer) != self.tokenizer_fingerprint:
+            raise ValueError("the tokenizer's vocabulary differs from the one the shards were made with")
+        if objective.max_text_length > self.max_text_length:
+            raise ValueError(
+                f"objective.max_text_length={objective.max_text_length} but shards hold at most "
+                f"{self.max_text_length} tokens per text"
+            )
+
+
+def collate(
+    tokenizer, objective: LlaraObjective, vocab_size: int, dtype: torch.dtype = torch.float32
+) -> Callable[[Sequence[tuple[Sequence[int], Sequence[int]]]], JointBatch]:
+    """A DataLoader ``collate_fn``: (text_ids, next_ids) items -> the batch of :func:`llara.build_training_batch`.
+
+    Token ids go in as they are (``build_training_batch`` accepts id lists), never decoded
+    and re-tokenised, so training sees exactly the stored ids.
+    """
+
+    def fn(items: Sequence[tuple[Sequence[int], Sequence[int]]]) -> JointBatch:
+        if not items:
+            raise ValueError("empty batch")
+        texts = [list(t) for t, _ in items]
+        nexts = [list(n) for _, n in items]
+        return build_training_batch(tokenizer, texts, nexts, vocab_size, objective, dtype)
+
+    return fn
+
+
+__all__ = [
+    "Pair",
+    "ShardDataset",
+    "TokenShard",
+    "collate",
+    "load_shard",
+    "pairs_from_beir",
+    "pairs_from_dpr_wiki",
+    "read_manifest",
+    "shard_of",
+    "tokenize_shard",
+    "tokenizer_fingerprint",
+    "write_manifest",
+]
