@@ -15,6 +15,7 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/models.smk"
 include: "workflow/rules/bm25.smk"
 include: "workflow/rules/dense.smk"
+include: "workflow/rules/llara.smk"
 include: "workflow/rules/evaluate.smk"
 
 
@@ -22,3 +23,4 @@ rule all:
     input:
         "results/beir_table.csv",
         "results/plots/beir_table.png",
+        expand("results/plots/{run}_loss.png", run=PRETRAIN_RUNS),

@@ -64,7 +64,7 @@ def test_schema_rejects_a_typo_with_the_key_named():
     [
         (
             lambda c: c["systems"]["minilm-l6"].update(model="nope"),
-            r"systems\.minilm-l6\.model: 'nope' is not in models",
+            r"systems\.minilm-l6\.model: 'nope' is neither in models",
         ),
         (lambda c: c.setdefault("table", {}).update(datasets=["trec-covid"]), r"table\.datasets: 'trec-covid'"),
         (lambda c: c.setdefault("table", {}).update(systems=["bm25", "x"]), r"table\.systems: 'x'"),

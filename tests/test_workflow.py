@@ -58,7 +58,7 @@ def smoke_run(tmp_path_factory, mirror_url):
 def test_table_has_every_system_and_dataset(smoke_run):
     workdir, _ = smoke_run
     table = pd.read_csv(workdir / "results" / "beir_table.csv")
-    assert list(table["system"]) == ["bm25", "smollm2-135m", "minilm-l6"]
+    assert list(table["system"]) == ["bm25", "smollm2-135m", "llara", "minilm-l6"]
     assert list(table.columns) == ["system", "scifact", "msmarco-dl19-5k", "avg"]
     values = table[["scifact", "msmarco-dl19-5k"]].to_numpy()
     assert ((values > 0) & (values <= 1)).all()
@@ -98,6 +98,30 @@ def test_models_are_imported_as_safetensors(smoke_run):
         assert not list(folder.glob("*.bin")) and not list(folder.glob("*.gguf"))
         info = json.loads((folder / "import.json").read_text())
         assert info["sha256"]["model.safetensors"]
+
+
+def test_llara_pretraining_outputs(smoke_run):
+    workdir, _ = smoke_run
+    model = workdir / "results" / "models" / "llara-smollm2"
+    assert (model / "model.safetensors").is_file() and (model / "projection.safetensors").is_file()
+    assert not list(model.glob("*.bin")) and not list(model.glob("*.pt"))
+    steps = [json.loads(line) for line in (workdir / "results" / "train_logs" / "llara-smollm2.jsonl").open()]
+    logged = [r for r in steps if "loss" in r]
+    assert [r["step"] for r in logged][-1] == 6
+    assert all(r["loss_ebae"] > 0 and r["loss_ebar"] > 0 for r in logged)
+    manifest = json.loads((workdir / "results" / "shards" / "llara-smollm2" / "manifest.json").read_text())
+    assert manifest["complete"] and len(manifest["shards"]) == 2
+    assert (workdir / "results" / "plots" / "llara-smollm2_loss.png").is_file()
+
+
+def test_learning_rate_change_retrains_without_retokenizing(smoke_run, tmp_path):
+    workdir, mirror = smoke_run
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text("pretraining:\n  llara-smollm2:\n    training:\n      learning_rate: 2.0e-5\n")
+    out = snakemake(workdir, "-n", "--configfile", str(SMOKE), str(overlay), "--config", f"mirror={mirror}")
+    rules = {r for r, _ in _planned_jobs(out.stdout + out.stderr)}
+    assert "llara_pretrain" in rules and "plot_train_log" in rules
+    assert not rules & {"llara_shard", "llara_manifest", "prepare_dataset", "import_model", "bm25_index"}
 
 
 def test_second_run_does_nothing(smoke_run):

@@ -35,6 +35,7 @@ def check(config: Mapping) -> None:
     datasets = config.get("datasets") or {}
     models = config.get("models") or {}
     systems = config.get("systems") or {}
+    pretraining = config.get("pretraining") or {}
     if not datasets:
         raise ConfigError("datasets: at least one dataset is needed")
     if not systems:
@@ -47,8 +48,19 @@ def check(config: Mapping) -> None:
         kind = sys_cfg.get("type")
         if kind not in SYSTEM_TYPES:
             raise ConfigError(f"systems.{name}.type: must be one of {SYSTEM_TYPES}, got {kind!r}")
-        if kind == "dense" and sys_cfg.get("model") not in models:
-            raise ConfigError(f"systems.{name}.model: {sys_cfg.get('model')!r} is not in models ({sorted(models)})")
+        if kind == "dense" and sys_cfg.get("model") not in {**models, **pretraining}:
+            raise ConfigError(
+                f"systems.{name}.model: {sys_cfg.get('model')!r} is neither in models ({sorted(models)}) "
+                f"nor in pretraining ({sorted(pretraining)})"
+            )
+    for run, run_cfg in pretraining.items():
+        if run in models:
+            raise ConfigError(f"pretraining.{run}: a model has the same name; checkpoints would be ambiguous")
+        if run_cfg.get("model") not in models:
+            raise ConfigError(f"pretraining.{run}.model: {run_cfg.get('model')!r} is not in models ({sorted(models)})")
+        for d in run_cfg.get("corpora") or []:
+            if d not in datasets:
+                raise ConfigError(f"pretraining.{run}.corpora: {d!r} is not in datasets ({sorted(datasets)})")
     for name in list(datasets) + list(systems):
         if "/" in name or name != name.strip() or not name:
             raise ConfigError(f"{name!r}: dataset and system names become file names; no '/' or spaces")
@@ -62,6 +74,15 @@ def check(config: Mapping) -> None:
     baseline = (config.get("evaluation") or {}).get("baseline")
     if baseline and baseline not in table_systems(config):
         raise ConfigError(f"evaluation.baseline: {baseline!r} is not among the table's systems {table_systems(config)}")
+
+
+def resolve_paths(config: dict, basedir: str) -> None:
+    """Relative file settings that do not exist from the working directory (a run with
+    ``--directory``) are taken relative to the workflow (``config/deepspeed/cpu.json``)."""
+    for run in (config.get("pretraining") or {}).values():
+        path = run["training"]["deepspeed_config"]
+        if not os.path.isabs(path) and not os.path.exists(path):
+            run["training"]["deepspeed_config"] = os.path.join(basedir, path)
 
 
 def table_systems(config: Mapping) -> list[str]:

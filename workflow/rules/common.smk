@@ -21,6 +21,8 @@ TABLE_SYSTEMS = cfgcheck.table_systems(config)
 TABLE_DATASETS = cfgcheck.table_datasets(config)
 BM25_SYSTEMS = cfgcheck.systems_of_type(config, "bm25")
 DENSE_SYSTEMS = cfgcheck.systems_of_type(config, "dense")
+PRETRAIN_RUNS = list(config["pretraining"])
+cfgcheck.resolve_paths(config, workflow.basedir)
 
 
 def one_of(names):
@@ -32,6 +34,19 @@ def one_of(names):
 
 wildcard_constraints:
     dataset=one_of(DATASETS),
+
+
+def model_dir(name):
+    """Checkpoint folder of a base model (imported) or of a pretraining run (trained)."""
+    if name in config["models"]:
+        return f"resources/models/{name}"
+    return f"results/models/{name}"
+
+
+def pretrain_spec(run):
+    """A run's shard and objective settings (what PretrainSpec holds)."""
+    skip = ("model", "corpora", "training", "gpus")
+    return {k: v for k, v in config["pretraining"][run].items() if k not in skip}
 
 
 def system_settings(wildcards):

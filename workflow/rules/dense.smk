@@ -4,7 +4,7 @@
 rule encode:
     """One rule for both sides: {side} is corpus or queries."""
     input:
-        model=lambda wc: f"resources/models/{config['systems'][wc.system]['model']}",
+        model=lambda wc: model_dir(config["systems"][wc.system]["model"]),
         texts=lambda wc: prepared(wc.dataset, wc.side),
     output:
         vectors="results/embeddings/{system}/{dataset}/{side}.npy",

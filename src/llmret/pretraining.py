@@ -1,0 +1,129 @@
+"""LLaRA pretraining as two workflow stages: token shards, then the DeepSpeed run.
+
+The stages meet in files only (shards + manifest in, an HF checkpoint in safetensors out),
+so each can be cached, rerun alone or sent to a different machine.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import settings
+from .llara import EBAE_PROMPT, EBAR_PROMPT, LlaraObjective
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PretrainSpec:
+    """What the shards and the objective are made of (the ``pretraining.{run}`` config)."""
+
+    shards: int = 2
+    seed: int = 13
+    max_text_length: int = 64
+    min_words: int = 8
+    ebae_prompt: str = EBAE_PROMPT
+    ebar_prompt: str = EBAR_PROMPT
+    head: str = "copy"
+
+    @classmethod
+    def from_config(cls, cfg: Mapping) -> PretrainSpec:
+        return settings(cls, cfg, "pretraining settings")
+
+    def objective(self) -> LlaraObjective:
+        return LlaraObjective(
+            ebae_prompt=self.ebae_prompt, ebar_prompt=self.ebar_prompt, max_text_length=self.max_text_length
+        )
+
+
+def make_shard(corpus_paths: Sequence[str], model_dir: str, shard: int, spec: PretrainSpec, out_path: str) -> dict:
+    """Tokenize this shard's share of the (text, next text) pairs of the BEIR corpora."""
+    from transformers import AutoTokenizer
+
+    from .pretrain_data import pairs_from_beir, tokenize_shard
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    stats = tokenize_shard(
+        pairs_from_beir(corpus_paths, min_words=spec.min_words),
+        shard=shard,
+        num_shards=spec.shards,
+        seed=spec.seed,
+        tokenizer=tokenizer,
+        max_text_length=spec.max_text_length,
+        out_path=out_path,
+    )
+    log.info("shard %d/%d: %s", shard, spec.shards, stats)
+    return stats
+
+
+def pretrain(
+    model_dir: str, manifest: str, spec: PretrainSpec, training: Mapping, out_dir: str, checkpoint_dir: str
+) -> dict:
+    """Train LLaRA from ``model_dir`` on the manifest's shards; resumes from ``checkpoint_dir``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .llara import PAD, LlaraModel
+    from .pretrain_data import ShardDataset, collate
+    from .training import TrainingArgs, save_llara, train
+
+    args = settings(TrainingArgs, {**training, "output_dir": out_dir, "checkpoint_dir": checkpoint_dir}, "training")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    objective = spec.objective()
+    dataset = ShardDataset.from_manifest(manifest)
+    dataset.check_compatible(tokenizer, objective)
+    model = LlaraModel(lm, objective, head=spec.head)
+    return train(
+        model,
+        dataset,
+        collate(tokenizer, objective, lm.config.vocab_size),
+        args,
+        tokenizer=tokenizer,
+        save_fn=save_llara,
+        # Segments, not the pad id, tell padding apart: SmolLM2 pads with its EOS token.
+        count_tokens=lambda batch: int((batch.segments != PAD).sum()),
+    )
+
+
+def copy_log(src: str | Path, dest: str | Path) -> None:
+    """Publish the training log (kept next to the checkpoints while training, so a failed
+    job does not lose it) as the stage's declared output."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.copyfile(src, tmp)
+    tmp.replace(dest)
+
+
+def plot_training_log(log_path: str | Path, out_png: str | Path, title: str = "") -> None:
+    """Loss per task against step, from the JSONL training log."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
+    # A resumed run logs the steps after its checkpoint again: the later line wins.
+    rows = sorted({r["step"]: r for r in rows if "step" in r and "loss" in r}.values(), key=lambda r: r["step"])
+    if not rows:
+        raise ValueError(f"{log_path}: no training steps logged")
+    keys = ["loss"] + sorted(k for k in rows[0] if k.startswith("loss_"))
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for k in keys:
+        ax.plot([r["step"] for r in rows], [r[k] for r in rows], label=k)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,543 @@
+"""The DeepSpeed training loop on CPU: learning, logs, checkpoints, and resumption after SIGKILL.
+
+Tiny models only: a dropout MLP regressor (``forward(batch)`` with a dataclass batch, like
+:class:`llmret.llara.JointBatch`) and a 2-layer ``LlamaForCausalLM`` (dict batches, HF save).
+
+This file doubles as the training script of the kill/resume test:
+``python tests/test_training.py OUT_DIR`` trains the regressor into ``OUT_DIR``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from llmret.training import (
+    LATEST,
+    ResumableBatchSampler,
+    TrainingArgs,
+    build_deepspeed_config,
+    epoch_batches,
+    lr_factor,
+    safe_torch_load,
+    save_llara,
+    train,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
+STEP_FIELDS = {"step", "loss", "loss_mse", "loss_l1", "lr", "tokens_per_s", "elapsed_s"}
+
+
+# --------------------------------------------------------------------------- tiny task
+
+
+@dataclass
+class Batch:
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def to(self, device):
+        return Batch(self.x.to(device), self.y.to(device))
+
+
+class Regressor(nn.Module):
+    """Dropout on purpose: resumption must replay the random masks too."""
+
+    def __init__(self, dim: int = 8):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, 32), nn.Tanh(), nn.Dropout(0.1), nn.Linear(32, 1))
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        err = self.net(batch.x).squeeze(-1) - batch.y
+        mse, l1 = (err**2).mean(), err.abs().mean()
+        return {"loss": mse + 0.1 * l1, "loss_mse": mse, "loss_l1": l1, "pred_std": err.std()}
+
+
+class Pairs(Dataset):
+    def __init__(self, n: int = 64, dim: int = 8):
+        g = torch.Generator().manual_seed(1234)
+        self.x = torch.randn(n, dim, generator=g)
+        self.y = self.x @ torch.randn(dim, generator=g) / dim**0.5 + 0.05 * torch.randn(n, generator=g)
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+class Tripwire:
+    """Leaves a file behind if it is ever unpickled."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __setstate__(self, state):
+        Path(state["path"]).write_text("unpickled")
+
+
+def collate(items) -> Batch:
+    return Batch(torch.stack([x for x, _ in items]), torch.stack([y for _, y in items]))
+
+
+def save_regressor(model: nn.Module, out_dir: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out_dir / "model.safetensors"))
+
+
+def count_rows(batch: Batch) -> int:
+    return int(batch.x.shape[0])
+
+
+def regressor_args(root: Path, **over) -> TrainingArgs:
+    kw = dict(
+        output_dir=str(root / "final"),
+        checkpoint_dir=str(root / "ckpt"),
+        max_steps=20,
+        per_device_batch_size=4,
+        gradient_accumulation_steps=2,  # 8 micro-batches per epoch: 20 steps cross 5 epochs
+        learning_rate=3e-2,
+        warmup_steps=3,
+        weight_decay=0.01,
+        lr_scheduler="linear",
+        save_every=5,
+        log_every=1,
+        seed=7,
+        max_grad_norm=1.0,
+    )
+    kw.update(over)
+    return TrainingArgs(**kw)
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def _steps(records: list[dict]) -> dict[int, dict]:
+    """Last record per step (a resumed run logs the replayed steps again)."""
+    return {r["step"]: r for r in records if r.get("event") == "step"}
+
+
+# --------------------------------------------------------------------------- script mode
+
+
+def _script(out_root: str) -> None:
+    """Deterministic single-thread run; with HANG_ONCE_AFTER=N, the first process to reach
+    collate call N+1 blocks there forever (once per out_root) so the test can SIGKILL it at a
+    known point: after step 12 was trained and logged, but after the step-10 checkpoint only."""
+    torch.set_num_threads(1)
+    root = Path(out_root)
+    hang_after = int(os.environ.get("HANG_ONCE_AFTER", "0"))
+    flag = root / "hung-once"
+    calls = 0
+
+    def collate_maybe_hang(items):
+        nonlocal calls
+        calls += 1
+        if hang_after and calls > hang_after and not flag.exists():
+            flag.write_text(str(calls))
+            while True:
+                time.sleep(1)
+        return collate(items)
+
+    torch.manual_seed(0)
+    model = Regressor()
+    train(
+        model,
+        Pairs(),
+        collate_maybe_hang,
+        regressor_args(root, deterministic=True),
+        save_fn=save_regressor,
+        count_tokens=count_rows,
+    )
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a small shared CPU, oversubscription makes the runs slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def restore_process_state():
+    """train() in this process sets launcher variables and starts a gloo group; undo both so
+    later tests (and their subprocesses) do not inherit a RANK/MASTER_PORT already in use."""
+    names = (*LAUNCHER_VARS, "TORCH_EXTENSIONS_DIR")
+    saved = {k: os.environ.get(k) for k in names}
+    yield
+    import torch.distributed as td
+
+    if td.is_available() and td.is_initialized():
+        td.destroy_process_group()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def _launch(out_root: Path, hang_after: int = 0) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}  # this process may hold a port
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("HANG_ONCE_AFTER", None)
+    if hang_after:
+        env["HANG_ONCE_AFTER"] = str(hang_after)
+    out_root.mkdir(parents=True, exist_ok=True)
+    with open(out_root / "console.txt", "ab") as console:  # the child keeps its own descriptor
+        cmd = [sys.executable, __file__, str(out_root)]
+        return subprocess.Popen(cmd, env=env, stdout=console, stderr=subprocess.STDOUT, cwd=ROOT)
+
+
+def _wait(proc: subprocess.Popen, out_root: Path, timeout: float = 300) -> None:
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        rc = "timeout"
+    if rc != 0:
+        raise AssertionError(f"run in {out_root} ended with {rc}:\n{(out_root / 'console.txt').read_text()[-4000:]}")
+
+
+# --------------------------------------------------------------------------- pure functions
+
+
+def test_lr_schedules():
+    assert [lr_factor(s, "constant", 4, 20) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert lr_factor(4, "linear", 4, 20) == 1.0 and lr_factor(12, "linear", 4, 20) == 0.5
+    assert 0 < lr_factor(19, "linear", 4, 20) < 0.1
+    assert lr_factor(12, "cosine", 4, 20) == pytest.approx(0.5)
+    assert lr_factor(0, "cosine", 0, 20) == 1.0
+    with pytest.raises(ValueError):
+        lr_factor(0, "exp", 0, 10)
+
+
+def test_batch_order_is_deterministic_partitioned_and_resumable():
+    n, bs = 23, 2
+    a, b = epoch_batches(n, bs, seed=3, epoch=0), epoch_batches(n, bs, seed=3, epoch=0)
+    assert a == b and len(a) == 11 and all(len(x) == bs for x in a)
+    assert epoch_batches(n, bs, seed=3, epoch=1) != a  # reshuffled each epoch
+    ranks = [sum(epoch_batches(n, bs, 3, 0, rank=r, world_size=2), []) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == 10 and not set(ranks[0]) & set(ranks[1])
+
+    def take(sampler, k):
+        it = iter(sampler)
+        return [next(it) for _ in range(k)]
+
+    full = take(ResumableBatchSampler(n, bs, 3), 40)  # crosses three epoch boundaries
+    for start in (0, 5, 11, 17, 33):
+        assert take(ResumableBatchSampler(n, bs, 3, start=start), 40 - start) == full[start:]
+
+
+def test_deepspeed_config_is_filled_from_args(tmp_path):
+    args = regressor_args(tmp_path, max_grad_norm=0.5)
+    cfg = build_deepspeed_config(args, world_size=3)
+    assert cfg["train_micro_batch_size_per_gpu"] == 4 and cfg["gradient_accumulation_steps"] == 2
+    assert cfg["train_batch_size"] == 24 and cfg["gradient_clipping"] == 0.5
+    assert cfg["optimizer"]["params"]["lr"] == 3e-2 and cfg["optimizer"]["params"]["torch_adam"] is True
+    bad = tmp_path / "bad.json"
+    for extra in (
+        {"train_micro_batch_size_per_gpu": 16},
+        {"scheduler": {"type": "WarmupLR"}},
+        {"zero_optimization": {"stage": 3}},
+    ):
+        bad.write_text(json.dumps(extra))
+        with pytest.raises((ValueError, NotImplementedError)):
+            build_deepspeed_config(regressor_args(tmp_path, deepspeed_config=str(bad)), 1)
+    gpu = ROOT / "config" / "deepspeed" / "gpu_zero2_bf16.json"
+    cfg = build_deepspeed_config(regressor_args(tmp_path, deepspeed_config=str(gpu)), 8)
+    assert cfg["zero_optimization"]["stage"] == 2 and cfg["bf16"]["enabled"] and cfg["train_batch_size"] == 64
+
+
+# --------------------------------------------------------------------------- DeepSpeed runs
+
+
+def test_regressor_learns_logs_and_checkpoints(tmp_path):
+    torch.manual_seed(0)
+    result = train(
+        Regressor(), Pairs(), collate, regressor_args(tmp_path), save_fn=save_regressor, count_tokens=count_rows
+    )
+
+    records = _records(tmp_path / "ckpt" / "train_log.jsonl")
+    assert records[0]["event"] == "start" and records[0]["step"] == 0 and records[0]["safe_loading"] is True
+    steps = _steps(records)
+    assert sorted(steps) == list(range(1, 21))
+    for r in steps.values():
+        assert STEP_FIELDS <= set(r) and "pred_std" not in r  # only loss_* scalars
+        assert r["tokens_per_s"] > 0 and r["elapsed_s"] > 0
+    first = sum(steps[s]["loss"] for s in (1, 2, 3)) / 3
+    last = sum(steps[s]["loss"] for s in (18, 19, 20)) / 3
+    assert last < 0.5 * first, (first, last)
+    assert [steps[s]["lr"] for s in (1, 2, 3)] == pytest.approx([1e-2, 2e-2, 3e-2])  # warmup
+    assert steps[20]["lr"] < steps[10]["lr"] < steps[4]["lr"]  # linear decay
+
+    ckpt = tmp_path / "ckpt"
+    assert (ckpt / LATEST).read_text() == "step20"
+    assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == ["step15", "step20"]
+    assert json.loads((ckpt / "step20" / "trainer_state.json").read_text())["data"]["micro_batches_consumed"] == 40
+    for f in (ckpt / "step20").glob("*.pt"):  # our pickles load with weights_only=True
+        assert "module" in safe_torch_load(f, map_location="cpu")
+
+    final = tmp_path / "final"
+    assert sorted(p.name for p in final.iterdir()) == ["model.safetensors", "training_state.json"]
+    state = json.loads((final / "training_state.json").read_text())
+    assert state["steps"] == 20 and state["final_loss"] == steps[20]["loss"] and state["resumed_from_step"] is None
+    assert state["args"]["seed"] == 7 and state["deepspeed_config"]["train_batch_size"] == 8
+    assert result["final_loss"] == state["final_loss"]
+    assert not list(tmp_path.glob(".final.*"))  # no temp folders left
+
+    with pytest.raises(ValueError, match="batch order changed"):  # refused before DeepSpeed starts
+        train(Regressor(), Pairs(), collate, regressor_args(tmp_path, per_device_batch_size=8), save_fn=save_regressor)
+
+    # Resuming reads DeepSpeed's pickles with weights_only=True: a foreign class is refused, not run.
+    states = ckpt / "step20" / "mp_rank_00_model_states.pt"
+    sd = safe_torch_load(states)
+    sd["tripwire"] = Tripwire(tmp_path / "tripped")
+    torch.save(sd, states)
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        train(Regressor(), Pairs(), collate, regressor_args(tmp_path), save_fn=save_regressor)
+    assert not (tmp_path / "tripped").exists()
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
+    """SIGKILL a run after step 12 (checkpoint: step 10), rerun the same command, and compare
+    with an uninterrupted run: the final weights must be bit-identical (torch.equal)."""
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    gas = 2
+    first = _launch(killed, hang_after=12 * gas)  # hangs fetching step 13's first micro-batch
+    reference = _launch(clean)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            logged = _steps(_records(killed / "ckpt" / "train_log.jsonl"))
+            marker = killed / "ckpt" / LATEST
+            if 12 in logged and marker.exists() and (killed / "hung-once").exists():
+                break
+            if first.poll() is not None:
+                raise AssertionError(f"first run ended early:\n{(killed / 'console.txt').read_text()[-4000:]}")
+            time.sleep(0.05)
+        else:
+            raise AssertionError(f"step 12 never logged:\n{(killed / 'console.txt').read_text()[-4000:]}")
+        assert marker.read_text() == "step10" and not (killed / "final").exists()
+        first.send_signal(signal.SIGKILL)
+        assert first.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if first.poll() is None:
+            first.kill()
+    second = _launch(killed)  # the same command and environment
+    _wait(second, killed)
+    _wait(reference, clean)
+
+    records = _records(killed / "ckpt" / "train_log.jsonl")
+    events = [r for r in records if r.get("event") in ("start", "resume")]
+    assert [(e["event"], e["step"]) for e in events] == [("start", 0), ("resume", 10)]
+    first_run_steps = [r["step"] for r in records[: records.index(events[1])] if r.get("event") == "step"]
+    assert first_run_steps == list(range(1, 13))  # steps 11 and 12 were lost and redone
+    assert [r["step"] for r in records[records.index(events[1]) :] if r.get("event") == "step"] == list(range(11, 21))
+    state = json.loads((killed / "final" / "training_state.json").read_text())
+    assert state["resumed_from_step"] == 10 and state["steps"] == 20
+    assert sorted(p.name for p in (killed / "ckpt").iterdir() if p.is_dir()) == ["step15", "step20"]
+
+    # Same losses step by step, and the same weights bit for bit.
+    a, b = _steps(records), _steps(_records(clean / "ckpt" / "train_log.jsonl"))
+    for s in range(1, 21):
+        assert a[s]["loss"] == b[s]["loss"] and a[s]["lr"] == b[s]["lr"], s
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(killed / "final" / "model.safetensors"), load_file(clean / "final" / "model.safetensors")
+    assert wa.keys() == wb.keys() and len(wa) == 4
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), (k, (wa[k] - wb[k]).abs().max())
+    torch.manual_seed(0)
+    init = Regressor().state_dict()
+    assert not torch.equal(init["net.0.weight"], wa["net.0.weight"])  # it did train
+
+
+# --------------------------------------------------------------------------- HF models
+
+
+def _tiny_llama(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        attn_implementation="eager",
+    )
+    return LlamaForCausalLM(cfg)
+
+
+class Tokens(Dataset):
+    def __init__(self, n: int = 32, length: int = 12):
+        g = torch.Generator().manual_seed(5)
+        base = torch.randint(3, 128, (4, length), generator=g)
+        self.rows = base[torch.arange(n) % 4]  # four repeated sequences: easy to learn
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+def collate_lm(rows) -> dict[str, torch.Tensor]:
+    ids = torch.stack(rows)
+    ids[-1, -3:] = 0  # some padding, not counted as tokens
+    labels = ids.masked_fill(ids == 0, -100)
+    return {"input_ids": ids, "attention_mask": (ids != 0).long(), "labels": labels}
+
+
+class StubTokenizer:
+    def save_pretrained(self, out_dir):
+        (Path(out_dir) / "tokenizer_config.json").write_text("{}")
+
+
+def test_tiny_llama_with_hf_save_and_gradient_checkpointing(tmp_path):
+    from safetensors.torch import load_file
+
+    from llmret.training import nonpad_token_counter
+
+    model = _tiny_llama()
+    args = TrainingArgs(
+        output_dir=str(tmp_path / "final"),
+        checkpoint_dir=str(tmp_path / "ckpt"),
+        max_steps=12,
+        per_device_batch_size=4,
+        learning_rate=3e-3,
+        lr_scheduler="cosine",
+        save_every=4,
+        log_every=4,
+        gradient_checkpointing=True,
+        log_path=str(tmp_path / "log.jsonl"),
+    )
+    train(model, Tokens(), collate_lm, args, tokenizer=StubTokenizer(), count_tokens=nonpad_token_counter(0))
+    assert model.model.layers[0].gradient_checkpointing
+    steps = _steps(_records(tmp_path / "log.jsonl"))
+    assert sorted(steps) == [4, 8, 12] and steps[12]["loss"] < steps[4]["loss"]
+    assert set(steps[4]) == {"event", "step", "loss", "lr", "tokens_per_s", "elapsed_s"}
+    final = tmp_path / "final"
+    names = sorted(p.name for p in final.iterdir())
+    assert "model.safetensors" in names and "config.json" in names and "tokenizer_config.json" in names
+    assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl"))]
+    saved = load_file(final / "model.safetensors")
+    live = model.state_dict()
+    assert all(torch.equal(saved[k], live[k]) for k in saved)
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir() if p.is_dir()) == ["step12", "step8"]
+
+    # Rerunning a finished run loads step 12, trains nothing and rewrites the same model.
+    again = train(_tiny_llama(seed=1), Tokens(), collate_lm, args, count_tokens=nonpad_token_counter(0))
+    assert again["resumed_from_step"] == 12 and again["final_loss"] == steps[12]["loss"]
+    resaved = load_file(final / "model.safetensors")
+    assert all(torch.equal(saved[k], resaved[k]) for k in saved)
+
+
+def test_save_llara_writes_lm_and_head_as_safetensors(tmp_path):
+    from safetensors.torch import load_file
+
+    from llmret.llara import LlaraModel
+
+    model = LlaraModel(_tiny_llama(), head="copy")
+    with torch.no_grad():
+        model.projection.weight.add_(1.0)  # now differs from the LM head
+    save_llara(model, tmp_path)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert {"model.safetensors", "projection.safetensors", "llara.json", "config.json"} <= set(names)
+    assert torch.equal(load_file(tmp_path / "projection.safetensors")["weight"], model.projection.weight)
+    assert json.loads((tmp_path / "llara.json").read_text())["head"] == "copy"
+
+
+PAIRS = [
+    ("Cats purr when they are happy and warm.", "Dogs bark at the postman every morning."),
+    ("The river floods the valley each spring.", "Farmers plant rice once the water recedes."),
+    ("A small lamp lit the narrow room.", "Outside, the snow kept falling all night."),
+    ("She tuned the old violin by ear.", "The concert began an hour later."),
+]
+
+
+def test_llara_model_trains_end_to_end(tmp_path, smollm2_dir):
+    """LlaraModel over a tiny random Llama, real tokenizer and JointBatch: both losses logged,
+    LM + head saved by save_llara with the tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from llmret.llara import PAD, LlaraModel, LlaraObjective, build_training_batch
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attn_implementation="sdpa",
+        tie_word_embeddings=True,
+    )
+    objective = LlaraObjective(max_text_length=16)
+    model = LlaraModel(LlamaForCausalLM(cfg), objective, head="copy")
+
+    def collate_pairs(items):
+        return build_training_batch(tok, [a for a, _ in items], [b for _, b in items], cfg.vocab_size, objective)
+
+    args = TrainingArgs(
+        output_dir=str(tmp_path / "final"),
+        checkpoint_dir=str(tmp_path / "ckpt"),
+        max_steps=6,
+        per_device_batch_size=2,
+        learning_rate=1e-2,
+        save_every=3,
+        log_every=3,
+    )
+    result = train(
+        model,
+        PAIRS,
+        collate_pairs,
+        args,
+        tokenizer=tok,
+        save_fn=save_llara,
+        count_tokens=lambda b: int((b.segments != PAD).sum()),
+    )
+    steps = _steps(_records(tmp_path / "ckpt" / "train_log.jsonl"))
+    assert {"loss", "loss_ebae", "loss_ebar", "tokens_per_s"} <= set(steps[6])
+    assert steps[6]["loss"] < steps[3]["loss"] and steps[6]["tokens_per_s"] > 0
+    assert steps[6]["loss"] == pytest.approx(steps[6]["loss_ebae"] + steps[6]["loss_ebar"])
+    names = {p.name for p in (tmp_path / "final").iterdir()}
+    assert {
+        "model.safetensors",
+        "projection.safetensors",
+        "llara.json",
+        "tokenizer.json",
+        "training_state.json",
+    } <= names
+    assert result["final_loss"] == steps[6]["loss"]
+
+
+if __name__ == "__main__":
+    _script(sys.argv[1])
+    sys.exit(0)

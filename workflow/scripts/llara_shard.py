@@ -1,0 +1,8 @@
+"""Snakemake entry point: tokenize one shard of LLaRA pretraining pairs."""
+
+from llmret import logs, pretraining
+
+sm = snakemake  # noqa: F821
+logs.to_file(sm.log[0])
+spec = pretraining.PretrainSpec.from_config(sm.params.spec)
+pretraining.make_shard(list(sm.input.corpora), sm.input.model, int(sm.wildcards.shard), spec, sm.output[0])
