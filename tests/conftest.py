@@ -48,3 +48,23 @@ def smollm2_dir() -> Path:
 @pytest.fixture(scope="session")
 def minilm_dir() -> Path:
     return _imported("minilm-l6", MINILM)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread: on a small shared CPU, oversubscribed threads make model tests
+    several times slower. Modules opt in with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tok(smollm2_dir):
+    """SmolLM2's tokenizer (pads with its EOS token, id 2)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir)

@@ -20,6 +20,8 @@ from llmret.llara import (
     split_pairs,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TEXTS = [
     "Cats purr when they are happy.",
     "The quick brown fox jumps over the lazy dog near the river bank in the early morning.",
@@ -28,22 +30,6 @@ TEXTS = [
 # fp32 on CPU: the joint and separate passes differ only in summation order over masked
 # (exactly zero-weighted) keys and padding; measured ~2e-5 on hidden values of magnitude ~10.
 TOL = 1e-4
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a small shared CPU, oversubscribed threads make these tests several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tok(smollm2_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(smollm2_dir)
 
 
 def _lm(path, impl):
