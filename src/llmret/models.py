@@ -113,11 +113,8 @@ def load_model_and_tokenizer(source: ModelSource):
 
 
 def sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def import_model(source: ModelSource, out_dir: str | Path) -> Path:

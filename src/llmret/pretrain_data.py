@@ -442,11 +442,8 @@ def load_shard(path: PathLike) -> TokenShard:
 
 
 def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 SHARED_SETTINGS = ("num_shards", "seed", "tokenizer_vocab_sha256", "max_text_length", "format")
