@@ -2,7 +2,6 @@ import gzip
 import hashlib
 import io
 import json
-import os
 import random
 import struct
 import zipfile
@@ -11,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED_DATA  # noqa: E402
 from safetensors.numpy import load_file, save_file
 
 from llmret import beir
@@ -30,8 +30,6 @@ from llmret.pretrain_data import (
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("LLMRET_SHARED_DATA", ROOT.parent / "shared" / "data"))
 SCIFACT_ZIP = SHARED_DATA / "beir" / "scifact.zip"
 N_DOCS = 200
 

@@ -119,15 +119,23 @@ def join_title(title: str, text: str) -> str:
     return f"{title} {text}" if title else text
 
 
+def _unique_records(path: Path, what: str) -> Iterator[tuple[int, str, dict]]:
+    """``(line, id, record)`` per JSONL record; a repeated id names both lines."""
+    first_line: dict[str, int] = {}
+    for lineno, rec in _jsonl_records(path):
+        rec_id = _id_of(rec, path, lineno)
+        if rec_id in first_line:
+            raise BeirFormatError(
+                f"{path}:{lineno}: duplicate {what} id {rec_id!r} (first on line {first_line[rec_id]})"
+            )
+        first_line[rec_id] = lineno
+        yield lineno, rec_id, rec
+
+
 def iter_corpus(path: str | Path) -> Iterator[tuple[str, str, str]]:
     """Stream validated ``(id, title, text)`` records: corpora may not fit in memory."""
     path = Path(path)
-    seen: dict[str, int] = {}
-    for lineno, rec in _jsonl_records(path):
-        doc_id = _id_of(rec, path, lineno)
-        if doc_id in seen:
-            raise BeirFormatError(f"{path}:{lineno}: duplicate document id {doc_id!r} (first on line {seen[doc_id]})")
-        seen[doc_id] = lineno
+    for lineno, doc_id, rec in _unique_records(path, "document"):
         yield (
             doc_id,
             _text_field(rec, "title", path, lineno, required=False),
@@ -148,15 +156,10 @@ def load_corpus(path: str | Path) -> Corpus:
 
 def load_queries(path: str | Path) -> Queries:
     path = Path(path)
-    queries: Queries = {}
-    first_line: dict[str, int] = {}
-    for lineno, rec in _jsonl_records(path):
-        qid = _id_of(rec, path, lineno)
-        if qid in queries:
-            raise BeirFormatError(f"{path}:{lineno}: duplicate query id {qid!r} (first on line {first_line[qid]})")
-        first_line[qid] = lineno
-        queries[qid] = _text_field(rec, "text", path, lineno, required=True)
-    return queries
+    return {
+        qid: _text_field(rec, "text", path, lineno, required=True)
+        for lineno, qid, rec in _unique_records(path, "query")
+    }
 
 
 def load_qrels(path: str | Path) -> Qrels:

@@ -259,6 +259,20 @@ def _canonical_header(path: Path) -> None:
         f.write(canon + b" " * (n - len(canon)))
 
 
+def _publish(write: Callable[[Path], None], out_path: PathLike) -> None:
+    """Write through ``write(tmp)`` into a sibling temp file, fsync, then rename onto
+    ``out_path``: a crash never leaves a file that looks complete."""
+    out_path = Path(out_path)
+    tmp = _atomic_path(out_path)
+    try:
+        write(tmp)
+        _fsync(tmp)
+        os.replace(tmp, out_path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def _atomic_path(out_path: Path) -> Path:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
@@ -356,15 +370,12 @@ def tokenize_shard(
         "next_tokens": str(stats["next_tokens"]),
     }
     tensors = {"text_ids": text_ids, "text_offsets": text_offsets, "next_ids": next_ids, "next_offsets": next_offsets}
-    tmp = _atomic_path(out_path)
-    try:
+
+    def write(tmp: Path) -> None:
         save_file(tensors, str(tmp), metadata=metadata)
         _canonical_header(tmp)
-        _fsync(tmp)
-        os.replace(tmp, out_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+    _publish(write, out_path)
     return stats
 
 
@@ -505,14 +516,9 @@ def write_manifest(
         "shards": entries,
         "totals": {k: sum(e[k] for e in entries) for k in ("pairs", "text_tokens", "next_tokens")},
     }
-    tmp = _atomic_path(out_path)
-    try:
-        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        _fsync(tmp)
-        os.replace(tmp, out_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    _publish(
+        lambda tmp: tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8"), out_path
+    )
     return manifest
 
 
