@@ -16,6 +16,7 @@ include: "workflow/rules/models.smk"
 include: "workflow/rules/bm25.smk"
 include: "workflow/rules/dense.smk"
 include: "workflow/rules/llara.smk"
+include: "workflow/rules/finetune.smk"
 include: "workflow/rules/evaluate.smk"
 
 
@@ -23,4 +24,5 @@ rule all:
     input:
         "results/beir_table.csv",
         "results/plots/beir_table.png",
-        expand("results/plots/{run}_loss.png", run=PRETRAIN_RUNS),
+        expand("results/plots/{run}_loss.png", run=PRETRAIN_RUNS + FINETUNE_RUNS),
+        ["results/msmarco_table.csv"] if config.get("msmarco_table") else [],

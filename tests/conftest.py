@@ -68,3 +68,39 @@ def tok(smollm2_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
+
+
+@pytest.fixture(scope="module")
+def clean_process_state():
+    """train() in this process sets launcher variables and starts a gloo group; undo both so
+    later tests (and their subprocesses) do not inherit a RANK/MASTER_PORT already in use."""
+    names = (*LAUNCHER_VARS, "TORCH_EXTENSIONS_DIR")
+    saved = {k: os.environ.get(k) for k in names}
+    yield
+    import torch.distributed as td
+
+    if td.is_available() and td.is_initialized():
+        td.destroy_process_group()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def tiny_llama_config(vocab_size: int = 128, **over):
+    """A 2-layer, 32-wide Llama config: real architecture, instant to build and train."""
+    from transformers import LlamaConfig
+
+    kw = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    return LlamaConfig(**{**kw, **over})

@@ -111,3 +111,49 @@ def test_write_then_load_roundtrip(beir_folder, tmp_path):
     info = json.loads((out / "dataset.json").read_text())
     assert info == {"documents": 3, "queries": 2, "judgments": 2, "split": "test"}
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def _train_qrels(folder, text):
+    (folder / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\n" + text)
+
+
+def test_train_split_keeps_positives_and_writes_beir_files(beir_folder, tmp_path):
+    _train_qrels(beir_folder, "q3\td3\t1\nq3\td1\t0\n")
+    out = tmp_path / "train"
+    info = beir.prepare_train_split(beir_folder, beir.TrainSplit(), eval_split="test", out_dir=out)
+    assert info["queries"] == 1 and info["positives"] == 1
+    assert beir.load_queries(out / "queries.jsonl") == {"q3": "fish"}
+    assert beir.load_qrels(out / "qrels.tsv") == {"q3": {"d3": 1}}  # grade 0 is not a positive
+    assert json.loads((out / "split.json").read_text())["split"] == "train"
+
+
+def test_train_split_refuses_queries_of_the_evaluation_split(beir_folder, tmp_path):
+    _train_qrels(beir_folder, "q1\td1\t1\nq3\td3\t1\n")
+    with pytest.raises(beir.BeirFormatError, match=r"train\.tsv: 1 training queries are judged in the evaluation"):
+        beir.prepare_train_split(beir_folder, beir.TrainSplit(), eval_split="test", out_dir=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def test_train_split_names_unknown_documents(beir_folder, tmp_path):
+    _train_qrels(beir_folder, "q3\td9\t1\n")
+    with pytest.raises(beir.BeirFormatError, match=r"train\.tsv: 1 positive document ids not in corpus\.jsonl"):
+        beir.prepare_train_split(beir_folder, beir.TrainSplit(), eval_split="test", out_dir=tmp_path / "o")
+
+
+def test_train_split_subsample_is_seeded(tmp_path):
+    d = tmp_path / "big"
+    (d / "qrels").mkdir(parents=True)
+    (d / "corpus.jsonl").write_text("".join(f'{{"_id": "d{i}", "text": "t{i}"}}\n' for i in range(30)))
+    (d / "queries.jsonl").write_text("".join(f'{{"_id": "q{i}", "text": "x{i}"}}\n' for i in range(30)))
+    (d / "qrels" / "train.tsv").write_text(
+        "query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in range(30))
+    )
+    runs = [
+        beir.prepare_train_split(d, beir.TrainSplit(max_queries=5, seed=s), "test", tmp_path / f"o{s}{k}")
+        for s, k in ((1, "a"), (1, "b"), (2, "a"))
+    ]
+    picked = [
+        sorted(beir.load_queries(tmp_path / f"o{s}{k}" / "queries.jsonl")) for s, k in ((1, "a"), (1, "b"), (2, "a"))
+    ]
+    assert [r["queries"] for r in runs] == [5, 5, 5]
+    assert picked[0] == picked[1] != picked[2]

@@ -64,16 +64,40 @@ def test_schema_rejects_a_typo_with_the_key_named():
     [
         (
             lambda c: c["systems"]["minilm-l6"].update(model="nope"),
-            r"systems\.minilm-l6\.model: 'nope' is neither in models",
+            r"systems\.minilm-l6\.model: 'nope' is not in models",
         ),
         (lambda c: c.setdefault("table", {}).update(datasets=["trec-covid"]), r"table\.datasets: 'trec-covid'"),
         (lambda c: c.setdefault("table", {}).update(systems=["bm25", "x"]), r"table\.systems: 'x'"),
         (lambda c: c["evaluation"].update(baseline="dense"), r"evaluation\.baseline: 'dense'"),
         (lambda c: c["systems"].update({"a/b": {"type": "bm25"}}), r"no '/'"),
+        (
+            lambda c: c["mining"]["scifact-minilm"].update(dataset="msmarco-dl19-5k"),
+            r"datasets\.msmarco-dl19-5k has no train",
+        ),
+        (
+            lambda c: c["mining"]["scifact-minilm"].update(retriever="nope"),
+            r"mining\.scifact-minilm\.retriever: 'nope'",
+        ),
+        (lambda c: c["mining"]["scifact-minilm"].update(rank_from=50), r"rank_from <= rank_to <= depth"),
+        (lambda c: c["finetuning"]["llara-ft-smollm2"].update(model="nope"), r"finetuning\.llara-ft-smollm2\.model"),
+        (lambda c: c["finetuning"]["llara-ft-smollm2"].update(negatives="x"), r"llara-ft-smollm2\.negatives: 'x'"),
+        (lambda c: c["finetuning"].update({"llara-smollm2": {}}), r"finetuning\.llara-smollm2: a model or pretraining"),
+        (
+            lambda c: c["systems"]["llara-ft"].update(query_template="{text}"),
+            r"systems\.llara-ft\.query_template: '\{text\}' differs from finetuning\.llara-ft-smollm2",
+        ),
+        (lambda c: c["msmarco_table"]["columns"].append({"dataset": "x", "metric": "ndcg@10"}), r"columns\[3\]"),
+        (
+            lambda c: c["msmarco_table"]["columns"].append({"dataset": "scifact", "metric": "map"}),
+            r"msmarco_table\.columns\[3\]\.metric: 'map' is not in evaluation\.metrics",
+        ),
     ],
 )
 def test_cross_check_errors_name_the_setting(edit, message):
+    from snakemake.utils import validate
+
     c = load("smoke.yaml")
+    validate(c, str(ROOT / "workflow" / "schemas" / "config.schema.yaml"))
     cfg.complete(c)
     edit(c)
     with pytest.raises(cfg.ConfigError, match=message):
@@ -86,3 +110,20 @@ def test_mirror_setting_then_environment(monkeypatch):
     monkeypatch.setenv(cfg.MIRROR_ENV, "/srv/mirror")
     assert cfg.mirror({"mirror": ""}) == "/srv/mirror"
     assert cfg.mirror({"mirror": "http://h/m"}) == "http://h/m"
+
+
+def test_training_sections_share_one_schema_with_defaults(tmp_path, monkeypatch):
+    from snakemake.utils import validate
+
+    c = load("smoke.yaml")
+    validate(c, str(ROOT / "workflow" / "schemas" / "config.schema.yaml"))
+    pre = c["pretraining"]["llara-smollm2"]["training"]
+    ft = c["finetuning"]["base-ft-smollm2"]["training"]
+    assert pre["deepspeed_config"] == ft["deepspeed_config"] == "config/deepspeed/cpu.json"
+    assert ft["learning_rate"] == 1.0e-4 and ft["lr_scheduler"] == "linear"
+    assert c["finetuning"]["base-ft-smollm2"]["lora"]["target_modules"][0] == "q_proj"
+    assert c["mining"]["scifact-minilm"]["margin"] is None
+    # relative DeepSpeed paths resolve against the workflow for runs in another directory
+    monkeypatch.chdir(tmp_path)
+    cfg.resolve_paths(c, "/wf")
+    assert ft["deepspeed_config"] == "/wf/config/deepspeed/cpu.json"

@@ -120,6 +120,48 @@ def test_dpr_max_passages_and_streams(dpr_gz, tmp_path):
     assert list(pairs_from_dpr_wiki(plain)) == want
 
 
+@pytest.fixture
+def dpr_server(dpr_gz):
+    """DPR's file served over HTTP on 127.0.0.1, as the real download would be."""
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(dpr_gz.parent))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_dpr_prefix_streamed_over_http_reparses_identically(dpr_gz, dpr_server, tmp_path):
+    import hashlib
+
+    from llmret.pretrain_data import fetch_dpr_prefix, iter_dpr_passages
+
+    out = tmp_path / "first3.tsv"
+    info = fetch_dpr_prefix(f"{dpr_server}/{dpr_gz.name}", out, 3)
+    assert info["passages"] == 3 and info["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
+    strip = [(pid, text, title) for _, pid, text, title in iter_dpr_passages(dpr_gz, 3)]
+    assert [(pid, text, title) for _, pid, text, title in iter_dpr_passages(out)] == strip
+    assert [p.id for p in pairs_from_dpr_wiki(out)] == ["dpr-wiki:1", "dpr-wiki:2"]
+    # a local path (mirror folder) works the same
+    fetch_dpr_prefix(str(dpr_gz), tmp_path / "local.tsv", 3)
+    assert (tmp_path / "local.tsv").read_bytes() == out.read_bytes()
+
+
+def test_dpr_prefix_failures_leave_nothing(dpr_gz, dpr_server, tmp_path):
+    from llmret.download import DownloadError
+    from llmret.pretrain_data import fetch_dpr_prefix
+
+    with pytest.raises(ValueError, match="holds 6 passages, fewer than max_passages=7"):
+        fetch_dpr_prefix(str(dpr_gz), tmp_path / "x.tsv", 7)
+    with pytest.raises(DownloadError, match="404"):
+        fetch_dpr_prefix(f"{dpr_server}/missing.tsv.gz", tmp_path / "x.tsv", 2)
+    assert not list(tmp_path.glob("*x.tsv*"))
+
+
 def test_dpr_malformed_lines_name_file_and_line(tmp_path):
     bad = tmp_path / "bad.tsv.gz"
     lines = DPR_TSV.splitlines(keepends=True)

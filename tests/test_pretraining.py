@@ -57,7 +57,7 @@ def base_config():
     [
         (lambda c: c["pretraining"]["run"].update(model="nope"), r"pretraining\.run\.model: 'nope'"),
         (lambda c: c["pretraining"]["run"].update(corpora=["fiqa"]), r"pretraining\.run\.corpora: 'fiqa'"),
-        (lambda c: c["systems"]["llara"].update(model="other"), r"neither in models .* nor in pretraining"),
+        (lambda c: c["systems"]["llara"].update(model="other"), r"is not in models .* pretraining"),
         (lambda c: c["pretraining"].update(smol={"model": "smol", "corpora": []}), r"pretraining\.smol: a model"),
     ],
 )
@@ -75,3 +75,36 @@ def test_deepspeed_config_resolved_against_the_workflow(tmp_path, monkeypatch):
     c = {"pretraining": {"run": {"training": {"deepspeed_config": "config/deepspeed/cpu.json"}}}}
     cfg.resolve_paths(c, "/repo")
     assert c["pretraining"]["run"]["training"]["deepspeed_config"] == "/repo/config/deepspeed/cpu.json"
+
+
+def test_shards_take_beir_documents_and_dpr_passages(tmp_path, smollm2_dir):
+    import gzip
+
+    from llmret.pretrain_data import load_shard, pairs_from_beir, pairs_from_dpr_wiki
+
+    corpus = tmp_path / "toy" / "corpus.jsonl"
+    corpus.parent.mkdir()
+    corpus.write_text(
+        json.dumps({"_id": "a", "text": "One two three four five six. Seven eight nine ten eleven twelve."}) + "\n"
+    )
+    dpr = tmp_path / "psgs.tsv.gz"
+    with gzip.open(dpr, "wt", encoding="utf-8") as f:
+        f.write("id\ttext\ttitle\n1\tFirst passage here.\tT\n2\tSecond passage here.\tT\n3\tThird one.\tT\n")
+    spec = pretraining.PretrainSpec(shards=1, max_text_length=16, min_words=4)
+    want = len(list(pairs_from_beir([corpus], min_words=4))) + len(list(pairs_from_dpr_wiki(dpr)))
+    assert want == 3
+    out = tmp_path / "shard-0.safetensors"
+    pretraining.make_shard([str(corpus)], str(smollm2_dir), 0, spec, str(out), dpr_paths=[str(dpr)])
+    assert len(load_shard(out)) == want
+    with pytest.raises(ValueError, match="no pretraining source"):
+        pretraining.make_shard([], str(smollm2_dir), 0, spec, str(tmp_path / "none.safetensors"))
+
+
+def test_a_run_needs_a_source_of_text():
+    c = base_config()
+    c["pretraining"]["run"]["corpora"] = []
+    cfg.complete(c)
+    with pytest.raises(cfg.ConfigError, match=r"pretraining\.run: no source of text"):
+        cfg.check(c)
+    c["pretraining"]["run"]["dpr_wiki"] = {"max_passages": 1000}
+    cfg.check(c)

@@ -48,3 +48,20 @@ def test_bar_plot_writes_png(tmp_path):
     t = pd.DataFrame({"system": ["bm25", "dense"], "a": [0.5, 0.7], "b": [0.3, 0.2]})
     tables.bar_plot(t, tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_column_table_takes_each_columns_own_metric():
+    cols = [{"dataset": "a", "metric": "mrr@10"}, {"dataset": "b", "metric": "ndcg@10", "label": "B nDCG"}]
+    t = tables.column_table(M, ["dense", "bm25"], cols)
+    assert list(t.columns) == ["system", "a mrr@10", "B nDCG"]
+    assert t.to_dict("records") == [
+        {"system": "dense", "a mrr@10": 0.6, "B nDCG": 0.2},
+        {"system": "bm25", "a mrr@10": 0.4, "B nDCG": 0.3},
+    ]
+
+
+def test_column_table_names_a_missing_metric():
+    import pytest
+
+    with pytest.raises(KeyError, match="recall@1000"):
+        tables.column_table(M, ["bm25"], [{"dataset": "a", "metric": "recall@1000"}])

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import LAUNCHER_VARS, tiny_llama_config
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -36,10 +37,9 @@ from llmret.training import (
     train,
 )
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "clean_process_state")
 
 ROOT = Path(__file__).resolve().parents[1]
-LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
 STEP_FIELDS = {"step", "loss", "loss_mse", "loss_l1", "lr", "tokens_per_s", "elapsed_s"}
 
 
@@ -169,24 +169,6 @@ def _script(out_root: str) -> None:
 
 
 # --------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module", autouse=True)
-def restore_process_state():
-    """train() in this process sets launcher variables and starts a gloo group; undo both so
-    later tests (and their subprocesses) do not inherit a RANK/MASTER_PORT already in use."""
-    names = (*LAUNCHER_VARS, "TORCH_EXTENSIONS_DIR")
-    saved = {k: os.environ.get(k) for k in names}
-    yield
-    import torch.distributed as td
-
-    if td.is_available() and td.is_initialized():
-        td.destroy_process_group()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def _launch(out_root: Path, hang_after: int = 0) -> subprocess.Popen:
@@ -370,20 +352,10 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
 
 
 def _tiny_llama(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        attn_implementation="eager",
-    )
-    return LlamaForCausalLM(cfg)
+    return LlamaForCausalLM(tiny_llama_config(max_position_embeddings=64, attn_implementation="eager"))
 
 
 class Tokens(Dataset):
@@ -476,22 +448,13 @@ PAIRS = [
 def test_llara_model_trains_end_to_end(tmp_path, smollm2_dir):
     """LlaraModel over a tiny random Llama, real tokenizer and JointBatch: both losses logged,
     LM + head saved by save_llara with the tokenizer."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaForCausalLM
 
     from llmret.llara import PAD, LlaraModel, LlaraObjective, build_training_batch
 
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        attn_implementation="sdpa",
-        tie_word_embeddings=True,
-    )
+    cfg = tiny_llama_config(len(tok), attn_implementation="sdpa", tie_word_embeddings=True)
     objective = LlaraObjective(max_text_length=16)
     model = LlaraModel(LlamaForCausalLM(cfg), objective, head="copy")
 

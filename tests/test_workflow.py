@@ -58,7 +58,7 @@ def smoke_run(tmp_path_factory, mirror_url):
 def test_table_has_every_system_and_dataset(smoke_run):
     workdir, _ = smoke_run
     table = pd.read_csv(workdir / "results" / "beir_table.csv")
-    assert list(table["system"]) == ["bm25", "smollm2-135m", "llara", "minilm-l6"]
+    assert list(table["system"]) == ["bm25", "smollm2-135m", "llara", "base-ft", "llara-ft", "minilm-l6"]
     assert list(table.columns) == ["system", "scifact", "msmarco-dl19-5k", "avg"]
     values = table[["scifact", "msmarco-dl19-5k"]].to_numpy()
     assert ((values > 0) & (values <= 1)).all()
@@ -114,6 +114,48 @@ def test_llara_pretraining_outputs(smoke_run):
     assert (workdir / "results" / "plots" / "llara-smollm2_loss.png").is_file()
 
 
+def test_mined_negatives_and_finetuned_models(smoke_run):
+    workdir, _ = smoke_run
+    from llmret import beir, mining
+
+    qrels = beir.load_qrels(workdir / "results" / "data" / "scifact" / "train" / "qrels.tsv")
+    records = mining.read_tevatron(workdir / "results" / "mining" / "scifact-minilm" / "negatives.jsonl")
+    assert 0 < len(records) <= 32
+    for r in records:
+        negatives = {p["docid"] for p in r["negative_passages"]}
+        assert negatives and not negatives & set(qrels[r["query_id"]])
+        assert {p["docid"] for p in r["positive_passages"]} == set(qrels[r["query_id"]])
+        assert len(negatives) <= 8
+    for run in ("base-ft-smollm2", "llara-ft-smollm2"):
+        model = workdir / "results" / "models" / run
+        adapter = workdir / "results" / "adapters" / run
+        assert (model / "model.safetensors").is_file() and (adapter / "adapter_model.safetensors").is_file()
+        assert not [p for p in (*model.rglob("*"), *adapter.rglob("*")) if p.suffix in (".bin", ".pt", ".pth")]
+        logged = [json.loads(line) for line in (workdir / "results" / "train_logs" / f"{run}.jsonl").open()]
+        assert [r["step"] for r in logged if "loss" in r][-1] == 3
+        assert (workdir / "results" / "plots" / f"{run}_loss.png").is_file()
+    table = pd.read_csv(workdir / "results" / "msmarco_table.csv")
+    assert list(table.columns) == ["system", "DL19 nDCG@10", "DL19 MRR@10", "DL19 R@1000"]
+    assert list(table["system"]) == ["bm25", "smollm2-135m", "base-ft", "llara", "llara-ft", "minilm-l6"]
+    beir_dl19 = pd.read_csv(workdir / "results" / "beir_table.csv").set_index("system")["msmarco-dl19-5k"]
+    for _, row in table.iterrows():
+        assert row["DL19 nDCG@10"] == pytest.approx(beir_dl19[row["system"]], abs=1e-3)
+
+
+def test_finetuning_change_retrains_without_remining(smoke_run, tmp_path):
+    workdir, mirror = smoke_run
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text("finetuning:\n  llara-ft-smollm2:\n    training:\n      learning_rate: 2.0e-4\n")
+    out = snakemake(workdir, "-n", "--configfile", str(SMOKE), str(overlay), "--config", f"mirror={mirror}")
+    jobs = _planned_jobs(out.stdout + out.stderr)
+    rules = {r for r, _ in jobs}
+    assert {"finetune", "encode", "evaluate", "beir_table", "msmarco_table"} <= rules
+    assert not rules & {"mine_negatives", "dense_search_train", "prepare_train_split", "llara_pretrain", "llara_shard"}
+    for rule, wc in jobs:
+        if rule in ("finetune", "encode", "faiss_index", "dense_search", "evaluate"):
+            assert "llara-ft" in wc, (rule, wc)
+
+
 def test_learning_rate_change_retrains_without_retokenizing(smoke_run, tmp_path):
     workdir, mirror = smoke_run
     overlay = tmp_path / "overlay.yaml"
@@ -146,14 +188,26 @@ def _planned_jobs(text: str) -> list[tuple[str, str]]:
 def test_changed_setting_reruns_only_what_depends_on_it(smoke_run, tmp_path):
     workdir, mirror = smoke_run
     overlay = tmp_path / "overlay.yaml"
-    overlay.write_text("systems:\n  minilm-l6:\n    max_passage_length: 96\n")
+    overlay.write_text("systems:\n  smollm2-135m:\n    max_passage_length: 48\n")
     out = snakemake(workdir, "-n", "--configfile", str(SMOKE), str(overlay), "--config", f"mirror={mirror}")
     jobs = _planned_jobs(out.stdout + out.stderr)
     rules = {r for r, _ in jobs}
-    assert rules == {"encode", "faiss_index", "dense_search", "evaluate", "beir_table", "plot_table", "all"}
+    tables = {"beir_table", "msmarco_table", "plot_table", "all"}
+    assert rules == {"encode", "faiss_index", "dense_search", "evaluate"} | tables
     for rule, wc in jobs:
         if rule in ("encode", "faiss_index", "dense_search", "evaluate"):
-            assert "system=minilm-l6" in wc, (rule, wc)
+            assert "system=smollm2-135m" in wc, (rule, wc)
+
+
+def test_mining_retriever_change_remines_and_retrains(smoke_run, tmp_path):
+    """MiniLM mines the negatives: changing how it encodes passages reaches fine-tuning."""
+    workdir, mirror = smoke_run
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text("systems:\n  minilm-l6:\n    max_passage_length: 96\n")
+    out = snakemake(workdir, "-n", "--configfile", str(SMOKE), str(overlay), "--config", f"mirror={mirror}")
+    rules = {r for r, _ in _planned_jobs(out.stdout + out.stderr)}
+    assert {"dense_search_train", "mine_negatives", "finetune"} <= rules
+    assert not rules & {"llara_pretrain", "prepare_train_split", "bm25_index"}
 
 
 def test_mirror_change_does_not_rerun_downloads(smoke_run):
@@ -206,5 +260,25 @@ def test_report_holds_tables_and_plot(smoke_run):
     report = workdir / "report.html"
     snakemake(workdir, "--report", str(report), "--configfile", str(SMOKE), "--config", f"mirror={mirror}")
     html = report.read_text(encoding="utf-8")
-    for name in ("beir_table.csv", "beir_table_full.csv", "beir_table.png"):
+    for name in ("beir_table.csv", "beir_table_full.csv", "beir_table.png", "msmarco_table.csv"):
         assert name in html
+
+
+@pytest.mark.parametrize(("max_passages", "rule"), [(5000, "stream_dpr_wiki"), (None, "download_dpr_wiki")])
+def test_dpr_wikipedia_pretraining_source_in_the_dag(tmp_path, max_passages, rule):
+    """A run on DPR's Wikipedia streams a prefix or downloads the whole file, then shards it."""
+    overlay = tmp_path / "dpr.yaml"
+    overlay.write_text(
+        "pretraining:\n  llara-smollm2:\n    corpora: []\n"
+        f"    dpr_wiki: {{max_passages: {'null' if max_passages is None else max_passages}}}\n"
+    )
+    out = snakemake(
+        tmp_path / "w", "-n", "results/shards/llara-smollm2/manifest.json", "--configfile", str(SMOKE), str(overlay)
+    )
+    jobs = _planned_jobs(out.stdout + out.stderr)
+    rules = [r for r, _ in jobs]
+    assert rule in rules and rules.count("llara_shard") == 2
+    assert not {"stream_dpr_wiki", "download_dpr_wiki"} - {rule} & set(rules)
+    assert "prepare_dataset" not in rules  # no BEIR corpus is read
+    if max_passages:
+        assert f"resources/pretraining/dpr-wiki-first{max_passages}.tsv" in out.stdout

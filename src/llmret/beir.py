@@ -278,16 +278,7 @@ def _atomic_write(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def write_dataset(ds: Dataset, folder: str | Path, meta: dict | None = None) -> None:
-    """Write ``corpus.jsonl``, ``queries.jsonl``, ``qrels.tsv`` (BEIR formats) and
-    ``dataset.json`` (counts and how the copy was made) into ``folder``."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-
-    def corpus(f):
-        for i, t, x in zip(ds.corpus.ids, ds.corpus.titles, ds.corpus.texts, strict=True):
-            f.write(json.dumps({"_id": i, "title": t, "text": x}, ensure_ascii=False) + "\n")
-
+def _write_queries_qrels(ds: Dataset, folder: Path) -> None:
     def queries(f):
         for q, text in ds.queries.items():
             f.write(json.dumps({"_id": q, "text": text}, ensure_ascii=False) + "\n")
@@ -298,12 +289,95 @@ def write_dataset(ds: Dataset, folder: str | Path, meta: dict | None = None) -> 
             for d, rel in judged.items():
                 f.write(f"{q}\t{d}\t{rel}\n")
 
-    _atomic_write(folder / "corpus.jsonl", corpus)
     _atomic_write(folder / "queries.jsonl", queries)
     _atomic_write(folder / "qrels.tsv", qrels)
+
+
+def write_dataset(ds: Dataset, folder: str | Path, meta: dict | None = None) -> None:
+    """Write ``corpus.jsonl``, ``queries.jsonl``, ``qrels.tsv`` (BEIR formats) and
+    ``dataset.json`` (counts and how the copy was made) into ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def corpus(f):
+        for i, t, x in zip(ds.corpus.ids, ds.corpus.titles, ds.corpus.texts, strict=True):
+            f.write(json.dumps({"_id": i, "title": t, "text": x}, ensure_ascii=False) + "\n")
+
+    _atomic_write(folder / "corpus.jsonl", corpus)
+    _write_queries_qrels(ds, folder)
     info = {**stats(ds), **(meta or {})}
     _atomic_write(folder / "dataset.json", lambda f: json.dump(info, f, indent=2))
 
 
 def subsample_record(spec: Subsample, before: Dataset, after: Dataset) -> dict:
     return {"subsample": asdict(spec) if spec.active else None, "original": stats(before)}
+
+
+@dataclass(frozen=True)
+class TrainSplit:
+    """A labelled training split of a BEIR folder (``datasets.{name}.train``)."""
+
+    split: str = "train"
+    max_queries: int | None = None  # a seeded sample of the queries with a positive, for presets
+    seed: int = 13
+
+    def __post_init__(self) -> None:
+        if self.max_queries is not None and self.max_queries < 1:
+            raise ValueError(f"max_queries must be >= 1, got {self.max_queries}")
+
+
+def prepare_train_split(folder: str | Path, spec: TrainSplit, eval_split: str, out_dir: str | Path) -> dict:
+    """Training queries and their positives, checked and written as ``queries.jsonl``,
+    ``qrels.tsv`` and ``split.json`` in ``out_dir``.
+
+    Only judgments with a grade above 0 are kept (they are the positives; negatives come from
+    mining). Every judged document must exist in the corpus and every judged query in the
+    queries file. A query that is also judged in the evaluation split is an error: training
+    on it would leak test labels into the table.
+    """
+    folder = Path(folder)
+    qrels_path = folder / "qrels" / f"{spec.split}.tsv"
+    eval_path = folder / "qrels" / f"{eval_split}.tsv"
+    for p in (folder / "corpus.jsonl", folder / "queries.jsonl", qrels_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"BEIR dataset {folder}: missing {p.relative_to(folder)} (training split)")
+    qrels = load_qrels(qrels_path)
+    positives = {q: {d: r for d, r in judged.items() if r > 0} for q, judged in qrels.items()}
+    positives = {q: judged for q, judged in positives.items() if judged}
+    if not positives:
+        raise BeirFormatError(f"{qrels_path}: no judgment with a grade above 0")
+    queries = load_queries(folder / "queries.jsonl")
+    unknown_q = sorted(q for q in positives if q not in queries)
+    if unknown_q:
+        raise BeirFormatError(f"{qrels_path}: {len(unknown_q)} query ids not in queries.jsonl (e.g. {unknown_q[:3]})")
+    needed = {d for judged in positives.values() for d in judged}
+    found = {doc_id for doc_id, _, _ in iter_corpus(folder / "corpus.jsonl") if doc_id in needed}
+    missing = sorted(needed - found)
+    if missing:
+        raise BeirFormatError(
+            f"{qrels_path}: {len(missing)} positive document ids not in corpus.jsonl (e.g. {missing[:3]})"
+        )
+    if eval_path.is_file() and eval_path != qrels_path:
+        overlap = sorted(set(positives) & set(load_qrels(eval_path)))
+        if overlap:
+            raise BeirFormatError(
+                f"{qrels_path}: {len(overlap)} training queries are judged in the evaluation split {eval_path} "
+                f"too (e.g. {overlap[:3]}); training on them would leak test labels"
+            )
+    qids = sorted(positives)
+    if spec.max_queries is not None and spec.max_queries < len(qids):
+        qids = sorted(random.Random(spec.seed).sample(qids, spec.max_queries))
+    kept = Dataset(corpus=Corpus(), queries={q: queries[q] for q in qids}, qrels={q: positives[q] for q in qids})
+    info = {
+        "split": spec.split,
+        "queries": len(qids),
+        "positives": sum(len(kept.qrels[q]) for q in qids),
+        "original": {"queries": len(positives), "positives": sum(len(j) for j in positives.values())},
+        "subsample": asdict(spec) if spec.max_queries is not None else None,
+    }
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_queries_qrels(kept, out_dir)
+    _atomic_write(out_dir / "split.json", lambda f: json.dump(info, f, indent=2))
+    log.info("training split %s of %s: %s", spec.split, folder, info)
+    return info

@@ -17,6 +17,8 @@ T = TypeVar("T")
 
 MIRROR_ENV = "LLMRET_MIRROR"
 SYSTEM_TYPES = ("bm25", "dense")
+# Settings a dense system must share with the fine-tuning run whose model it encodes with.
+ENCODER_KEYS_FROM_TRAINING = ("query_template", "passage_template", "append_eos", "pooling", "normalize")
 
 
 class ConfigError(ValueError):
@@ -36,6 +38,7 @@ def check(config: Mapping) -> None:
     models = config.get("models") or {}
     systems = config.get("systems") or {}
     pretraining = config.get("pretraining") or {}
+    finetuning = config.get("finetuning") or {}
     if not datasets:
         raise ConfigError("datasets: at least one dataset is needed")
     if not systems:
@@ -48,22 +51,33 @@ def check(config: Mapping) -> None:
         kind = sys_cfg.get("type")
         if kind not in SYSTEM_TYPES:
             raise ConfigError(f"systems.{name}.type: must be one of {SYSTEM_TYPES}, got {kind!r}")
-        if kind == "dense" and sys_cfg.get("model") not in {**models, **pretraining}:
+        if kind == "dense" and sys_cfg.get("model") not in {**models, **pretraining, **finetuning}:
             raise ConfigError(
-                f"systems.{name}.model: {sys_cfg.get('model')!r} is neither in models ({sorted(models)}) "
-                f"nor in pretraining ({sorted(pretraining)})"
+                f"systems.{name}.model: {sys_cfg.get('model')!r} is not in models ({sorted(models)}), "
+                f"pretraining ({sorted(pretraining)}) or finetuning ({sorted(finetuning)})"
             )
+        if kind == "dense" and sys_cfg.get("model") in finetuning:
+            run = sys_cfg["model"]
+            for key in ENCODER_KEYS_FROM_TRAINING:
+                if key in sys_cfg and key in finetuning[run] and sys_cfg[key] != finetuning[run][key]:
+                    raise ConfigError(
+                        f"systems.{name}.{key}: {sys_cfg[key]!r} differs from finetuning.{run}.{key} "
+                        f"{finetuning[run][key]!r}; the model was trained to be used with the latter"
+                    )
+    _check_training_sections(config)
     for run, run_cfg in pretraining.items():
-        if run in models:
-            raise ConfigError(f"pretraining.{run}: a model has the same name; checkpoints would be ambiguous")
         if run_cfg.get("model") not in models:
             raise ConfigError(f"pretraining.{run}.model: {run_cfg.get('model')!r} is not in models ({sorted(models)})")
+        if not run_cfg.get("corpora") and "dpr_wiki" not in run_cfg:
+            raise ConfigError(f"pretraining.{run}: no source of text; set corpora, dpr_wiki, or both")
         for d in run_cfg.get("corpora") or []:
             if d not in datasets:
                 raise ConfigError(f"pretraining.{run}.corpora: {d!r} is not in datasets ({sorted(datasets)})")
-    for name in list(datasets) + list(systems):
+    for name in (
+        list(datasets) + list(systems) + list(pretraining) + list(finetuning) + list(config.get("mining") or {})
+    ):
         if "/" in name or name != name.strip() or not name:
-            raise ConfigError(f"{name!r}: dataset and system names become file names; no '/' or spaces")
+            raise ConfigError(f"{name!r}: dataset, system, run and mining names become file names; no '/' or spaces")
     table = config.get("table") or {}
     for d in table.get("datasets") or []:
         if d not in datasets:
@@ -76,13 +90,68 @@ def check(config: Mapping) -> None:
         raise ConfigError(f"evaluation.baseline: {baseline!r} is not among the table's systems {table_systems(config)}")
 
 
+def _check_training_sections(config: Mapping) -> None:
+    """Mining and fine-tuning name datasets, systems, models and runs: all must exist, and
+    the checkpoint names of models, pretraining and fine-tuning runs must not collide."""
+    datasets = config.get("datasets") or {}
+    models = config.get("models") or {}
+    systems = config.get("systems") or {}
+    pretraining = config.get("pretraining") or {}
+    mining = config.get("mining") or {}
+    finetuning = config.get("finetuning") or {}
+    for run in pretraining:
+        if run in models:
+            raise ConfigError(f"pretraining.{run}: a model has the same name; checkpoints would be ambiguous")
+    for run in finetuning:
+        if run in models or run in pretraining:
+            raise ConfigError(f"finetuning.{run}: a model or pretraining run has the same name")
+    for name, m in mining.items():
+        ds = m.get("dataset")
+        if ds not in datasets:
+            raise ConfigError(f"mining.{name}.dataset: {ds!r} is not in datasets ({sorted(datasets)})")
+        if not datasets[ds].get("train"):
+            raise ConfigError(f"mining.{name}.dataset: datasets.{ds} has no train split (add `train: {{}}`)")
+        if m.get("retriever") not in systems:
+            raise ConfigError(f"mining.{name}.retriever: {m.get('retriever')!r} is not in systems ({sorted(systems)})")
+        lo, hi, depth = m.get("rank_from", 1), m.get("rank_to", 1), m.get("depth", 1)
+        if not lo <= hi <= depth:
+            raise ConfigError(f"mining.{name}: need rank_from <= rank_to <= depth, got {lo}, {hi}, {depth}")
+    for run, r in finetuning.items():
+        if r.get("model") not in {**models, **pretraining}:
+            raise ConfigError(
+                f"finetuning.{run}.model: {r.get('model')!r} is neither in models ({sorted(models)}) "
+                f"nor in pretraining ({sorted(pretraining)})"
+            )
+        if r.get("negatives") not in mining:
+            raise ConfigError(f"finetuning.{run}.negatives: {r.get('negatives')!r} is not in mining ({sorted(mining)})")
+    msmarco = config.get("msmarco_table")
+    if msmarco:
+        for s in msmarco.get("systems") or []:
+            if s not in systems:
+                raise ConfigError(f"msmarco_table.systems: {s!r} is not in systems ({sorted(systems)})")
+        metrics = (config.get("evaluation") or {}).get("metrics")
+        for i, col in enumerate(msmarco["columns"]):
+            if col["dataset"] not in datasets:
+                raise ConfigError(f"msmarco_table.columns[{i}].dataset: {col['dataset']!r} is not in datasets")
+            if metrics is not None and col["metric"] not in metrics:
+                raise ConfigError(
+                    f"msmarco_table.columns[{i}].metric: {col['metric']!r} is not in evaluation.metrics {metrics}"
+                )
+
+
+def training_runs(config: Mapping) -> list[dict]:
+    """The ``training`` sections of every pretraining and fine-tuning run."""
+    runs = list((config.get("pretraining") or {}).values()) + list((config.get("finetuning") or {}).values())
+    return [r["training"] for r in runs if "training" in r]
+
+
 def resolve_paths(config: dict, basedir: str) -> None:
     """Relative file settings that do not exist from the working directory (a run with
     ``--directory``) are taken relative to the workflow (``config/deepspeed/cpu.json``)."""
-    for run in (config.get("pretraining") or {}).values():
-        path = run["training"]["deepspeed_config"]
+    for training in training_runs(config):
+        path = training["deepspeed_config"]
         if not os.path.isabs(path) and not os.path.exists(path):
-            run["training"]["deepspeed_config"] = os.path.join(basedir, path)
+            training["deepspeed_config"] = os.path.join(basedir, path)
 
 
 def table_systems(config: Mapping) -> list[str]:

@@ -327,6 +327,20 @@ def _open_source(source: str, local: Path | None, dest: Path, timeout: float) ->
         yield f, os.fstat(f.fileno()).st_size
 
 
+@contextmanager
+def open_stream(source: str, timeout: float = 60.0) -> Iterator[BinaryIO]:
+    """A binary stream of *source* (path, ``file://`` or ``http(s)://``), for readers that
+    take only a prefix of a large file (a preset streaming the first N DPR passages) and so
+    cannot verify a whole-file checksum. HTTP and file errors raise :class:`DownloadError`
+    naming the source."""
+    try:
+        local = _local_path(source)
+        with _open_source(source, local, Path("."), timeout) as (stream, _):
+            yield stream
+    except (_FatalError, _TransientError) as e:
+        raise DownloadError(f"{source}: {e}") from e
+
+
 def fetch(
     source: str,
     dest: str | Path,

@@ -1,17 +1,34 @@
-"""Dense vectors on disk and exact inner-product search with FAISS.
+"""Dense vectors on disk and inner-product search with FAISS.
 
 Embeddings are stored as ``.npy`` (float32) next to a text file of ids, one per line, so
 any tool can read them; the FAISS index is a separate cached artifact built from them.
+The index type is a setting (:class:`IndexSpec`): exact ``flat`` search for small corpora,
+``ivf`` or ``hnsw`` for millions of passages. Every type uses the inner-product metric
+(cosine, since the encoders L2-normalise), and an index on disk is always a CPU index so
+any machine can read it.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
+
+from .config import settings
+
+log = logging.getLogger(__name__)
+
+INDEX_TYPES = ("flat", "ivf", "hnsw")
+# FAISS k-means wants about this many training points per centroid; fewer and it warns
+# that the clustering is unreliable (and it fails outright with fewer points than lists).
+MIN_POINTS_PER_LIST = 39
+# Largest k (and nprobe) that FAISS's GPU selection kernels support.
+GPU_MAX_K = 2048
 
 
 def save_embeddings(vectors: np.ndarray, ids: Sequence[str], npy_path: str | Path, ids_path: str | Path) -> None:
@@ -35,18 +52,169 @@ def load_embeddings(npy_path: str | Path, ids_path: str | Path) -> tuple[np.ndar
     return vectors, ids
 
 
-def build_flat_ip(vectors: np.ndarray):
-    """Exact inner-product index (cosine when the vectors are L2-normalised)."""
+@dataclass(frozen=True)
+class IndexSpec:
+    """How the document index is built and searched (the ``index`` config section)."""
+
+    type: str = "flat"  # "flat" | "ivf" | "hnsw"
+    nlist: int = 1024  # ivf: number of lists, capped at vectors // 39
+    nprobe: int = 32  # ivf: lists searched per query
+    hnsw_m: int = 32  # hnsw: neighbours per node
+    ef_construction: int = 200  # hnsw: candidate list size while building
+    ef_search: int = 256  # hnsw: candidate list size while searching
+    use_gpu: bool = True  # flat and ivf go to a GPU when FAISS sees one; hnsw stays on CPU
+    seed: int = 13  # ivf k-means seed, so builds are reproducible
+
+    def __post_init__(self) -> None:
+        if self.type not in INDEX_TYPES:
+            raise ValueError(f"index type must be one of {INDEX_TYPES}, got {self.type!r}")
+        for name, minimum in (
+            ("nlist", 1),
+            ("nprobe", 1),
+            ("hnsw_m", 2),
+            ("ef_construction", 1),
+            ("ef_search", 1),
+            ("seed", -(2**31)),  # any C int
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                raise ValueError(f"index {name} must be an integer >= {minimum}, got {value!r}")
+        if not isinstance(self.use_gpu, bool):
+            raise ValueError(f"index use_gpu must be true or false, got {self.use_gpu!r}")
+
+    @classmethod
+    def from_config(cls, cfg: Mapping) -> IndexSpec:
+        return settings(cls, cfg, "index settings")
+
+
+def _gpu_available() -> bool:
     import faiss
 
-    index = faiss.IndexFlatIP(vectors.shape[1])
-    index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def _to_gpu(index):
+    """Copy ``index`` to GPU 0 (one GPU: shards and replicas would complicate search settings)."""
+    import faiss
+
+    res = faiss.StandardGpuResources()
+    gpu_index = faiss.index_cpu_to_gpu(res, 0, index)
+    gpu_index.referenced_objects = [res]  # the resources must outlive the index
+    return gpu_index
+
+
+def _is_gpu(index) -> bool:
+    return type(index).__name__.startswith("Gpu")
+
+
+def _ivf_lists(requested: int, n: int) -> int:
+    """``requested`` capped so every list gets enough k-means training points."""
+    cap = max(1, n // MIN_POINTS_PER_LIST)
+    if requested > cap:
+        log.warning(
+            "ivf nlist %d is too many for %d vectors (FAISS needs ~%d per list); using %d",
+            requested,
+            n,
+            MIN_POINTS_PER_LIST,
+            cap,
+        )
+        return cap
+    return requested
+
+
+def build_index(vectors: np.ndarray, spec: IndexSpec | None = None):
+    """Build and fill an inner-product index of the type ``spec`` names, ready to search."""
+    import faiss
+
+    spec = spec or IndexSpec()
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"need a non-empty 2-D array of vectors, got shape {x.shape}")
+    n, dim = x.shape
+    gpu = spec.use_gpu and spec.type != "hnsw" and _gpu_available()
+    if spec.type == "flat":
+        index = _to_gpu(faiss.IndexFlatIP(dim)) if gpu else faiss.IndexFlatIP(dim)
+    elif spec.type == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, spec.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = spec.ef_construction
+    else:
+        nlist = _ivf_lists(spec.nlist, n)
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed = spec.seed
+        if gpu:
+            # k-means assignments dominate training; run them on the GPU, keep the CPU
+            # training loop (same seed and centroids as a CPU build).
+            assigner = _to_gpu(faiss.IndexFlatIP(dim))
+            index.clustering_index = assigner
+            index.train(x)
+            index.clustering_index = None
+            index = _to_gpu(index)
+        else:
+            index.train(x)
+    index.add(x)
+    configure_search(index, spec)
+    log.info("built index %s", describe_index(index))
     return index
 
 
-def write_index(index, path: str | Path) -> None:
+def build_flat_ip(vectors: np.ndarray):
+    """Exact inner-product index on CPU (cosine when the vectors are L2-normalised)."""
+    return build_index(vectors, IndexSpec(type="flat", use_gpu=False))
+
+
+def configure_search(index, spec: IndexSpec):
+    """Apply the search-time settings of ``spec`` to whatever type ``index`` is.
+
+    They are not part of the build, so an index read from disk needs them again; settings
+    that do not concern the index's type are ignored. Returns ``index``.
+    """
     import faiss
 
+    if hasattr(index, "nprobe"):  # IndexIVF and GpuIndexIVF
+        nprobe = min(spec.nprobe, _nlist(index))
+        if _is_gpu(index):
+            nprobe = min(nprobe, GPU_MAX_K)
+        index.nprobe = nprobe
+    elif isinstance(index, faiss.IndexHNSW):
+        index.hnsw.efSearch = spec.ef_search
+    return index
+
+
+def _nlist(index) -> int:
+    return int(index.nlist if hasattr(index, "nlist") else index.getNumLists())
+
+
+def describe_index(index) -> dict:
+    """Type, size and search settings of an index, small enough for a run file's header."""
+    import faiss
+
+    info: dict = {
+        "type": type(index).__name__,
+        "ntotal": int(index.ntotal),
+        "dim": int(index.d),
+        "metric": "inner_product" if index.metric_type == faiss.METRIC_INNER_PRODUCT else "l2",
+        "gpu": _is_gpu(index),
+    }
+    if hasattr(index, "nprobe"):
+        info.update(type="ivf", nlist=_nlist(index), nprobe=int(index.nprobe))
+    elif isinstance(index, faiss.IndexHNSW):
+        info.update(
+            type="hnsw",
+            hnsw_m=int(index.hnsw.nb_neighbors(1)),
+            ef_construction=int(index.hnsw.efConstruction),
+            ef_search=int(index.hnsw.efSearch),
+        )
+    elif "Flat" in info["type"]:
+        info["type"] = "flat"
+    return info
+
+
+def write_index(index, path: str | Path) -> None:
+    """Write atomically; a GPU index is copied to CPU first so any machine can read it."""
+    import faiss
+
+    if _is_gpu(index):
+        index = faiss.index_gpu_to_cpu(index)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -54,10 +222,16 @@ def write_index(index, path: str | Path) -> None:
     os.replace(tmp, path)
 
 
-def read_index(path: str | Path):
+def read_index(path: str | Path, spec: IndexSpec | None = None):
+    """Read an index; with ``spec``, move it to a GPU as a build would and apply its search settings."""
     import faiss
 
-    return faiss.read_index(str(path))
+    index = faiss.read_index(str(path))
+    if spec is not None:
+        if spec.use_gpu and not isinstance(index, faiss.IndexHNSW) and _gpu_available():
+            index = _to_gpu(index)
+        configure_search(index, spec)
+    return index
 
 
 def search(
@@ -68,11 +242,20 @@ def search(
     k: int = 1000,
     batch_size: int = 256,
     show_progress: bool = True,
+    spec: IndexSpec | None = None,
 ) -> dict[str, list[tuple[str, float]]]:
-    """Top-k documents per query, best first; k is capped at the corpus size."""
+    """Top-k documents per query, best first; k is capped at the corpus size.
+
+    With ``spec`` its search settings (nprobe, ef_search) are applied first; without it the
+    index searches with the settings it already has.
+    """
     if index.ntotal != len(doc_ids):
         raise ValueError(f"index holds {index.ntotal} vectors but {len(doc_ids)} document ids were given")
+    if spec is not None:
+        configure_search(index, spec)
     k = min(k, index.ntotal)
+    if _is_gpu(index) and k > GPU_MAX_K:
+        raise ValueError(f"a GPU index returns at most {GPU_MAX_K} results per query, {k} were asked for")
     q = np.ascontiguousarray(query_vectors, dtype=np.float32)
     out: dict[str, list[tuple[str, float]]] = {}
     for start in tqdm(range(0, len(query_ids), batch_size), desc="search", mininterval=5.0, disable=not show_progress):

@@ -139,16 +139,16 @@ def _text_source(source: PathLike | IO[bytes]) -> tuple[io.TextIOWrapper, str, C
     return text, name, release
 
 
-def pairs_from_dpr_wiki(source: PathLike | IO[bytes], max_passages: int | None = None) -> Iterator[Pair]:
-    """Pairs (passage i, passage i+1) of each article in DPR's ``psgs_w100.tsv(.gz)``.
+def iter_dpr_passages(
+    source: PathLike | IO[bytes], max_passages: int | None = None
+) -> Iterator[tuple[int, str, str, str]]:
+    """(line, id, text, title) of each passage in DPR's ``psgs_w100.tsv(.gz)``, in file order.
 
     ``source`` is a path or an open binary stream (e.g. an HTTP response body, so the 4.7 GB
     file is read once without being stored); gzip is detected from the content. The file is
     TSV with header ``id text title`` and csv quoting (text in double quotes, ``""`` inside),
-    so it is parsed with :mod:`csv`, never split on tabs. Passages of one article are
-    consecutive and share a title; a pair never crosses articles. Reading stops after
-    ``max_passages`` passages. Pair ids are ``dpr-wiki:{id of passage i}``. A malformed line
-    raises ValueError naming the file and line.
+    so it is parsed with :mod:`csv`, never split on tabs. Reading stops after
+    ``max_passages`` passages. A malformed line raises ValueError naming the file and line.
     """
     if max_passages is not None and max_passages < 0:
         raise ValueError(f"max_passages must be >= 0, got {max_passages}")
@@ -158,7 +158,6 @@ def pairs_from_dpr_wiki(source: PathLike | IO[bytes], max_passages: int | None =
         # Not strict, like DPR's own reader: a stray quote inside a title is kept, not fatal.
         reader = csv.reader(text_stream, delimiter="\t", quotechar='"')
         read = 0
-        prev: tuple[str, str, str] | None = None  # (id, text, title) of the last passage
         while max_passages is None or read < max_passages:
             lineno = reader.line_num + 1  # first physical line of the next record
             try:
@@ -181,11 +180,58 @@ def pairs_from_dpr_wiki(source: PathLike | IO[bytes], max_passages: int | None =
             if not pid:
                 raise ValueError(f"{name}:{lineno}: empty passage id")
             read += 1
-            if prev is not None and prev[2] == title and prev[1] and text:
-                yield Pair(f"dpr-wiki:{prev[0]}", prev[1], text)
-            prev = (pid, text, title)
+            yield lineno, pid, text, title
     finally:
         release()
+
+
+def pairs_from_dpr_wiki(source: PathLike | IO[bytes], max_passages: int | None = None) -> Iterator[Pair]:
+    """Pairs (passage i, passage i+1) of each article in DPR's ``psgs_w100.tsv(.gz)``.
+
+    Passages of one article are consecutive and share a title; a pair never crosses
+    articles. Pair ids are ``dpr-wiki:{id of passage i}``. Reading as in
+    :func:`iter_dpr_passages`.
+    """
+    prev: tuple[str, str, str] | None = None  # (id, text, title) of the last passage
+    for _, pid, text, title in iter_dpr_passages(source, max_passages):
+        if prev is not None and prev[2] == title and prev[1] and text:
+            yield Pair(f"dpr-wiki:{prev[0]}", prev[1], text)
+        prev = (pid, text, title)
+
+
+def fetch_dpr_prefix(source: str, out_path: PathLike, max_passages: int, timeout: float = 60.0) -> dict[str, Any]:
+    """Stream the first ``max_passages`` passages of DPR's Wikipedia file from ``source`` (URL,
+    ``file://`` or path; gzip or plain) into a plain TSV at ``out_path``, without
+    downloading the rest.
+
+    A prefix cannot be checked against the whole file's published checksum, so the sha256
+    of what was written is returned (the workflow records it next to the file); the TSV is
+    re-parsed by :func:`iter_dpr_passages` like the original. Written atomically: a failed
+    or interrupted stream leaves nothing.
+    """
+    from .download import open_stream
+
+    if max_passages < 1:
+        raise ValueError(f"max_passages must be >= 1, got {max_passages}")
+
+    def write(tmp: Path) -> None:
+        with open_stream(source, timeout) as stream, open(tmp, "w", encoding="utf-8", newline="") as out:
+            writer = csv.writer(out, delimiter="\t", quotechar='"', lineterminator="\n")
+            writer.writerow(DPR_HEADER)
+            n = 0
+            for _, pid, text, title in iter_dpr_passages(stream, max_passages):
+                writer.writerow([pid, text, title])
+                n += 1
+            if n < max_passages:
+                raise ValueError(f"{source}: holds {n} passages, fewer than max_passages={max_passages}")
+
+    _publish(write, out_path)
+    return {
+        "source": source,
+        "passages": max_passages,
+        "sha256": _file_sha256(Path(out_path)),
+        "note": "first passages streamed; the whole file's checksum does not apply to a prefix",
+    }
 
 
 # --------------------------------------------------------------------------- sharding
@@ -621,6 +667,8 @@ __all__ = [
     "collate",
     "load_shard",
     "pairs_from_beir",
+    "fetch_dpr_prefix",
+    "iter_dpr_passages",
     "pairs_from_dpr_wiki",
     "read_manifest",
     "shard_of",

@@ -40,15 +40,29 @@ class PretrainSpec:
         )
 
 
-def make_shard(corpus_paths: Sequence[str], model_dir: str, shard: int, spec: PretrainSpec, out_path: str) -> dict:
-    """Tokenize this shard's share of the (text, next text) pairs of the BEIR corpora."""
+def make_shard(
+    corpus_paths: Sequence[str],
+    model_dir: str,
+    shard: int,
+    spec: PretrainSpec,
+    out_path: str,
+    dpr_paths: Sequence[str] = (),
+) -> dict:
+    """Tokenize this shard's share of the (text, next text) pairs of the BEIR corpora and of
+    DPR's Wikipedia passages (``dpr_paths``: the whole file or a streamed prefix)."""
+    from itertools import chain
+
     from transformers import AutoTokenizer
 
-    from .pretrain_data import pairs_from_beir, tokenize_shard
+    from .pretrain_data import pairs_from_beir, pairs_from_dpr_wiki, tokenize_shard
 
+    if not corpus_paths and not dpr_paths:
+        raise ValueError("no pretraining source: give corpora, DPR Wikipedia, or both")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    sources = [pairs_from_beir(corpus_paths, min_words=spec.min_words)] if corpus_paths else []
+    sources += [pairs_from_dpr_wiki(p) for p in dpr_paths]
     stats = tokenize_shard(
-        pairs_from_beir(corpus_paths, min_words=spec.min_words),
+        chain.from_iterable(sources),
         shard=shard,
         num_shards=spec.shards,
         seed=spec.seed,
@@ -61,9 +75,11 @@ def make_shard(corpus_paths: Sequence[str], model_dir: str, shard: int, spec: Pr
 
 
 def pretrain(
-    model_dir: str, manifest: str, spec: PretrainSpec, training: Mapping, out_dir: str, checkpoint_dir: str
+    model_dir: str, manifest: str, spec: PretrainSpec | Mapping, training: Mapping, out_dir: str, checkpoint_dir: str
 ) -> dict:
     """Train LLaRA from ``model_dir`` on the manifest's shards; resumes from ``checkpoint_dir``."""
+    if not isinstance(spec, PretrainSpec):  # a config mapping (llmret.launch passes JSON)
+        spec = PretrainSpec.from_config(spec)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -72,6 +72,34 @@ def long_table(
     return pd.DataFrame(rows)
 
 
+def read_metrics(path: str | Path) -> dict:
+    """A metrics JSON written by the evaluate stage."""
+    return json.loads(Path(path).read_text())
+
+
+def column_table(
+    metrics: Mapping[tuple[str, str], dict],
+    systems: Sequence[str],
+    columns: Sequence[Mapping[str, str]],
+    digits: int = 4,
+) -> pd.DataFrame:
+    """Rows = systems, one column per chosen (dataset, metric) pair: the MS MARCO-style
+    table (dev MRR@10, dev Recall@1000, DL19 nDCG@10), where each column has its own metric."""
+    labels = [c.get("label") or f"{c['dataset']} {c['metric']}" for c in columns]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"column labels repeat: {labels}")
+    rows = []
+    for s in systems:
+        row = [s]
+        for c in columns:
+            values = metrics[(s, c["dataset"])]["metrics"]
+            if c["metric"] not in values:
+                raise KeyError(f"{s} on {c['dataset']}: metric {c['metric']!r} not computed (have {sorted(values)})")
+            row.append(round(values[c["metric"]], digits))
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["system", *labels])
+
+
 def write_csv(df: pd.DataFrame, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -133,7 +161,7 @@ def build_beir_tables(
     """Write the wide table, the long table with significance, and the metadata JSON."""
     from . import beir, evaluation, trec
 
-    loaded = {cell: json.loads(Path(f).read_text()) for cell, f in metrics_files.items()}
+    loaded = {cell: read_metrics(f) for cell, f in metrics_files.items()}
     pvalues = {}
     for d in datasets:
         qrels = beir.load_qrels(qrels_files[d])

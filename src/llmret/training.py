@@ -31,10 +31,9 @@ CPU notes (DeepSpeed 0.19.8, torch 2.13 CPU)
       ``torch.optim.AdamW`` instead of its compiled ``FusedAdam``/``DeepSpeedCPUAdam``.
     * DeepSpeed's communication backend JIT-compiles a C++ shared-memory all-reduce op
       (``deepspeed_shm_comm``) on CPU at ``init_distributed``: ~95 s on 2 cores, then cached
-      in ``TORCH_EXTENSIONS_DIR`` (default here ``<repo>/.cache/torch_extensions``). With a
-      single process the op can do nothing, so the loop marks it unavailable
-      (``deepspeed.ops.__compatible_ops__``) and nothing is compiled at all; multi-process
-      CPU runs still build (once) and use it.
+      in ``TORCH_EXTENSIONS_DIR`` (default here ``<repo>/.cache/torch_extensions``). gloo does
+      the same reductions correctly, so the loop marks the op unavailable on CPU
+      (``deepspeed.ops.__compatible_ops__``) and nothing is compiled at all.
 
 Resumable checkpoints (``checkpoint_dir``)
     Every ``save_every`` steps and at the last step: ``engine.save_checkpoint(checkpoint_dir,
@@ -376,10 +375,11 @@ def init_distributed() -> tuple[int, int, int]:
     from deepspeed.accelerator import get_accelerator
 
     on_cpu = get_accelerator().device_name() == "cpu"
-    if on_cpu and int(os.environ["WORLD_SIZE"]) == 1:
-        # The shared-memory all-reduce op only speeds up several CPU processes; with one there is
-        # nothing to reduce. Marking it unavailable skips its ~95 s JIT build (DeepSpeed probes
-        # this dict lazily and keeps edits to it). If the internals change, it is merely built.
+    if on_cpu:
+        # The shared-memory all-reduce op only speeds up collectives between CPU processes, which
+        # gloo does correctly anyway; CPU training is for tests and small runs. Marking it
+        # unavailable skips its ~95 s JIT build (DeepSpeed probes this dict lazily and keeps
+        # edits to it). If the internals change, it is merely built.
         try:
             import deepspeed.ops as ds_ops
 

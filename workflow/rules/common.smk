@@ -22,6 +22,11 @@ TABLE_DATASETS = cfgcheck.table_datasets(config)
 BM25_SYSTEMS = cfgcheck.systems_of_type(config, "bm25")
 DENSE_SYSTEMS = cfgcheck.systems_of_type(config, "dense")
 PRETRAIN_RUNS = list(config["pretraining"])
+FINETUNE_RUNS = list(config["finetuning"])
+MINING = list(config["mining"])
+MSMARCO_SYSTEMS = list(
+    (config.get("msmarco_table") or {}).get("systems") or TABLE_SYSTEMS
+)
 cfgcheck.resolve_paths(config, workflow.basedir)
 
 
@@ -37,29 +42,88 @@ wildcard_constraints:
 
 
 def model_dir(name):
-    """Checkpoint folder of a base model (imported) or of a pretraining run (trained)."""
+    """Checkpoint folder of a base model (imported) or of a pretraining or fine-tuning
+    run (trained)."""
     if name in config["models"]:
         return f"resources/models/{name}"
     return f"results/models/{name}"
 
 
+def dpr_wiki_input(run):
+    """The DPR Wikipedia file a pretraining run reads: the whole download, or a streamed
+    prefix of max_passages passages; [] when the run does not use it."""
+    dpr = config["pretraining"][run].get("dpr_wiki")
+    if dpr is None:
+        return []
+    if dpr["max_passages"] is None:
+        return ["resources/downloads/psgs_w100.tsv.gz"]
+    return [f"resources/pretraining/dpr-wiki-first{dpr['max_passages']}.tsv"]
+
+
 def pretrain_spec(run):
     """A run's shard and objective settings (what PretrainSpec holds)."""
-    skip = ("model", "corpora", "training", "gpus")
+    skip = ("model", "corpora", "dpr_wiki", "training", "gpus")
     return {k: v for k, v in config["pretraining"][run].items() if k not in skip}
 
 
 def system_settings(wildcards):
-    """A system's settings without its type: they reach scripts through params."""
-    return {k: v for k, v in config["systems"][wildcards.system].items() if k != "type"}
+    """A system's encoder/scorer settings (not its type or index): they reach scripts
+    through params, so changing the index type does not re-encode."""
+    skip = ("type", "index")
+    return {
+        k: v for k, v in config["systems"][wildcards.system].items() if k not in skip
+    }
+
+
+def index_settings(wildcards):
+    """A dense system's FAISS index settings (llmret.indexing.IndexSpec); {} = exact."""
+    return dict(config["systems"][wildcards.system].get("index") or {})
+
+
+def mining_depth(wildcards):
+    """Retrieval depth for a (retriever, dataset)'s training queries: the deepest any
+    mining spec using them asks for."""
+    depths = [
+        m["depth"]
+        for m in config["mining"].values()
+        if m["retriever"] == wildcards.system and m["dataset"] == wildcards.dataset
+    ]
+    if not depths:
+        raise ValueError(
+            f"no mining spec retrieves with {wildcards.system} on {wildcards.dataset}"
+        )
+    return max(depths)
+
+
+def mining_settings(wildcards):
+    """What llmret.mining.MiningSpec takes (everything but the dataset and retriever)."""
+    skip = ("dataset", "retriever")
+    return {
+        k: v for k, v in config["mining"][wildcards.mining].items() if k not in skip
+    }
+
+
+def mined_run(wildcards):
+    m = config["mining"][wildcards.mining]
+    return f"results/runs/{m['retriever']}/{m['dataset']}/train.trec"
+
+
+def finetune_spec(run):
+    """A fine-tuning run's contrastive settings (what llmret.finetuning.ContrastiveSpec holds)."""
+    skip = ("model", "negatives", "lora", "training", "gpus")
+    return {k: v for k, v in config["finetuning"][run].items() if k not in skip}
 
 
 def prepared(dataset, what):
-    """Paths of the validated (and maybe subsampled) copy every system reads."""
+    """Paths of the validated (and maybe subsampled) copy every system reads, and of the
+    training split (train-queries, train-qrels, train-info) that mining reads."""
     base = f"results/data/{dataset}"
     return {
         "corpus": f"{base}/corpus.jsonl",
         "queries": f"{base}/queries.jsonl",
         "qrels": f"{base}/qrels.tsv",
         "info": f"{base}/dataset.json",
+        "train-queries": f"{base}/train/queries.jsonl",
+        "train-qrels": f"{base}/train/qrels.tsv",
+        "train-info": f"{base}/train/split.json",
     }[what]

@@ -2,7 +2,8 @@
 
 
 rule encode:
-    """One rule for both sides: {side} is corpus or queries."""
+    """One rule for every side: the corpus, the evaluation queries, or the training
+    queries (train-queries) that hard-negative mining retrieves for."""
     input:
         model=lambda wc: model_dir(config["systems"][wc.system]["model"]),
         texts=lambda wc: prepared(wc.dataset, wc.side),
@@ -15,7 +16,7 @@ rule encode:
         "results/benchmarks/encode/{system}/{dataset}/{side}.tsv"
     wildcard_constraints:
         system=one_of(DENSE_SYSTEMS),
-        side="corpus|queries",
+        side="corpus|queries|train-queries",
     conda:
         "../../envs/retrieval.yaml"
     threads: 8
@@ -28,6 +29,8 @@ rule encode:
 
 
 rule faiss_index:
+    """Exact inner product by default; IVF or HNSW (on GPU when faiss has one) per the
+    system's index settings."""
     input:
         vectors="results/embeddings/{system}/{dataset}/corpus.npy",
     output:
@@ -38,6 +41,8 @@ rule faiss_index:
         system=one_of(DENSE_SYSTEMS),
     conda:
         "../../envs/retrieval.yaml"
+    params:
+        index=index_settings,
     script:
         "../scripts/faiss_index.py"
 
@@ -62,5 +67,6 @@ rule dense_search:
     params:
         top_k=config["evaluation"]["top_k"],
         settings=system_settings,
+        index=index_settings,
     script:
         "../scripts/dense_search.py"

@@ -79,3 +79,31 @@ rule plot_table:
         metric=config["table"]["metric"],
     script:
         "../scripts/plot_table.py"
+
+
+if config.get("msmarco_table"):
+
+    rule msmarco_table:
+        """The MS MARCO-style table: each column its own (dataset, metric), e.g. dev
+        MRR@10, dev Recall@1000 and TREC DL19 nDCG@10."""
+        input:
+            metrics=[
+                f"results/metrics/{s}/{c['dataset']}.json"
+                for s in MSMARCO_SYSTEMS
+                for c in config["msmarco_table"]["columns"]
+            ],
+        output:
+            table=report(
+                "results/msmarco_table.csv",
+                category="Tables",
+                caption="../report/msmarco_table.rst",
+            ),
+        log:
+            "logs/msmarco_table.log",
+        conda:
+            "../../envs/evaluation.yaml"
+        params:
+            systems=MSMARCO_SYSTEMS,
+            columns=config["msmarco_table"]["columns"],
+        script:
+            "../scripts/column_table.py"

@@ -1,7 +1,55 @@
-# LLaRA pretraining: (text, next text) pairs from the corpora's documents (no labels),
+# LLaRA pretraining: (text, next text) pairs from the corpora's documents (no labels) and
+# from DPR's Wikipedia passages (whole file, or a streamed prefix),
 # tokenized into a fixed number of shards (one job each), then EBAE/EBAR training with
 # DeepSpeed. Checkpoints live in results/checkpoints/{run} (undeclared), so a killed job
 # rerun resumes; only the final HF checkpoint is the declared (protected) output.
+
+
+localrules:
+    download_dpr_wiki,
+    stream_dpr_wiki,
+
+
+rule download_dpr_wiki:
+    """The whole psgs_w100.tsv.gz (4.7 GB), checked against sources.dpr_wiki.md5."""
+    output:
+        "resources/downloads/psgs_w100.tsv.gz",
+    log:
+        "logs/download/dpr_wiki.log",
+    conda:
+        "../../envs/retrieval.yaml"
+    resources:
+        downloads=1,
+    params:
+        url=config["sources"]["dpr_wiki"]["url"],
+        md5=config["sources"]["dpr_wiki"]["md5"],
+        mirror_path=config["sources"]["dpr_wiki"]["mirror_path"],
+        retries=config["download"]["retries"],
+        timeout=config["download"]["timeout"],
+    script:
+        "../scripts/download_dataset.py"
+
+
+rule stream_dpr_wiki:
+    """The first {n} passages only, streamed: a preset's share without the 4.7 GB file.
+    Its sha256 goes to the .json beside it (a prefix has no published checksum)."""
+    output:
+        tsv="resources/pretraining/dpr-wiki-first{n}.tsv",
+        info="resources/pretraining/dpr-wiki-first{n}.json",
+    log:
+        "logs/download/dpr_wiki-first{n}.log",
+    wildcard_constraints:
+        n=r"[1-9]\d*",
+    conda:
+        "../../envs/retrieval.yaml"
+    resources:
+        downloads=1,
+    params:
+        url=config["sources"]["dpr_wiki"]["url"],
+        mirror_path=config["sources"]["dpr_wiki"]["mirror_path"],
+        timeout=config["download"]["timeout"],
+    script:
+        "../scripts/stream_dpr_wiki.py"
 
 
 rule llara_shard:
@@ -10,6 +58,7 @@ rule llara_shard:
         corpora=lambda wc: [
             prepared(d, "corpus") for d in config["pretraining"][wc.run]["corpora"]
         ],
+        dpr=lambda wc: dpr_wiki_input(wc.run),
     output:
         "results/shards/{run}/shard-{shard}.safetensors",
     log:

@@ -1,19 +1,24 @@
-"""Snakemake entry point: LLaRA pretraining with DeepSpeed, resumable from checkpoints."""
+"""Snakemake entry point: LLaRA pretraining with DeepSpeed, resumable from checkpoints;
+one process per GPU (torchrun) when the job has several."""
 
 from pathlib import Path
 
-from llmret import logs, pretraining
+from llmret import launch, logs, pretraining
 
 sm = snakemake  # noqa: F821
 logs.to_file(sm.log[0])
-training = {k: v for k, v in sm.params.training.items()}
+training = dict(sm.params.training)
 training["log_path"] = str(Path(sm.params.checkpoint_dir) / "train_log.jsonl")
-pretraining.pretrain(
-    model_dir=sm.input.model,
-    manifest=sm.input.manifest,
-    spec=pretraining.PretrainSpec.from_config(sm.params.spec),
-    training=training,
-    out_dir=sm.output.model,
-    checkpoint_dir=sm.params.checkpoint_dir,
+launch.run(
+    "pretrain",
+    {
+        "model_dir": sm.input.model,
+        "manifest": sm.input.manifest,
+        "spec": dict(sm.params.spec),
+        "training": training,
+        "out_dir": sm.output.model,
+        "checkpoint_dir": sm.params.checkpoint_dir,
+    },
+    nproc=int(sm.resources.gpu),
 )
 pretraining.copy_log(training["log_path"], sm.output.train_log)

@@ -5,4 +5,6 @@ from llmret import logs, pretraining
 sm = snakemake  # noqa: F821
 logs.to_file(sm.log[0])
 spec = pretraining.PretrainSpec.from_config(sm.params.spec)
-pretraining.make_shard(list(sm.input.corpora), sm.input.model, int(sm.wildcards.shard), spec, sm.output[0])
+pretraining.make_shard(
+    list(sm.input.corpora), sm.input.model, int(sm.wildcards.shard), spec, sm.output[0], dpr_paths=list(sm.input.dpr)
+)

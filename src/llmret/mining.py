@@ -1,0 +1,311 @@
+"""Hard negatives mined from a retriever's run, written as a Tevatron training file.
+
+Negatives come from a rank window of the run (the very top is skipped: it holds many
+unlabelled relevant passages). Two optional score filters drop candidates that score
+too close to the query's best positive, since those are likely false negatives: a fixed
+``margin`` below it, or a ``max_score_ratio`` of it (NV-Retriever's "TopK-PercPos"; meant
+for positive scores such as cosine similarities: below zero a share of the score is above it).
+
+Tevatron's format is one JSON object per line: ``query_id``, ``query``,
+``positive_passages`` and ``negative_passages``, each passage ``{docid, title, text}``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import IO
+
+from . import beir, trec
+from .config import settings
+
+log = logging.getLogger(__name__)
+
+TEVATRON_KEYS = ("query_id", "query", "positive_passages", "negative_passages")
+
+
+@dataclass(frozen=True)
+class MiningSpec:
+    """Which candidates of a run become negatives (the ``mining`` config section)."""
+
+    depth: int = 200  # retrieval depth of the run over training queries
+    rank_from: int = 10  # 1-based, inclusive
+    rank_to: int = 200  # inclusive, <= depth
+    max_negatives: int = 30  # per query, best-ranked first
+    margin: float | None = None  # drop score > best_positive - margin
+    max_score_ratio: float | None = None  # drop score > ratio * best_positive
+    min_negatives: int = 1  # queries left with fewer are dropped
+
+    def __post_init__(self) -> None:
+        for name, minimum in (("depth", 1), ("rank_from", 1), ("max_negatives", 1), ("min_negatives", 0)):
+            _check_int(name, getattr(self, name), minimum)
+        _check_int("rank_to", self.rank_to, self.rank_from)
+        if self.rank_to > self.depth:
+            raise ValueError(f"mining rank_to ({self.rank_to}) must be <= depth ({self.depth}): the run ends there")
+        if self.min_negatives > self.max_negatives:
+            raise ValueError(
+                f"mining min_negatives ({self.min_negatives}) must be <= max_negatives ({self.max_negatives}), "
+                "or every query would be dropped"
+            )
+        if self.margin is not None and not (_is_number(self.margin) and self.margin >= 0):
+            # A negative margin would let through candidates scoring above the positive.
+            raise ValueError(f"mining margin must be a number >= 0 or null, got {self.margin!r}")
+        if self.max_score_ratio is not None and not (
+            _is_number(self.max_score_ratio) and 0 < self.max_score_ratio <= 1
+        ):
+            raise ValueError(f"mining max_score_ratio must be a number in (0, 1] or null, got {self.max_score_ratio!r}")
+
+    @classmethod
+    def from_config(cls, cfg: Mapping) -> MiningSpec:
+        return settings(cls, cfg, "mining settings")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"mining {name} must be an integer >= {minimum}, got {value!r}")
+
+
+@dataclass
+class _Selection:
+    negatives: list[str]
+    by_margin: int = 0
+    by_ratio: int = 0
+    positive_retrieved: bool = False
+
+
+def _select(ranked: list[tuple[str, float]], positives: set[str], spec: MiningSpec) -> _Selection:
+    scores = [s for d, s in ranked if d in positives]
+    best = max(scores) if scores else None
+    out = _Selection(negatives=[], positive_retrieved=best is not None)
+    seen: set[str] = set()
+    for rank, (doc, score) in enumerate(ranked, start=1):
+        if rank > spec.rank_to or len(out.negatives) >= spec.max_negatives:
+            break
+        if rank < spec.rank_from or doc in positives or doc in seen:
+            continue
+        seen.add(doc)
+        if best is not None:
+            if spec.margin is not None and score > best - spec.margin:
+                out.by_margin += 1
+                continue
+            if spec.max_score_ratio is not None and score > spec.max_score_ratio * best:
+                out.by_ratio += 1
+                continue
+        out.negatives.append(doc)
+    return out
+
+
+def select_negatives(ranked: list[tuple[str, float]], positives: set[str], spec: MiningSpec) -> list[str]:
+    """Negatives for one query: ids at ranks ``rank_from..rank_to`` of ``ranked`` (1-based
+    list positions), in rank order, at most ``max_negatives``.
+
+    Labelled positives are never returned, whatever their rank. The score filters compare
+    with the best score of any positive found anywhere in ``ranked``; when no positive was
+    retrieved there is nothing to compare with, so the filters drop nothing. A document
+    listed twice is judged at its first rank only.
+    """
+    return _select(ranked, positives, spec).negatives
+
+
+def mine(
+    run: Mapping[str, list[tuple[str, float]]], qrels: Mapping[str, Mapping[str, int]], spec: MiningSpec
+) -> tuple[dict[str, list[str]], dict]:
+    """Negatives for every judged query that has a positive (grade > 0), and stats.
+
+    ``queries_in`` counts those queries; each is kept, or dropped for having no ranking in
+    the run or fewer than ``min_negatives`` negatives. ``positives_retrieved_fraction`` is
+    the share of queries with a ranking whose ranking holds a positive (only there can the
+    score filters apply); ``filtered_by_*`` count candidates each filter removed (margin
+    is tried first) while a query's list was filling.
+    """
+    negatives: dict[str, list[str]] = {}
+    stats = dict.fromkeys(
+        ("queries_in", "queries_kept", "dropped_no_run", "dropped_too_few_negatives", "negatives_total"), 0
+    )
+    by_margin = by_ratio = with_run = with_positive = 0
+    for qid in sorted(qrels):
+        positives = {d for d, grade in qrels[qid].items() if grade > 0}
+        if not positives:
+            continue
+        stats["queries_in"] += 1
+        ranked = run.get(qid)
+        if not ranked:
+            stats["dropped_no_run"] += 1
+            continue
+        with_run += 1
+        sel = _select(ranked, positives, spec)
+        by_margin += sel.by_margin
+        by_ratio += sel.by_ratio
+        with_positive += sel.positive_retrieved
+        if len(sel.negatives) < spec.min_negatives:
+            stats["dropped_too_few_negatives"] += 1
+            continue
+        negatives[qid] = sel.negatives
+        stats["negatives_total"] += len(sel.negatives)
+    stats["queries_kept"] = len(negatives)
+    return negatives, {
+        **stats,
+        "mean_negatives": stats["negatives_total"] / len(negatives) if negatives else 0.0,
+        "positives_retrieved_fraction": with_positive / with_run if with_run else 0.0,
+        "filtered_by_margin": by_margin,
+        "filtered_by_ratio": by_ratio,
+    }
+
+
+def _atomic_write(path: Path, write: Callable[[IO[str]], None]) -> None:
+    """Write through a temporary file in the same folder, so readers (and a rerun after a
+    crash) see the old file or the complete new one, never a partial one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _positives(judged: Mapping[str, int]) -> list[str]:
+    """Positive ids, highest grade first, then by id, so the file is reproducible."""
+    return [d for d, g in sorted(judged.items(), key=lambda x: (-x[1], x[0])) if g > 0]
+
+
+def _passages(ids: list[str], corpus_path: str | Path) -> dict[str, dict[str, str]]:
+    """Title and text of ``ids``, from one pass over the corpus keeping only those."""
+    wanted = set(ids)
+    found: dict[str, dict[str, str]] = {}
+    for doc_id, title, text in beir.iter_corpus(corpus_path):
+        if doc_id in wanted:
+            found[doc_id] = {"docid": doc_id, "title": title, "text": text}
+    missing = sorted(wanted - found.keys())
+    if missing:
+        raise ValueError(
+            f"{corpus_path}: {len(missing)} document ids needed for training are not in the corpus (e.g. {missing[:5]})"
+        )
+    return found
+
+
+def write_tevatron(
+    path: str | Path,
+    queries: Mapping[str, str],
+    qrels: Mapping[str, Mapping[str, int]],
+    negatives: Mapping[str, list[str]],
+    corpus_path: str | Path,
+) -> None:
+    """Write one Tevatron example per query of ``negatives``, sorted by query id, atomically."""
+    no_text = sorted(q for q in negatives if q not in queries)
+    if no_text:
+        raise ValueError(f"{len(no_text)} queries with negatives have no text (e.g. {no_text[:5]})")
+    no_positive = sorted(q for q in negatives if not _positives(qrels.get(q, {})))
+    if no_positive:
+        raise ValueError(
+            f"{len(no_positive)} queries with negatives have no positive judgment (e.g. {no_positive[:5]})"
+        )
+    positives = {q: _positives(qrels[q]) for q in negatives}
+    passages = _passages([d for q in negatives for d in positives[q] + negatives[q]], corpus_path)
+
+    def write(f: IO[str]) -> None:
+        for qid in sorted(negatives):
+            example = {
+                "query_id": qid,
+                "query": queries[qid],
+                "positive_passages": [passages[d] for d in positives[qid]],
+                "negative_passages": [passages[d] for d in negatives[qid]],
+            }
+            f.write(json.dumps(example, ensure_ascii=False) + "\n")
+
+    _atomic_write(Path(path), write)
+
+
+def _check_passage(p: object, where: str) -> None:
+    if not isinstance(p, dict):
+        raise ValueError(f"{where}: a passage must be a JSON object, got {type(p).__name__}")
+    if not isinstance(p.get("docid"), str) or not p["docid"]:
+        raise ValueError(f"{where}: a passage has no 'docid' string")
+    if not isinstance(p.get("text"), str):
+        raise ValueError(f"{where}: passage {p['docid']!r} has no 'text' string")
+    if not isinstance(p.get("title", ""), str):
+        raise ValueError(f"{where}: passage {p['docid']!r} has a 'title' that is not a string")
+
+
+def read_tevatron(path: str | Path) -> list[dict]:
+    """Read and validate a Tevatron training file; errors name ``file:line``, since a bad
+    example would otherwise surface deep inside a training run."""
+    path = Path(path)
+    examples: list[dict] = []
+    first_line: dict[str, int] = {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                ex = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(ex, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(ex).__name__}")
+            for key in TEVATRON_KEYS:
+                if key not in ex:
+                    raise ValueError(f"{where}: missing key {key!r}")
+            if not isinstance(ex["query_id"], str) or not ex["query_id"]:
+                raise ValueError(f"{where}: 'query_id' must be a non-empty string, got {ex['query_id']!r}")
+            if not isinstance(ex["query"], str):
+                raise ValueError(f"{where}: 'query' must be a string")
+            if ex["query_id"] in first_line:
+                raise ValueError(
+                    f"{where}: duplicate query id {ex['query_id']!r} (first on line {first_line[ex['query_id']]})"
+                )
+            first_line[ex["query_id"]] = lineno
+            for key in ("positive_passages", "negative_passages"):
+                if not isinstance(ex[key], list):
+                    raise ValueError(f"{where}: {key!r} must be a list")
+                for p in ex[key]:
+                    _check_passage(p, where)
+            if not ex["positive_passages"]:
+                raise ValueError(f"{where}: 'positive_passages' is empty")
+            examples.append(ex)
+    return examples
+
+
+def mine_to_file(
+    run_path: str | Path,
+    queries_path: str | Path,
+    qrels_path: str | Path,
+    corpus_path: str | Path,
+    spec: MiningSpec,
+    out_path: str | Path,
+    stats_path: str | Path,
+) -> dict:
+    """Mine negatives from a run over training queries; write the Tevatron file and a stats
+    JSON (the stats, the settings and the run's header). Returns what the stats file holds."""
+    run = trec.read_run(run_path)
+    queries = beir.load_queries(queries_path)
+    qrels = beir.load_qrels(qrels_path)
+    deepest = max((len(r) for r in run.values()), default=0)
+    if deepest < spec.rank_to:
+        log.warning(
+            "%s ranks at most %d documents per query; the window ends at rank %d", run_path, deepest, spec.rank_to
+        )
+    negatives, stats = mine(run, qrels, spec)
+    if not negatives:
+        raise ValueError(f"{run_path}: no query kept for training ({json.dumps(stats)})")
+    no_text = sorted(q for q in negatives if q not in queries)
+    if no_text:
+        raise ValueError(f"{queries_path}: {len(no_text)} judged queries have no text (e.g. {no_text[:5]})")
+    write_tevatron(out_path, queries, qrels, negatives, corpus_path)
+    record = {**stats, "settings": asdict(spec), "run_header": trec.read_header(run_path)}
+    _atomic_write(Path(stats_path), lambda f: f.write(json.dumps(record, indent=2, sort_keys=True) + "\n"))
+    log.info("mined negatives: %s", json.dumps(stats, sort_keys=True))
+    return record

@@ -1,0 +1,113 @@
+# Fine-tuning (RepLLaMA recipe): the training split, a retriever's run over the training
+# queries, hard negatives from a rank window (Tevatron JSONL), then LoRA contrastive
+# training with DeepSpeed. Mining and fine-tuning are separate cached targets, so a
+# fine-tuning setting never re-mines.
+
+
+rule prepare_train_split:
+    """Training queries with their positives; a query judged in the evaluation split too
+    is an error (label leakage)."""
+    input:
+        "resources/datasets/{dataset}",
+    output:
+        queries="results/data/{dataset}/train/queries.jsonl",
+        qrels="results/data/{dataset}/train/qrels.tsv",
+        info="results/data/{dataset}/train/split.json",
+    log:
+        "logs/prepare_train/{dataset}.log",
+    conda:
+        "../../envs/retrieval.yaml"
+    params:
+        train=lambda wc: config["datasets"][wc.dataset]["train"],
+        eval_split=lambda wc: config["datasets"][wc.dataset]["split"],
+    script:
+        "../scripts/prepare_train_split.py"
+
+
+use rule bm25_search as bm25_search_train with:
+    input:
+        index="results/index/{system}/{dataset}/bm25",
+        queries=lambda wc: prepared(wc.dataset, "train-queries"),
+    output:
+        "results/runs/{system}/{dataset}/train.trec",
+    log:
+        "logs/bm25_search/{system}/{dataset}-train.log",
+    benchmark:
+        "results/benchmarks/bm25_search/{system}/{dataset}-train.tsv"
+    params:
+        top_k=mining_depth,
+
+
+use rule dense_search as dense_search_train with:
+    input:
+        index="results/index/{system}/{dataset}/faiss.index",
+        doc_ids="results/embeddings/{system}/{dataset}/corpus.ids",
+        queries="results/embeddings/{system}/{dataset}/train-queries.npy",
+        query_ids="results/embeddings/{system}/{dataset}/train-queries.ids",
+    output:
+        "results/runs/{system}/{dataset}/train.trec",
+    log:
+        "logs/dense_search/{system}/{dataset}-train.log",
+    benchmark:
+        "results/benchmarks/dense_search/{system}/{dataset}-train.tsv"
+    params:
+        top_k=mining_depth,
+        settings=system_settings,
+        index=index_settings,
+
+
+rule mine_negatives:
+    input:
+        run=mined_run,
+        queries=lambda wc: prepared(
+            config["mining"][wc.mining]["dataset"], "train-queries"
+        ),
+        qrels=lambda wc: prepared(config["mining"][wc.mining]["dataset"], "train-qrels"),
+        corpus=lambda wc: f"resources/datasets/{config['mining'][wc.mining]['dataset']}",
+    output:
+        negatives="results/mining/{mining}/negatives.jsonl",
+        stats="results/mining/{mining}/stats.json",
+    log:
+        "logs/mine_negatives/{mining}.log",
+    benchmark:
+        "results/benchmarks/mine_negatives/{mining}.tsv"
+    wildcard_constraints:
+        mining=one_of(MINING),
+    conda:
+        "../../envs/retrieval.yaml"
+    params:
+        spec=mining_settings,
+    script:
+        "../scripts/mine_negatives.py"
+
+
+rule finetune:
+    input:
+        model=lambda wc: model_dir(config["finetuning"][wc.run]["model"]),
+        negatives=lambda wc: f"results/mining/{config['finetuning'][wc.run]['negatives']}/negatives.jsonl",
+        deepspeed=lambda wc: config["finetuning"][wc.run]["training"][
+            "deepspeed_config"
+        ],
+    output:
+        model=protected(directory("results/models/{run}")),
+        adapter=directory("results/adapters/{run}"),
+        train_log="results/train_logs/{run}.jsonl",
+    log:
+        "logs/finetune/{run}.log",
+    benchmark:
+        "results/benchmarks/finetune/{run}.tsv"
+    wildcard_constraints:
+        run=one_of(FINETUNE_RUNS),
+    conda:
+        "../../envs/training.yaml"
+    threads: 8
+    resources:
+        mem_mb=16000,
+        gpu=lambda wc: config["finetuning"][wc.run]["gpus"],
+    params:
+        spec=lambda wc: finetune_spec(wc.run),
+        lora=lambda wc: config["finetuning"][wc.run]["lora"],
+        training=lambda wc: config["finetuning"][wc.run]["training"],
+        checkpoint_dir=lambda wc: f"results/checkpoints/{wc.run}",
+    script:
+        "../scripts/finetune.py"

@@ -1,0 +1,26 @@
+"""Snakemake entry point: LoRA contrastive fine-tuning with DeepSpeed, resumable; one
+process per GPU (torchrun) when the job has several."""
+
+from pathlib import Path
+
+from llmret import launch, logs, pretraining
+
+sm = snakemake  # noqa: F821
+logs.to_file(sm.log[0])
+training = dict(sm.params.training)
+training["log_path"] = str(Path(sm.params.checkpoint_dir) / "train_log.jsonl")
+launch.run(
+    "finetune",
+    {
+        "model_dir": sm.input.model,
+        "negatives_path": sm.input.negatives,
+        "spec": dict(sm.params.spec),
+        "lora": dict(sm.params.lora),
+        "training": training,
+        "out_dir": sm.output.model,
+        "adapter_dir": sm.output.adapter,
+        "checkpoint_dir": sm.params.checkpoint_dir,
+    },
+    nproc=int(sm.resources.gpu),
+)
+pretraining.copy_log(training["log_path"], sm.output.train_log)

@@ -1,0 +1,17 @@
+"""Snakemake entry point: hard negatives from a retriever's run, in Tevatron's JSONL format."""
+
+from pathlib import Path
+
+from llmret import logs, mining
+
+sm = snakemake  # noqa: F821
+logs.to_file(sm.log[0])
+mining.mine_to_file(
+    run_path=sm.input.run,
+    queries_path=sm.input.queries,
+    qrels_path=sm.input.qrels,
+    corpus_path=Path(sm.input.corpus) / "corpus.jsonl",
+    spec=mining.MiningSpec.from_config(sm.params.spec),
+    out_path=sm.output.negatives,
+    stats_path=sm.output.stats,
+)

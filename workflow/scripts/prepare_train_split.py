@@ -1,0 +1,10 @@
+"""Snakemake entry point: a dataset's labelled training split (queries and positives)."""
+
+from pathlib import Path
+
+from llmret import beir, config, logs
+
+sm = snakemake  # noqa: F821
+logs.to_file(sm.log[0])
+spec = config.settings(beir.TrainSplit, sm.params.train, f"datasets.{sm.wildcards.dataset}.train")
+beir.prepare_train_split(sm.input[0], spec, eval_split=sm.params.eval_split, out_dir=Path(sm.output.info).parent)
