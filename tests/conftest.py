@@ -75,15 +75,15 @@ LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT
 
 @pytest.fixture(scope="module")
 def clean_process_state():
-    """train() in this process sets launcher variables and starts a gloo group; undo both so
-    later tests (and their subprocesses) do not inherit a RANK/MASTER_PORT already in use."""
+    """train() in this process sets launcher variables; restore them so later tests' subprocesses
+    (torchrun launches, killed-and-resumed runs) do not inherit a RANK/MASTER_PORT already in use.
+
+    The single-process gloo group itself stays: DeepSpeed caches its groups process-wide, and a
+    later in-process train() reuses the initialised group (destroying it breaks that cache).
+    """
     names = (*LAUNCHER_VARS, "TORCH_EXTENSIONS_DIR")
     saved = {k: os.environ.get(k) for k in names}
     yield
-    import torch.distributed as td
-
-    if td.is_available() and td.is_initialized():
-        td.destroy_process_group()
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)
