@@ -304,3 +304,34 @@ def test_mine_to_file_refuses_an_empty_result(beir_folder, tmp_path):
             tmp_path / "mining.json",
         )
     assert not out.exists()
+
+
+def test_released_tevatron_file_is_validated_and_published(tmp_path):
+    import gzip
+
+    rows = [
+        {
+            "query_id": "q2",
+            "query": "b",
+            "positive_passages": [{"docid": "d2", "title": "", "text": "x"}],
+            "negative_passages": [],
+        },
+        {
+            "query_id": "q1",
+            "query": "a",
+            "positive_passages": [{"docid": "d1", "title": "T", "text": "y"}],
+            "negative_passages": [{"docid": "d3", "title": "", "text": "z"}, {"docid": "d4", "title": "", "text": "w"}],
+        },
+    ]
+    src = tmp_path / "train.jsonl.gz"
+    with gzip.open(src, "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    stats = mining.import_tevatron(src, tmp_path / "out" / "negatives.jsonl", tmp_path / "out" / "stats.json")
+    assert stats["queries_kept"] == 2 and stats["negatives_total"] == 2 and stats["queries_without_negatives"] == 1
+    published = mining.read_tevatron(tmp_path / "out" / "negatives.jsonl")
+    assert [r["query_id"] for r in published] == ["q1", "q2"] and published[0] == rows[1]
+    with gzip.open(src, "at", encoding="utf-8") as f:
+        f.write(json.dumps(rows[0]) + "\n")
+    with pytest.raises(ValueError, match=r"train\.jsonl\.gz:3: duplicate query id 'q2' \(first on line 1\)"):
+        mining.import_tevatron(src, tmp_path / "again.jsonl", tmp_path / "again.json")
+    assert not (tmp_path / "again.jsonl").exists()

@@ -282,3 +282,17 @@ def test_dpr_wikipedia_pretraining_source_in_the_dag(tmp_path, max_passages, rul
     assert "prepare_dataset" not in rules  # no BEIR corpus is read
     if max_passages:
         assert f"resources/pretraining/dpr-wiki-first{max_passages}.tsv" in out.stdout
+
+
+def test_released_negatives_file_replaces_mining(tmp_path):
+    """Negatives mined elsewhere (a Tevatron file) feed fine-tuning; nothing is retrieved."""
+    overlay = tmp_path / "tevatron.yaml"
+    overlay.write_text(
+        "mining:\n  released:\n    file:\n      url: https://example.org/train.jsonl.gz\n"
+        "      md5: d41d8cd98f00b204e9800998ecf8427e\n"
+        "finetuning:\n  base-ft-smollm2:\n    negatives: released\n"
+    )
+    out = snakemake(tmp_path / "w", "-n", "results/models/base-ft-smollm2", "--configfile", str(SMOKE), str(overlay))
+    rules = {r for r, _ in _planned_jobs(out.stdout + out.stderr)}
+    assert {"download_negatives", "import_negatives", "finetune"} <= rules
+    assert not rules & {"mine_negatives", "dense_search_train", "bm25_search_train", "prepare_train_split"}

@@ -106,6 +106,8 @@ def _check_training_sections(config: Mapping) -> None:
         if run in models or run in pretraining:
             raise ConfigError(f"finetuning.{run}: a model or pretraining run has the same name")
     for name, m in mining.items():
+        if "file" in m:
+            continue  # a released file: nothing to cross-check
         ds = m.get("dataset")
         if ds not in datasets:
             raise ConfigError(f"mining.{name}.dataset: {ds!r} is not in datasets ({sorted(datasets)})")

@@ -12,6 +12,7 @@ Tevatron's format is one JSON object per line: ``query_id``, ``query``,
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import math
@@ -245,7 +246,9 @@ def read_tevatron(path: str | Path) -> list[dict]:
     path = Path(path)
     examples: list[dict] = []
     first_line: dict[str, int] = {}
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as probe:
+        gzipped = probe.read(2) == b"\x1f\x8b"  # released Tevatron files are often .jsonl.gz
+    with gzip.open(path, "rt", encoding="utf-8") if gzipped else open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -277,6 +280,25 @@ def read_tevatron(path: str | Path) -> list[dict]:
                 raise ValueError(f"{where}: 'positive_passages' is empty")
             examples.append(ex)
     return examples
+
+
+def import_tevatron(src_path: str | Path, out_path: str | Path, stats_path: str | Path) -> dict:
+    """Take negatives mined elsewhere (a released Tevatron training file, plain or gzip):
+    validated line by line, written as the stage's JSONL sorted by query id, with stats in
+    the same form :func:`mine_to_file` writes, so fine-tuning cannot tell the two apart."""
+    examples = sorted(read_tevatron(src_path), key=lambda ex: ex["query_id"])
+    counts = [len(ex["negative_passages"]) for ex in examples]
+    stats = {
+        "source": str(src_path),
+        "queries_kept": len(examples),
+        "negatives_total": sum(counts),
+        "mean_negatives": sum(counts) / len(counts) if counts else 0.0,
+        "queries_without_negatives": sum(1 for c in counts if c == 0),
+    }
+    _atomic_write(Path(out_path), lambda f: f.writelines(json.dumps(ex, ensure_ascii=False) + "\n" for ex in examples))
+    _atomic_write(Path(stats_path), lambda f: f.write(json.dumps(stats, indent=2, sort_keys=True) + "\n"))
+    log.info("imported %s: %s", src_path, stats)
+    return stats
 
 
 def mine_to_file(

@@ -24,6 +24,8 @@ DENSE_SYSTEMS = cfgcheck.systems_of_type(config, "dense")
 PRETRAIN_RUNS = list(config["pretraining"])
 FINETUNE_RUNS = list(config["finetuning"])
 MINING = list(config["mining"])
+MINING_FILES = [m for m in MINING if "file" in config["mining"][m]]
+MINED = [m for m in MINING if m not in MINING_FILES]
 MSMARCO_SYSTEMS = list(
     (config.get("msmarco_table") or {}).get("systems") or TABLE_SYSTEMS
 )
@@ -86,7 +88,8 @@ def mining_depth(wildcards):
     depths = [
         m["depth"]
         for m in config["mining"].values()
-        if m["retriever"] == wildcards.system and m["dataset"] == wildcards.dataset
+        if m.get("retriever") == wildcards.system
+        and m.get("dataset") == wildcards.dataset
     ]
     if not depths:
         raise ValueError(
@@ -97,7 +100,7 @@ def mining_depth(wildcards):
 
 def mining_settings(wildcards):
     """What llmret.mining.MiningSpec takes (everything but the dataset and retriever)."""
-    skip = ("dataset", "retriever")
+    skip = ("dataset", "retriever", "file")
     return {
         k: v for k, v in config["mining"][wildcards.mining].items() if k not in skip
     }

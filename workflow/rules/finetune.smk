@@ -72,13 +72,58 @@ rule mine_negatives:
     benchmark:
         "results/benchmarks/mine_negatives/{mining}.tsv"
     wildcard_constraints:
-        mining=one_of(MINING),
+        mining=one_of(MINED),
     conda:
         "../../envs/retrieval.yaml"
     params:
         spec=mining_settings,
     script:
         "../scripts/mine_negatives.py"
+
+
+localrules:
+    download_negatives,
+
+
+rule download_negatives:
+    """A released Tevatron training file (negatives mined elsewhere), md5-checked."""
+    output:
+        "resources/downloads/{mining}.tevatron",
+    log:
+        "logs/download/{mining}.log",
+    wildcard_constraints:
+        mining=one_of(MINING_FILES),
+    conda:
+        "../../envs/retrieval.yaml"
+    resources:
+        downloads=1,
+    params:
+        url=lambda wc: config["mining"][wc.mining]["file"]["url"],
+        md5=lambda wc: config["mining"][wc.mining]["file"]["md5"],
+        mirror_path=lambda wc: config["mining"][wc.mining]["file"].get(
+            "mirror_path", f"negatives/{wc.mining}.jsonl.gz"
+        ),
+        retries=config["download"]["retries"],
+        timeout=config["download"]["timeout"],
+    script:
+        "../scripts/download_dataset.py"
+
+
+rule import_negatives:
+    """Validate the released file and publish it where mined negatives go."""
+    input:
+        "resources/downloads/{mining}.tevatron",
+    output:
+        negatives="results/mining/{mining}/negatives.jsonl",
+        stats="results/mining/{mining}/stats.json",
+    log:
+        "logs/import_negatives/{mining}.log",
+    wildcard_constraints:
+        mining=one_of(MINING_FILES),
+    conda:
+        "../../envs/retrieval.yaml"
+    script:
+        "../scripts/import_negatives.py"
 
 
 rule finetune:
