@@ -296,3 +296,52 @@ def test_released_negatives_file_replaces_mining(tmp_path):
     rules = {r for r, _ in _planned_jobs(out.stdout + out.stderr)}
     assert {"download_negatives", "import_negatives", "finetune"} <= rules
     assert not rules & {"mine_negatives", "dense_search_train", "bm25_search_train", "prepare_train_split"}
+
+
+def test_killed_pretraining_job_resumes_from_its_checkpoint(smoke_run, tmp_path):
+    """Stop Snakemake mid-training (as a cluster preemption would), rerun the same command:
+    the job resumes from the last checkpoint instead of starting over."""
+    import signal
+    import time
+
+    workdir, mirror = smoke_run
+    overlay = tmp_path / "kill.yaml"
+    overlay.write_text(
+        "pretraining:\n  llara-kill:\n    model: smollm2-135m\n    corpora: [scifact]\n    shards: 1\n"
+        "    max_text_length: 32\n"
+        "    training: {max_steps: 12, per_device_batch_size: 2, save_every: 3, log_every: 1}\n"
+    )
+    args = ["results/models/llara-kill", "--configfile", str(SMOKE), str(overlay), "--config", f"mirror={mirror}"]
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(workdir), "--cores", "2", *args]
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(ROOT / ".cache" / "numba")}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    latest = workdir / "results" / "checkpoints" / "llara-kill" / "latest"
+    deadline = time.time() + 900
+    try:
+        while not (latest.is_file() and latest.read_text().strip() in ("step3", "step6", "step9")):
+            assert proc.poll() is None, "training finished before it could be interrupted"
+            assert time.time() < deadline, "no checkpoint within 15 minutes"
+            time.sleep(0.5)
+    finally:
+        # What a scheduler does on preemption: SIGTERM to the job's processes (Snakemake and
+        # the training process), SIGKILL if they linger.
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            snakemake(workdir, "--unlock", *args)
+    killed_at = int(latest.read_text().strip()[len("step") :])
+    assert not (workdir / "results" / "models" / "llara-kill").exists()
+    snakemake(workdir, "--rerun-incomplete", *args)
+    log = [json.loads(line) for line in (workdir / "results" / "train_logs" / "llara-kill.jsonl").open()]
+    resumes = [r for r in log if r.get("event") == "resume"]
+    assert resumes and resumes[-1]["step"] >= killed_at
+    assert max(r["step"] for r in log if "loss" in r) == 12
+    assert (
+        json.loads((workdir / "results" / "models" / "llara-kill" / "training_state.json").read_text())[
+            "resumed_from_step"
+        ]
+        == resumes[-1]["step"]
+    )
