@@ -1,9 +1,14 @@
 import json
+from pathlib import Path
 
 import pytest
 
 from llmret import config as cfg
 from llmret import pretraining
+
+SCHEMA = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
+# What workflow/rules/common.smk::pretrain_spec leaves out of a run's settings.
+NOT_SPEC = ("model", "corpora", "dpr_wiki", "training", "gpus")
 
 
 def test_spec_from_config_and_objective():
@@ -108,3 +113,144 @@ def test_a_run_needs_a_source_of_text():
         cfg.check(c)
     c["pretraining"]["run"]["dpr_wiki"] = {"max_passages": 1000}
     cfg.check(c)
+
+
+def _validated(run: dict) -> dict:
+    """A config around one pretraining run, defaults filled in by the workflow's schema."""
+    from snakemake.utils import validate
+
+    c = base_config()
+    c["pretraining"]["run"].update(run)
+    validate(c, str(SCHEMA))
+    return c
+
+
+def _spec(c: dict) -> pretraining.PretrainSpec:
+    return pretraining.PretrainSpec.from_config({k: v for k, v in c["pretraining"]["run"].items() if k not in NOT_SPEC})
+
+
+def test_variant_settings_from_schema_to_objective():
+    from snakemake.exceptions import WorkflowError
+
+    from llmret.llara import LlaraObjective
+
+    paper = _spec(_validated({}))  # a run written before the variant existed
+    assert paper.head == "copy" and paper.objective() == LlaraObjective(max_text_length=64)
+
+    flag = _spec(_validated({"variant": "flagembedding"}))
+    obj = flag.objective()
+    assert flag.head == "tie"  # the release projects with the LM head
+    assert (obj.variant, obj.summary_tokens, obj.lm_weight, obj.ebae_weight, obj.ebar_weight) == (
+        "flagembedding",
+        8,
+        1.0,
+        0.05,
+        0.05,
+    )
+    assert (obj.text_prefix, obj.ebae_prompt) == ('"', '", summarize the above passage within eight words: ')
+
+    c = _validated(
+        {"variant": "flagembedding", "summary_tokens": 4, "lm_weight": 0.5, "ebar_weight": 0.2, "head": "copy"}
+    )
+    spec = _spec(c)
+    obj = spec.objective()
+    assert (spec.head, obj.summary_tokens, obj.lm_weight, obj.ebae_weight, obj.ebar_weight) == (
+        "copy",
+        4,
+        0.5,
+        0.05,
+        0.2,
+    )
+    assert obj.summary_names()[1] == ["<s5>", "<s6>", "<s7>", "<s8>"]
+
+    for bad in ({"variant": "flag"}, {"summary_tokens": 0}, {"lm_weight": -1}):
+        with pytest.raises(WorkflowError):
+            _validated(bad)
+    with pytest.raises(ValueError, match="no LM term"):
+        _spec(_validated({"lm_weight": 1.0}))  # the paper variant has none
+
+
+def test_a_flag_run_must_be_encoded_as_trained():
+    from llmret.llara import encoder_settings
+
+    c = _validated({"variant": "flagembedding"})
+    cfg.complete(c)
+    with pytest.raises(cfg.ConfigError, match=r"systems\.llara\.query_template: '\{text\}', but pretraining\.run"):
+        cfg.check(c)
+    want = encoder_settings(_spec(c).objective())
+    assert want["pooling"] == "mean_last_8" and want["append_eos"] is False
+    c["systems"]["llara"].update(want)
+    cfg.check(c)
+    c["systems"]["llara"]["pooling"] = "last"
+    with pytest.raises(cfg.ConfigError, match=r"systems\.llara\.pooling: 'last'.*'mean_last_8'"):
+        cfg.check(c)
+
+
+def test_flag_shards_are_tokenised_with_the_summary_tokens(tmp_path, smollm2_dir):
+    from transformers import AutoTokenizer
+
+    from llmret.llara import add_summary_tokens
+    from llmret.pretrain_data import ShardDataset, load_shard, tokenizer_fingerprint
+
+    corpus = tmp_path / "toy" / "corpus.jsonl"
+    corpus.parent.mkdir()
+    corpus.write_text(json.dumps({"_id": "a", "text": "One two three four. Five six seven eight."}) + "\n")
+    spec = pretraining.PretrainSpec(shards=1, max_text_length=16, min_words=3, variant="flagembedding")
+    out = tmp_path / "shard-0.safetensors"
+    pretraining.make_shard([str(corpus)], str(smollm2_dir), 0, spec, str(out))
+
+    plain = AutoTokenizer.from_pretrained(smollm2_dir)
+    flag = AutoTokenizer.from_pretrained(smollm2_dir)
+    add_summary_tokens(flag, spec.objective())
+    assert load_shard(out).metadata["tokenizer_vocab_sha256"] == tokenizer_fingerprint(flag)
+    assert tokenizer_fingerprint(flag) != tokenizer_fingerprint(plain)
+    ds = ShardDataset([out])
+    ds.check_compatible(flag, spec.objective())
+    with pytest.raises(ValueError, match="lacks the summary tokens"):
+        ds.check_compatible(plain, spec.objective())
+    with pytest.raises(ValueError, match="vocabulary differs"):
+        ds.check_compatible(plain, pretraining.PretrainSpec(max_text_length=16).objective())
+
+
+@pytest.mark.usefixtures("one_thread", "clean_process_state")
+def test_flag_pretraining_end_to_end(tmp_path, smollm2_dir):
+    """make_shard -> pretrain on a tiny Llama: both add the summary tokens, the embeddings
+    grow, and the checkpoint carries the tokenizer and the encoder settings it needs."""
+    import torch
+    from conftest import tiny_llama_config
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+
+    from llmret.encoding import EncoderSpec, TextEncoder
+    from llmret.pretrain_data import write_manifest
+
+    base = tmp_path / "base"
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config(len(tok), tie_word_embeddings=True)).save_pretrained(base)
+    tok.save_pretrained(base)
+    corpus = tmp_path / "toy" / "corpus.jsonl"
+    corpus.parent.mkdir()
+    docs = ["Cats purr when happy. They sleep all day long.", "Rivers flood in spring. Farmers then plant rice."]
+    corpus.write_text("".join(json.dumps({"_id": str(i), "text": d}) + "\n" for i, d in enumerate(docs)))
+    run = {"shards": 1, "max_text_length": 16, "min_words": 3, "variant": "flagembedding"}
+    spec = pretraining.PretrainSpec.from_config(run)
+    shard = tmp_path / "shards" / "shard-0.safetensors"
+    pretraining.make_shard([str(corpus)], str(base), 0, spec, str(shard))
+    write_manifest([shard], tmp_path / "shards" / "manifest.json")
+
+    out = tmp_path / "model"
+    training = {"max_steps": 2, "per_device_batch_size": 2, "learning_rate": 1e-3, "save_every": 0, "log_every": 1}
+    pretraining.pretrain(
+        str(base), str(tmp_path / "shards" / "manifest.json"), run, training, str(out), str(tmp_path / "ckpt")
+    )
+    trained = AutoTokenizer.from_pretrained(out)
+    assert len(trained) == len(tok) + 16 and trained.convert_tokens_to_ids("<s16>") == len(tok) + 15
+    assert AutoConfig.from_pretrained(out).vocab_size == len(trained)
+    saved = json.loads((out / "llara.json").read_text())
+    assert saved["head"] == "tie" and saved["objective"]["lm_weight"] == 1.0
+    steps = [json.loads(line) for line in (tmp_path / "ckpt" / "train_log.jsonl").open()]
+    assert {"loss", "loss_lm", "loss_ebae", "loss_ebar"} <= set(steps[-1])
+    enc = TextEncoder(str(out), EncoderSpec(**saved["encoder"]))
+    ids = enc.tokenize(["Bees hum."], "passage")[0]
+    assert trained.convert_ids_to_tokens(ids[-8:]) == [f"<s{i}>" for i in range(1, 9)]
+    assert enc.encode(["Bees hum."], "passage", show_progress=False).shape == (1, 32)

@@ -65,6 +65,7 @@ def check(config: Mapping) -> None:
                         f"{finetuning[run][key]!r}; the model was trained to be used with the latter"
                     )
     _check_training_sections(config)
+    _check_flag_encoders(config)
     for run, run_cfg in pretraining.items():
         if run_cfg.get("model") not in models:
             raise ConfigError(f"pretraining.{run}.model: {run_cfg.get('model')!r} is not in models ({sorted(models)})")
@@ -138,6 +139,32 @@ def _check_training_sections(config: Mapping) -> None:
             if metrics is not None and col["metric"] not in metrics:
                 raise ConfigError(
                     f"msmarco_table.columns[{i}].metric: {col['metric']!r} is not in evaluation.metrics {metrics}"
+                )
+
+
+def _check_flag_encoders(config: Mapping) -> None:
+    """A dense system on a model pretrained with the FlagEmbedding LLaRA variant must feed
+    and pool text as that run trained (summary tokens in the templates, no EOS, mean of the
+    last K states): the schema's defaults (last token, ``{text}``) would silently not."""
+    runs = {r: c for r, c in (config.get("pretraining") or {}).items() if c.get("variant") == "flagembedding"}
+    if not runs:
+        return
+    from dataclasses import fields
+
+    from .llara import encoder_settings
+    from .pretraining import PretrainSpec
+
+    names = {f.name for f in fields(PretrainSpec)}
+    for name, sys_cfg in (config.get("systems") or {}).items():
+        run = sys_cfg.get("model")
+        if sys_cfg.get("type") != "dense" or run not in runs:
+            continue
+        spec = PretrainSpec.from_config({k: v for k, v in runs[run].items() if k in names})
+        for key, want in encoder_settings(spec.objective()).items():
+            if sys_cfg.get(key) != want:
+                raise ConfigError(
+                    f"systems.{name}.{key}: {sys_cfg.get(key)!r}, but pretraining.{run} (variant flagembedding) "
+                    f"trained the model for {want!r}"
                 )
 
 

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import settings
-from .pooling import POOLINGS, pool
+from .pooling import check_pooling, pool
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +42,7 @@ class EncoderSpec:
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        check_pooling(self.pooling)
         for name in ("query_template", "passage_template"):
             if getattr(self, name).count("{text}") != 1:
                 raise ValueError(f"{name} must contain '{{text}}' exactly once: {getattr(self, name)!r}")

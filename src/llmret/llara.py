@@ -28,7 +28,64 @@ to the scores, so a bool mask would silently add 0/1 instead of masking; SDPA ha
 and a float mask as additive, documented as having the query's dtype (the CPU kernel in
 torch 2.13 tolerates fp32 with a bf16 model; eager then promotes the scores to fp32). A float
 additive mask in the model's dtype is the one form both honour as intended, hence
-:func:`additive_mask` and the cast in :meth:`LlaraModel.embed`.
+:func:`additive_mask` and the cast in :meth:`LlaraModel.hidden`.
+
+The FlagEmbedding variant (``LlaraObjective(variant="flagembedding")``)
+------------------------------------------------------------------------
+
+The code released with the paper (FlagOpen/FlagEmbedding, ``research/LLARA``, read at
+commit 7ed43d67ec03) trains something other than eq. 6. What it does, file by file:
+
+* ``pretrain/run.py``: adds ``<s1>`` ... ``<s16>`` to the tokenizer as additional special
+  tokens (only those not yet in the vocabulary), ``model.resize_token_embeddings(len(tokenizer))``,
+  saves the tokenizer with the checkpoint; left padding, pad = unk.
+* ``pretrain/data.py``: one row is ``tok('"')`` (BOS + quote) + text ids (no special tokens,
+  cut so the row fits ``cutoff_len``) + ``tok('", summarize the above passage within eight
+  words: <s1>...<s8>')`` + ``tok('", predict the following passage within eight words:
+  <s9>...<s16>')`` (suffixes without special tokens); no ``</s>``. ``labels`` are the text
+  ids at the text positions, -100 elsewhere. The BoW targets are two more strings of the
+  data file, ``output_summarize`` (the input text again, in the released toy data) and
+  ``output_predict`` (the next passage), each re-tokenised with truncation at
+  ``cutoff_len``; ``remove_stop_words`` optionally strips NLTK stop words and punctuation
+  from them first.
+* ``pretrain/modeling.py`` (``NewLlamaModel.forward``): the predict suffix gets the position
+  ids of the first tokens of the summarize suffix (restart), and its rows of the causal
+  mask are blocked from the summarize suffix: the same joint pass as here. Suffix lengths
+  (19 and 18) are hard-coded from Llama-2 token ids. (``PreLlamaModel.forward``): logits =
+  ``lm_head`` over *every* position; ``ar_loss`` = the shifted next-token cross-entropy over
+  the labels (mean over the batch's text tokens); the logits at the 8 positions of
+  ``<s1..s8>`` (resp. ``<s9..s16>``) are **max-pooled over the positions**, log-softmaxed,
+  and each example scores ``-mean log p`` over the distinct target ids > 2 (Llama's
+  unk/bos/eos dropped), averaged over examples with a non-empty target, then **divided by
+  10**; the two BoW losses are averaged (or one alone if the other is 0);
+  ``loss = ar_loss + bow``, i.e. ``LM + 0.05 * (BoW_ebae + BoW_ebar)``. The vocabulary
+  projection is the LM head itself.
+* ``README.md`` and ``finetune/modeling.py``/``finetune/data.py`` (inference): passages are
+  ``<s>"`` + text + the summarize suffix, queries the same with the predict suffix, left
+  padded, no ``</s>``; the embedding is the **mean of the last hidden states of the last 8
+  positions** (the summary tokens), L2-normalised.
+
+Where that differs from the paper: 8 learnt summary tokens per prompt instead of one
+``</s>``, other prompt wording and a quoted text; max-pooled logits of 8 states instead of
+the logits of one; an extra LM term with the BoW terms scaled by 1/20; and an embedding at
+inference that is a mean of hidden states, not the state the BoW head was trained on.
+
+This module implements it in the same joint pass: ``[head] PREFIX text SELF NEXT`` where
+PREFIX = ``text_prefix`` ('"'), SELF = ``ebae_prompt + "<s1>...<sK>"`` and NEXT =
+``ebar_prompt + "<sK+1>...<s2K>"`` (each prompt plus its tokens tokenised as one string, as
+the release does; K = ``summary_tokens``), NEXT positions restarting at SELF. Loss =
+``ebae_weight * BoW(max_k logits) + ebar_weight * BoW(...) + lm_weight * LM(text)`` with the
+release's defaults 0.05, 0.05, 1 and the LM head as projection (``head="tie"`` in
+:class:`llmret.pretraining.PretrainSpec`). Deliberate deviations: BoW targets are the
+stored (truncated) text and next-text ids, as for the paper variant, with no stop-word
+removal (shards hold ids, not words); a task whose targets are all empty adds 0 instead of
+taking the whole BoW weight; right padding with positions from 0 (the release counts left
+padding in its positions; RoPE only sees differences); special and pad ids, not ids <= 2,
+are kept out of the bags; embeddings are only ever grown (a padded vocabulary is not cut
+to ``len(tokenizer)``) and new rows start as transformers v5 initialises them (drawn from
+the old rows' mean and covariance), not as 4.41 did. Inference: :func:`encoder_settings` gives the dense-system
+settings (templates with the summary tokens, ``append_eos: false``, pooling
+``mean_last_K``), and :func:`llmret.training.save_llara` writes them into ``llara.json``.
 """
 
 from __future__ import annotations
@@ -45,13 +102,39 @@ from .encoding import special_frame
 
 EBAE_PROMPT = " The original sentence:"
 EBAR_PROMPT = " The next sentence:"
+# The released code's suffixes (research/LLARA/pretrain/data.py), less their summary tokens.
+FLAG_EBAE_PROMPT = '", summarize the above passage within eight words: '
+FLAG_EBAR_PROMPT = '", predict the following passage within eight words: '
+FLAG_TEXT_PREFIX = '"'
 
 # Segment labels of a joint row; used to build the mask and exposed for inspection.
 PAD, TEXT, SELF, NEXT = -1, 0, 1, 2
+IGNORE = -100  # label of positions outside the LM term (the value HF losses skip)
 
 HEAD_MODES = ("copy", "tie")
 # Attention implementations verified to honour a custom 4-D additive mask (see tests).
 MASKED_ATTENTION = ("eager", "sdpa")
+
+# What a field left at None becomes, per variant. The FlagEmbedding values are those of the
+# released code: each BoW loss / 10, the two averaged (0.05 each), LM term weight 1.
+VARIANTS: dict[str, dict[str, str | float]] = {
+    "paper": {
+        "ebae_prompt": EBAE_PROMPT,
+        "ebar_prompt": EBAR_PROMPT,
+        "text_prefix": "",
+        "ebae_weight": 1.0,
+        "ebar_weight": 1.0,
+        "lm_weight": 0.0,
+    },
+    "flagembedding": {
+        "ebae_prompt": FLAG_EBAE_PROMPT,
+        "ebar_prompt": FLAG_EBAR_PROMPT,
+        "text_prefix": FLAG_TEXT_PREFIX,
+        "ebae_weight": 0.05,
+        "ebar_weight": 0.05,
+        "lm_weight": 1.0,
+    },
+}
 
 
 @dataclass(frozen=True)
@@ -60,21 +143,99 @@ class LlaraObjective:
 
     ``max_text_length`` caps the tokens of the text *and* of the next text (the EBAR
     target): prompts, frame tokens and EOS are always kept, as in the encoder.
+
+    ``variant`` is ``"paper"`` (eq. 6, one ``</s>`` per prompt) or ``"flagembedding"`` (the
+    released code: ``summary_tokens`` special tokens per prompt, max-pooled logits, an LM
+    term; see the module docstring). Fields left at None take the variant's value from
+    :data:`VARIANTS`, so one switch gives either recipe; ``summary_tokens`` only matters
+    for ``"flagembedding"``.
     """
 
-    ebae_prompt: str = EBAE_PROMPT
-    ebar_prompt: str = EBAR_PROMPT
+    ebae_prompt: str | None = None
+    ebar_prompt: str | None = None
     max_text_length: int = 128
-    ebae_weight: float = 1.0
-    ebar_weight: float = 1.0
+    ebae_weight: float | None = None
+    ebar_weight: float | None = None
+    variant: str = "paper"
+    text_prefix: str | None = None
+    lm_weight: float | None = None
+    summary_tokens: int = 8
 
     def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {tuple(VARIANTS)}, got {self.variant!r}")
+        for name, value in VARIANTS[self.variant].items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)  # frozen: resolve defaults once, here
         if self.max_text_length < 1:
             raise ValueError(f"max_text_length must be >= 1, got {self.max_text_length}")
         if not self.ebae_prompt or not self.ebar_prompt:
             raise ValueError("ebae_prompt and ebar_prompt must be non-empty")
-        if self.ebae_weight < 0 or self.ebar_weight < 0:
+        if self.ebae_weight < 0 or self.ebar_weight < 0 or self.lm_weight < 0:
             raise ValueError("loss weights must be >= 0")
+        if self.summary_tokens < 1:
+            raise ValueError(f"summary_tokens must be >= 1, got {self.summary_tokens}")
+        if self.variant == "paper" and self.lm_weight > 0:
+            raise ValueError("the paper's objective has no LM term: lm_weight needs variant='flagembedding'")
+
+    @property
+    def flag(self) -> bool:
+        return self.variant == "flagembedding"
+
+    def summary_names(self) -> tuple[list[str], list[str]]:
+        """Summary tokens of the EBAE and EBAR prompts: ``<s1>..<sK>`` and ``<sK+1>..<s2K>``
+        (the released names for K = 8); empty for the paper variant."""
+        if not self.flag:
+            return [], []
+        k = self.summary_tokens
+        return [f"<s{i}>" for i in range(1, k + 1)], [f"<s{i}>" for i in range(k + 1, 2 * k + 1)]
+
+
+def add_summary_tokens(tokenizer, objective: LlaraObjective) -> int:
+    """Add the objective's summary tokens to ``tokenizer`` as special tokens; returns how
+    many were new (0 for the paper variant, or when a checkpoint already has them).
+
+    Called before shards are tokenised and before training, so both see one vocabulary
+    (the shards' tokenizer fingerprint includes added tokens). Special, so they are never
+    split, never BoW targets, and saved with the tokenizer; the existing extra special
+    tokens are kept (``replace_extra_special_tokens=False``).
+    """
+    ebae, ebar = objective.summary_names()
+    vocab = tokenizer.get_vocab()
+    new = [t for t in ebae + ebar if t not in vocab]
+    if not new:
+        return 0
+    return tokenizer.add_special_tokens({"extra_special_tokens": new}, replace_extra_special_tokens=False)
+
+
+def fit_embeddings(lm: nn.Module, tokenizer) -> bool:
+    """Grow the LM's input/output embeddings to hold every token id of ``tokenizer``.
+
+    Only grows: a vocabulary padded beyond ``len(tokenizer)`` already has rows for the new
+    ids and is not cut (the release resizes to ``len(tokenizer)`` unconditionally). Returns
+    whether it resized. Call before :class:`LlaraModel` copies the LM head.
+    """
+    if len(tokenizer) <= lm.get_input_embeddings().num_embeddings:
+        return False
+    lm.resize_token_embeddings(len(tokenizer))
+    return True
+
+
+def encoder_settings(objective: LlaraObjective) -> dict[str, str | bool]:
+    """The dense-system settings that feed and pool text as this objective trained:
+    EBAR prompt for queries, EBAE prompt for passages (as in the paper and the release).
+
+    paper: ``{text}`` + prompt, ``</s>`` appended, the last token's state. flagembedding:
+    prefix + ``{text}`` + prompt + summary tokens, no ``</s>``, the mean of the states of
+    the last K tokens (the summary tokens; the release's inference pooling).
+    """
+    ebae, ebar = objective.summary_names()
+    return {
+        "query_template": objective.text_prefix + "{text}" + objective.ebar_prompt + "".join(ebar),
+        "passage_template": objective.text_prefix + "{text}" + objective.ebae_prompt + "".join(ebae),
+        "append_eos": not objective.flag,
+        "pooling": f"mean_last_{objective.summary_tokens}" if objective.flag else "last",
+    }
 
 
 @dataclass
@@ -95,6 +256,11 @@ class JointBatch:
     text_ids: list[list[int]] = field(default_factory=list)  # truncated text tokens per row
     ebae_targets: torch.Tensor | None = None  # (B, V) float
     ebar_targets: torch.Tensor | None = None  # (B, V) float
+    # flagembedding only: positions of the summary tokens of SELF / NEXT, and LM labels
+    # (the text ids at the text positions, IGNORE elsewhere, unshifted as HF's ``labels``).
+    ebae_summary: torch.Tensor | None = None  # (B, K) long
+    ebar_summary: torch.Tensor | None = None  # (B, K) long
+    lm_labels: torch.Tensor | None = None  # (B, L) long
 
     def to(self, device: torch.device | str) -> JointBatch:
         moved = {
@@ -151,24 +317,49 @@ def _pad_id(tokenizer) -> int:
     return pad if pad is not None else tokenizer.eos_token_id
 
 
+def _segment(tokenizer, prompt: str, names: list[str], tail: list[int], eos: int) -> tuple[list[int], list[int]]:
+    """(ids of one prompt segment, offsets of its summary tokens in it).
+
+    paper: prompt + frame tail + ``</s>``. flagembedding: ``prompt + "<s1>..<sK>"`` tokenised
+    as one string (as the release and the encoder's template do), no ``</s>``; each summary
+    token must come out as its own id, in order.
+    """
+    if not names:
+        return tokenizer(prompt, add_special_tokens=False)["input_ids"] + tail + [eos], []
+    if tail:  # the encoder would put the tail after the summary tokens; mean_last_K would read it
+        raise ValueError(f"{type(tokenizer).__name__} appends {tail} after a text; flagembedding needs none")
+    ids = tokenizer(prompt + "".join(names), add_special_tokens=False)["input_ids"]
+    want = tokenizer.convert_tokens_to_ids(names)
+    summary = set(want)
+    where = [i for i, t in enumerate(ids) if t in summary]
+    if [ids[i] for i in where] != want or where != list(range(len(ids) - len(want), len(ids))):
+        raise ValueError(f"summary tokens {names[0]}..{names[-1]} are not single trailing ids; call add_summary_tokens")
+    return ids, where
+
+
 def build_joint_inputs(
     tokenizer,
     texts: Sequence[str] | Sequence[Sequence[int]],
     objective: LlaraObjective = LlaraObjective(),
     dtype: torch.dtype = torch.float32,
 ) -> JointBatch:
-    """One joint row per text: ``head + text[:max_text_length] + SELF seg + NEXT seg``.
+    """One joint row per text: ``head + prefix + text[:max_text_length] + SELF seg + NEXT seg``.
 
-    Positions: head/text/SELF count 0, 1, ...; NEXT restarts at the first SELF position,
-    so both prompts sit exactly where they would in a separate pass. Padding gets
-    position 0 (it is masked everywhere, any valid position would do).
+    Positions: head/prefix/text/SELF count 0, 1, ...; NEXT restarts at the first SELF
+    position, so both prompts sit exactly where they would in a separate pass. Padding
+    gets position 0 (it is masked everywhere, any valid position would do). The prefix is
+    labelled TEXT (it is shared by both prompts). flagembedding rows also get the summary
+    positions and the LM labels.
     """
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError(f"{type(tokenizer).__name__} has no eos token; LLaRA pools at </s>")
     head, tail = special_frame(tokenizer)
-    ebae = tokenizer(objective.ebae_prompt, add_special_tokens=False)["input_ids"] + tail + [eos]
-    ebar = tokenizer(objective.ebar_prompt, add_special_tokens=False)["input_ids"] + tail + [eos]
+    if objective.text_prefix:
+        head = head + tokenizer(objective.text_prefix, add_special_tokens=False)["input_ids"]
+    ebae_names, ebar_names = objective.summary_names()
+    ebae, ebae_at = _segment(tokenizer, objective.ebae_prompt, ebae_names, tail, eos)
+    ebar, ebar_at = _segment(tokenizer, objective.ebar_prompt, ebar_names, tail, eos)
     text_ids = [t[: objective.max_text_length] for t in _ids(tokenizer, texts)]
 
     rows = [head + t + ebae + ebar for t in text_ids]
@@ -178,6 +369,10 @@ def build_joint_inputs(
     position_ids = torch.zeros((B, L), dtype=torch.long)
     ebae_index = torch.empty(B, dtype=torch.long)
     ebar_index = torch.empty(B, dtype=torch.long)
+    flag = objective.flag
+    ebae_summary = torch.empty((B, len(ebae_at)), dtype=torch.long) if flag else None
+    ebar_summary = torch.empty((B, len(ebar_at)), dtype=torch.long) if flag else None
+    lm_labels = torch.full((B, L), IGNORE, dtype=torch.long) if flag else None
     for b, (row, t) in enumerate(zip(rows, text_ids, strict=True)):
         n, s, m = len(head) + len(t), len(ebae), len(ebar)
         input_ids[b, : len(row)] = torch.tensor(row)
@@ -188,6 +383,10 @@ def build_joint_inputs(
         position_ids[b, n + s : n + s + m] = torch.arange(n, n + m)
         ebae_index[b] = n + s - 1
         ebar_index[b] = n + s + m - 1
+        if flag:
+            ebae_summary[b] = n + torch.tensor(ebae_at)
+            ebar_summary[b] = n + s + torch.tensor(ebar_at)
+            lm_labels[b, len(head) : n] = torch.tensor(t, dtype=torch.long)
     return JointBatch(
         input_ids=input_ids,
         attention_mask=additive_mask(joint_allowed(segments), dtype),
@@ -196,6 +395,9 @@ def build_joint_inputs(
         ebar_index=ebar_index,
         segments=segments,
         text_ids=text_ids,
+        ebae_summary=ebae_summary,
+        ebar_summary=ebar_summary,
+        lm_labels=lm_labels,
     )
 
 
@@ -272,6 +474,33 @@ def bow_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return per.mean()
 
 
+def summary_states(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """(B, K, H): the hidden states at each row's K summary positions ``index`` (B, K)."""
+    rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None]
+    return hidden[rows, index.to(hidden.device)]
+
+
+def summary_logits(hidden: torch.Tensor, index: torch.Tensor, projection: nn.Module) -> torch.Tensor:
+    """(B, V): vocabulary logits of the summary positions, max-pooled over the positions
+    (released ``modeling.py``: ``torch.max(logits[:, -8:, :], dim=1)``); only K states per
+    row are projected, never the whole sequence."""
+    return projection(summary_states(hidden, index)).amax(dim=1)
+
+
+def lm_loss(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
+    """Next-token cross-entropy, as HF computes it from ``labels=``: position p predicts
+    ``labels[p + 1]``, IGNORE labels are skipped, the mean is over the batch's tokens.
+
+    Only the positions that predict a label are projected to the vocabulary.
+    """
+    target = labels[:, 1:].to(hidden.device)
+    keep = target != IGNORE
+    if not keep.any():
+        return hidden.sum() * 0.0  # keeps the graph alive for backward
+    logits = lm_head(hidden[:, :-1][keep]).float()
+    return F.cross_entropy(logits, target[keep])
+
+
 def decoder_of(lm: nn.Module) -> nn.Module:
     """The transformer body (e.g. ``LlamaModel``) of a causal LM, PEFT-wrapped or not."""
     if hasattr(lm, "get_base_model"):  # peft.PeftModel: LoRA layers live inside it
@@ -287,8 +516,9 @@ class LlaraModel(nn.Module):
 
     ``head="copy"``: a fresh ``nn.Linear(hidden, vocab, bias=False)`` starting from the LM
     head weight, trained on its own. ``head="tie"``: the projection *is* the LM head
-    (shared parameter; with tied word embeddings, also the input embeddings). Only the two
-    gathered embeddings are projected, never every position.
+    (shared parameter; with tied word embeddings, also the input embeddings). Only the
+    gathered embeddings (or summary states) are projected, never every position. The
+    flagembedding LM term always uses the LM head itself.
     """
 
     def __init__(self, lm: nn.Module, objective: LlaraObjective = LlaraObjective(), head: str = "copy"):
@@ -312,8 +542,8 @@ class LlaraModel(nn.Module):
     def decoder(self) -> nn.Module:
         return decoder_of(self.lm)
 
-    def embed(self, batch: JointBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(EBAE, EBAR) embeddings from one joint pass."""
+    def hidden(self, batch: JointBatch) -> torch.Tensor:
+        """(B, L, H) final hidden states of one joint pass under the 4-D mask."""
         body = self.decoder
         impl = getattr(body.config, "_attn_implementation", None)
         if impl not in MASKED_ATTENTION:
@@ -329,21 +559,45 @@ class LlaraModel(nn.Module):
             position_ids=batch.position_ids.to(param.device),
             use_cache=False,
         )
-        return embeddings_from_hidden(out.last_hidden_state, batch)
+        return out.last_hidden_state
+
+    def _embeddings(self, hidden: torch.Tensor, batch: JointBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        if batch.ebae_summary is None or batch.ebar_summary is None:
+            return embeddings_from_hidden(hidden, batch)
+        # flagembedding: the mean of the summary states, what the encoder pools at inference.
+        return summary_states(hidden, batch.ebae_summary).mean(1), summary_states(hidden, batch.ebar_summary).mean(1)
+
+    def embed(self, batch: JointBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(EBAE, EBAR) embeddings from one joint pass."""
+        return self._embeddings(self.hidden(batch), batch)
 
     def forward(self, batch: JointBatch) -> dict[str, torch.Tensor]:
-        """Embeddings always; ``loss``, ``loss_ebae``, ``loss_ebar`` when the batch has targets.
+        """Embeddings always; ``loss``, ``loss_ebae``, ``loss_ebar`` (and ``loss_lm`` for
+        flagembedding) when the batch has targets.
 
-        loss = ebae_weight * loss_ebae + ebar_weight * loss_ebar (paper: both weights 1).
+        loss = ebae_weight * loss_ebae + ebar_weight * loss_ebar [+ lm_weight * loss_lm]
+        (paper: both weights 1; release: 0.05, 0.05, 1).
         """
-        ebae, ebar = self.embed(batch)
+        obj = self.objective
+        if obj.flag != (batch.ebae_summary is not None):
+            raise ValueError(f"the batch was not built for the {obj.variant!r} variant")
+        hidden = self.hidden(batch)
+        ebae, ebar = self._embeddings(hidden, batch)
         out = {"ebae_emb": ebae, "ebar_emb": ebar}
         if batch.ebae_targets is None or batch.ebar_targets is None:
             return out
         dev = ebae.device
-        out["loss_ebae"] = bow_loss(self.projection(ebae), batch.ebae_targets.to(dev))
-        out["loss_ebar"] = bow_loss(self.projection(ebar), batch.ebar_targets.to(dev))
-        out["loss"] = self.objective.ebae_weight * out["loss_ebae"] + self.objective.ebar_weight * out["loss_ebar"]
+        if obj.flag:
+            logits_ae = summary_logits(hidden, batch.ebae_summary, self.projection)
+            logits_ar = summary_logits(hidden, batch.ebar_summary, self.projection)
+        else:
+            logits_ae, logits_ar = self.projection(ebae), self.projection(ebar)
+        out["loss_ebae"] = bow_loss(logits_ae, batch.ebae_targets.to(dev))
+        out["loss_ebar"] = bow_loss(logits_ar, batch.ebar_targets.to(dev))
+        out["loss"] = obj.ebae_weight * out["loss_ebae"] + obj.ebar_weight * out["loss_ebar"]
+        if obj.flag:
+            out["loss_lm"] = lm_loss(hidden, batch.lm_labels, self.lm.get_output_embeddings())
+            out["loss"] = out["loss"] + obj.lm_weight * out["loss_lm"]
         return out
 
 

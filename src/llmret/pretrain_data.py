@@ -631,9 +631,21 @@ class ShardDataset(torch.utils.data.Dataset):
         return self.shards[0].metadata["tokenizer_vocab_sha256"]
 
     def check_compatible(self, tokenizer, objective: LlaraObjective) -> None:
-        """Refuse a tokenizer whose ids differ from the shards', or an objective wanting longer texts than stored."""
+        """Refuse a tokenizer whose ids differ from the shards', or an objective wanting longer texts than stored.
+
+        The fingerprint covers added tokens: shards for a flagembedding objective are made
+        after :func:`llara.add_summary_tokens`, and training must add the same tokens first.
+        """
+        ebae, ebar = objective.summary_names()
+        vocab = tokenizer.get_vocab()
+        missing = [t for t in ebae + ebar if t not in vocab]
+        if missing:
+            raise ValueError(f"the tokenizer lacks the summary tokens {missing}; call llara.add_summary_tokens first")
         if tokenizer_fingerprint(tokenizer) != self.tokenizer_fingerprint:
-            raise ValueError("the tokenizer's vocabulary differs from the one the shards were made with")
+            raise ValueError(
+                "the tokenizer's vocabulary differs from the one the shards were made with "
+                "(same base model, and the same summary tokens added?)"
+            )
         if objective.max_text_length > self.max_text_length:
             raise ValueError(
                 f"objective.max_text_length={objective.max_text_length} but shards hold at most "

@@ -13,22 +13,39 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import settings
-from .llara import EBAE_PROMPT, EBAR_PROMPT, LlaraObjective
+from .llara import LlaraObjective, add_summary_tokens
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class PretrainSpec:
-    """What the shards and the objective are made of (the ``pretraining.{run}`` config)."""
+    """What the shards and the objective are made of (the ``pretraining.{run}`` config).
+
+    ``variant`` picks the paper's objective or the released FlagEmbedding one
+    (:class:`llmret.llara.LlaraObjective`); settings left at None take the variant's value,
+    ``head`` included: ``copy`` for the paper, ``tie`` for flagembedding (the release
+    projects with the LM head itself).
+    """
 
     shards: int = 2
     seed: int = 13
     max_text_length: int = 64
     min_words: int = 8
-    ebae_prompt: str = EBAE_PROMPT
-    ebar_prompt: str = EBAR_PROMPT
-    head: str = "copy"
+    ebae_prompt: str | None = None
+    ebar_prompt: str | None = None
+    head: str | None = None
+    variant: str = "paper"
+    text_prefix: str | None = None
+    summary_tokens: int = 8
+    lm_weight: float | None = None
+    ebae_weight: float | None = None
+    ebar_weight: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.head is None:
+            object.__setattr__(self, "head", "tie" if self.variant == "flagembedding" else "copy")
+        self.objective()  # a bad variant, prompt or weight fails here, not in a training job
 
     @classmethod
     def from_config(cls, cfg: Mapping) -> PretrainSpec:
@@ -36,7 +53,15 @@ class PretrainSpec:
 
     def objective(self) -> LlaraObjective:
         return LlaraObjective(
-            ebae_prompt=self.ebae_prompt, ebar_prompt=self.ebar_prompt, max_text_length=self.max_text_length
+            ebae_prompt=self.ebae_prompt,
+            ebar_prompt=self.ebar_prompt,
+            max_text_length=self.max_text_length,
+            ebae_weight=self.ebae_weight,
+            ebar_weight=self.ebar_weight,
+            variant=self.variant,
+            text_prefix=self.text_prefix,
+            lm_weight=self.lm_weight,
+            summary_tokens=self.summary_tokens,
         )
 
 
@@ -59,6 +84,7 @@ def make_shard(
     if not corpus_paths and not dpr_paths:
         raise ValueError("no pretraining source: give corpora, DPR Wikipedia, or both")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    add_summary_tokens(tokenizer, spec.objective())  # the vocabulary training will use, in the fingerprint
     sources = [pairs_from_beir(corpus_paths, min_words=spec.min_words)] if corpus_paths else []
     sources += [pairs_from_dpr_wiki(p) for p in dpr_paths]
     stats = tokenize_shard(
@@ -83,7 +109,7 @@ def pretrain(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .llara import PAD, LlaraModel
+    from .llara import PAD, LlaraModel, fit_embeddings
     from .pretrain_data import ShardDataset, collate
     from .training import TrainingArgs, save_llara, train
 
@@ -91,6 +117,10 @@ def pretrain(
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     objective = spec.objective()
+    # flagembedding: the summary tokens join the vocabulary (as in make_shard) and the
+    # embeddings grow to hold them; the tokenizer is saved with the checkpoint by train().
+    add_summary_tokens(tokenizer, objective)
+    fit_embeddings(lm, tokenizer)
     dataset = ShardDataset.from_manifest(manifest)
     dataset.check_compatible(tokenizer, objective)
     model = LlaraModel(lm, objective, head=spec.head)

@@ -480,8 +480,11 @@ def _save_pretrained(obj: Any, out_dir: Path) -> None:
 def save_llara(model: nn.Module, out_dir: Path) -> None:
     """``save_fn`` for :class:`llmret.llara.LlaraModel`: the LM (or its PEFT adapter) with
     ``save_pretrained``, the separate projection head as ``projection.safetensors`` (only for
-    ``head="copy"``; with ``"tie"`` it is the LM head already saved) and ``llara.json``."""
+    ``head="copy"``; with ``"tie"`` it is the LM head already saved) and ``llara.json``, which
+    also names the dense-system settings that encode as the objective trained."""
     from safetensors.torch import save_file
+
+    from .llara import encoder_settings
 
     _save_pretrained(model.lm, out_dir)
     if model.head == "copy":
@@ -489,7 +492,14 @@ def save_llara(model: nn.Module, out_dir: Path) -> None:
             {"weight": model.projection.weight.detach().cpu().contiguous()}, str(out_dir / "projection.safetensors")
         )
     (out_dir / "llara.json").write_text(
-        json.dumps({"head": model.head, "objective": asdict(model.objective)}, indent=2)
+        json.dumps(
+            {
+                "head": model.head,
+                "objective": asdict(model.objective),
+                "encoder": encoder_settings(model.objective),
+            },
+            indent=2,
+        )
     )
 
 
