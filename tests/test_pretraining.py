@@ -254,3 +254,29 @@ def test_flag_pretraining_end_to_end(tmp_path, smollm2_dir):
     ids = enc.tokenize(["Bees hum."], "passage")[0]
     assert trained.convert_ids_to_tokens(ids[-8:]) == [f"<s{i}>" for i in range(1, 9)]
     assert enc.encode(["Bees hum."], "passage", show_progress=False).shape == (1, 32)
+
+
+def test_effective_settings_resolve_defaults_and_keep_paper_params_stable():
+    paper = pretraining.PretrainSpec.from_config({"shards": 2, "ebae_prompt": None, "head": None})
+    # the keys (and values) a paper run had before variants existed: cached runs stay valid
+    assert paper.effective() == {
+        "shards": 2,
+        "seed": 13,
+        "max_text_length": 64,
+        "min_words": 8,
+        "ebae_prompt": " The original sentence:",
+        "ebar_prompt": " The next sentence:",
+        "head": "copy",
+    }
+    assert pretraining.PretrainSpec.from_config(paper.effective()).effective() == paper.effective()
+    flag = pretraining.PretrainSpec.from_config({"variant": "flagembedding"}).effective()
+    assert (flag["variant"], flag["head"], flag["lm_weight"], flag["ebae_weight"]) == (
+        "flagembedding",
+        "tie",
+        1.0,
+        0.05,
+    )
+    weighted = pretraining.PretrainSpec.from_config({"lm_weight": 0.0, "ebae_weight": 2.0}).effective()
+    assert weighted["ebae_weight"] == 2.0  # a non-default weight is part of the params
+    # keys follow the config's order, the rest after
+    assert list(paper.effective(order=["head", "shards"]))[:3] == ["head", "shards", "seed"]

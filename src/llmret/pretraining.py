@@ -51,6 +51,37 @@ class PretrainSpec:
     def from_config(cls, cfg: Mapping) -> PretrainSpec:
         return settings(cls, cfg, "pretraining settings")
 
+    def effective(self, order: Sequence[str] = ()) -> dict:
+        """The settings with every None resolved, for the workflow's ``params``: what the
+        run really does, so writing a default out (or leaving it null) never retrains. The
+        paper variant lists only the keys it had before variants existed, so its cached
+        shards and checkpoints stay valid. Keys come in ``order`` first (the config's order:
+        Snakemake compares params by their printed form), then the rest."""
+        obj = self.objective()
+        out = {
+            "shards": self.shards,
+            "seed": self.seed,
+            "max_text_length": self.max_text_length,
+            "min_words": self.min_words,
+            "ebae_prompt": obj.ebae_prompt,
+            "ebar_prompt": obj.ebar_prompt,
+            "head": self.head,
+        }
+        defaults = PretrainSpec().objective()
+        if obj.variant != "paper" or any(
+            getattr(obj, k) != getattr(defaults, k) for k in ("text_prefix", "lm_weight", "ebae_weight", "ebar_weight")
+        ):
+            out.update(
+                variant=obj.variant,
+                text_prefix=obj.text_prefix,
+                summary_tokens=obj.summary_tokens,
+                lm_weight=obj.lm_weight,
+                ebae_weight=obj.ebae_weight,
+                ebar_weight=obj.ebar_weight,
+            )
+        first = [k for k in order if k in out]
+        return {k: out[k] for k in [*first, *(k for k in out if k not in first)]}
+
     def objective(self) -> LlaraObjective:
         return LlaraObjective(
             ebae_prompt=self.ebae_prompt,

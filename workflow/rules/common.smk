@@ -63,9 +63,13 @@ def dpr_wiki_input(run):
 
 
 def pretrain_spec(run):
-    """A run's shard and objective settings (what PretrainSpec holds)."""
+    """A run's shard and objective settings (what PretrainSpec holds), defaults resolved,
+    so only a change of what the run does reruns it."""
+    from llmret.pretraining import PretrainSpec
+
     skip = ("model", "corpora", "dpr_wiki", "training", "gpus")
-    return {k: v for k, v in config["pretraining"][run].items() if k not in skip}
+    raw = {k: v for k, v in config["pretraining"][run].items() if k not in skip}
+    return PretrainSpec.from_config(raw).effective(order=list(raw))
 
 
 def system_settings(wildcards):
