@@ -115,6 +115,13 @@ def mined_run(wildcards):
     return f"results/runs/{m['retriever']}/{m['dataset']}/train.trec"
 
 
+def training_settings(section, run):
+    """A run's training settings without the DeepSpeed file's path: the file is an input
+    (its content triggers reruns), so moving the checkout does not retrain."""
+    training = config[section][run]["training"]
+    return {k: v for k, v in training.items() if k != "deepspeed_config"}
+
+
 def finetune_spec(run):
     """A fine-tuning run's contrastive settings (what llmret.finetuning.ContrastiveSpec holds)."""
     skip = ("model", "negatives", "lora", "training", "gpus")

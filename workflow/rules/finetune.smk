@@ -152,7 +152,7 @@ rule finetune:
     params:
         spec=lambda wc: finetune_spec(wc.run),
         lora=lambda wc: config["finetuning"][wc.run]["lora"],
-        training=lambda wc: config["finetuning"][wc.run]["training"],
+        training=lambda wc: training_settings("finetuning", wc.run),
         checkpoint_dir=lambda wc: f"results/checkpoints/{wc.run}",
     script:
         "../scripts/finetune.py"

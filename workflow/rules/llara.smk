@@ -119,7 +119,7 @@ rule llara_pretrain:
         gpu=lambda wc: config["pretraining"][wc.run]["gpus"],
     params:
         spec=lambda wc: pretrain_spec(wc.run),
-        training=lambda wc: config["pretraining"][wc.run]["training"],
+        training=lambda wc: training_settings("pretraining", wc.run),
         checkpoint_dir=lambda wc: f"results/checkpoints/{wc.run}",
     script:
         "../scripts/llara_pretrain.py"

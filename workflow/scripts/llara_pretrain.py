@@ -7,7 +7,7 @@ from llmret import launch, logs, pretraining
 
 sm = snakemake  # noqa: F821
 logs.to_file(sm.log[0])
-training = dict(sm.params.training)
+training = {**sm.params.training, "deepspeed_config": sm.input.deepspeed}
 training["log_path"] = str(Path(sm.params.checkpoint_dir) / "train_log.jsonl")
 launch.run(
     "pretrain",
