@@ -8,6 +8,7 @@ returns, so malformed input stops here with the file and line that is wrong.
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import os
@@ -75,8 +76,12 @@ class Subsample:
         return self.max_queries is not None or self.max_docs is not None
 
 
-def _jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:
-    with open(path, encoding="utf-8") as f:
+def jsonl_records(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) of each non-blank line of a JSONL file, plain or gzip (released
+    training files often are); a line that is not a JSON object fails naming ``file:line``."""
+    with open(path, "rb") as probe:
+        gzipped = probe.read(2) == b"\x1f\x8b"
+    with gzip.open(path, "rt", encoding="utf-8") if gzipped else open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -122,7 +127,7 @@ def join_title(title: str, text: str) -> str:
 def _unique_records(path: Path, what: str) -> Iterator[tuple[int, str, dict]]:
     """``(line, id, record)`` per JSONL record; a repeated id names both lines."""
     first_line: dict[str, int] = {}
-    for lineno, rec in _jsonl_records(path):
+    for lineno, rec in jsonl_records(path):
         rec_id = _id_of(rec, path, lineno)
         if rec_id in first_line:
             raise BeirFormatError(

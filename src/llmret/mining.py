@@ -12,7 +12,6 @@ Tevatron's format is one JSON object per line: ``query_id``, ``query``,
 
 from __future__ import annotations
 
-import gzip
 import json
 import logging
 import math
@@ -246,39 +245,28 @@ def read_tevatron(path: str | Path) -> list[dict]:
     path = Path(path)
     examples: list[dict] = []
     first_line: dict[str, int] = {}
-    with open(path, "rb") as probe:
-        gzipped = probe.read(2) == b"\x1f\x8b"  # released Tevatron files are often .jsonl.gz
-    with gzip.open(path, "rt", encoding="utf-8") if gzipped else open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                ex = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(ex, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(ex).__name__}")
-            for key in TEVATRON_KEYS:
-                if key not in ex:
-                    raise ValueError(f"{where}: missing key {key!r}")
-            if not isinstance(ex["query_id"], str) or not ex["query_id"]:
-                raise ValueError(f"{where}: 'query_id' must be a non-empty string, got {ex['query_id']!r}")
-            if not isinstance(ex["query"], str):
-                raise ValueError(f"{where}: 'query' must be a string")
-            if ex["query_id"] in first_line:
-                raise ValueError(
-                    f"{where}: duplicate query id {ex['query_id']!r} (first on line {first_line[ex['query_id']]})"
-                )
-            first_line[ex["query_id"]] = lineno
-            for key in ("positive_passages", "negative_passages"):
-                if not isinstance(ex[key], list):
-                    raise ValueError(f"{where}: {key!r} must be a list")
-                for p in ex[key]:
-                    _check_passage(p, where)
-            if not ex["positive_passages"]:
-                raise ValueError(f"{where}: 'positive_passages' is empty")
-            examples.append(ex)
+    for lineno, ex in beir.jsonl_records(path):
+        where = f"{path}:{lineno}"
+        for key in TEVATRON_KEYS:
+            if key not in ex:
+                raise ValueError(f"{where}: missing key {key!r}")
+        if not isinstance(ex["query_id"], str) or not ex["query_id"]:
+            raise ValueError(f"{where}: 'query_id' must be a non-empty string, got {ex['query_id']!r}")
+        if not isinstance(ex["query"], str):
+            raise ValueError(f"{where}: 'query' must be a string")
+        if ex["query_id"] in first_line:
+            raise ValueError(
+                f"{where}: duplicate query id {ex['query_id']!r} (first on line {first_line[ex['query_id']]})"
+            )
+        first_line[ex["query_id"]] = lineno
+        for key in ("positive_passages", "negative_passages"):
+            if not isinstance(ex[key], list):
+                raise ValueError(f"{where}: {key!r} must be a list")
+            for p in ex[key]:
+                _check_passage(p, where)
+        if not ex["positive_passages"]:
+            raise ValueError(f"{where}: 'positive_passages' is empty")
+        examples.append(ex)
     return examples
 
 
