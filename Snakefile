@@ -26,3 +26,4 @@ rule all:
         "results/plots/beir_table.png",
         expand("results/plots/{run}_loss.png", run=PRETRAIN_RUNS + FINETUNE_RUNS),
         ["results/msmarco_table.csv"] if config.get("msmarco_table") else [],
+        ["results/expected_check.tsv"] if EXPECTED else [],

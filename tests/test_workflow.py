@@ -142,6 +142,15 @@ def test_mined_negatives_and_finetuned_models(smoke_run):
         assert row["DL19 nDCG@10"] == pytest.approx(beir_dl19[row["system"]], abs=1e-3)
 
 
+def test_expected_scores_hold_on_the_smoke_preset(smoke_run):
+    """config/expected/smoke.yaml: every cell within tolerance (the run itself would have
+    failed otherwise), and the report lists every cell of the file."""
+    workdir, _ = smoke_run
+    report = pd.read_csv(workdir / "results" / "expected_check.tsv", sep="\t")
+    assert len(report) == 14 and set(report["status"]) == {"ok"}
+    assert (report["measured"] - report["expected"]).abs().le(report["tolerance"] + 1e-4).all()
+
+
 def test_finetuning_change_retrains_without_remining(smoke_run, tmp_path):
     workdir, mirror = smoke_run
     overlay = tmp_path / "overlay.yaml"
@@ -192,7 +201,7 @@ def test_changed_setting_reruns_only_what_depends_on_it(smoke_run, tmp_path):
     out = snakemake(workdir, "-n", "--configfile", str(SMOKE), str(overlay), "--config", f"mirror={mirror}")
     jobs = _planned_jobs(out.stdout + out.stderr)
     rules = {r for r, _ in jobs}
-    tables = {"beir_table", "msmarco_table", "plot_table", "all"}
+    tables = {"beir_table", "msmarco_table", "plot_table", "check_expected", "all"}
     assert rules == {"encode", "faiss_index", "dense_search", "evaluate"} | tables
     for rule, wc in jobs:
         if rule in ("encode", "faiss_index", "dense_search", "evaluate"):

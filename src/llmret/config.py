@@ -9,7 +9,7 @@ named.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import fields
 from typing import TypeVar
 
@@ -43,7 +43,17 @@ def check(config: Mapping) -> None:
         raise ConfigError("datasets: at least one dataset is needed")
     if not systems:
         raise ConfigError("systems: at least one system is needed")
+    raw_files(config)  # one URL, one checksum
     for name, ds in datasets.items():
+        if "files" in ds:
+            if "url" in ds or "mirror_path" in ds:
+                raise ConfigError(f"datasets.{name}: set either files or url/mirror_path, not both")
+            if ds.get("split") not in ds["files"]["splits"]:
+                raise ConfigError(
+                    f"datasets.{name}.split: {ds.get('split')!r} is not one of files.splits "
+                    f"({sorted(ds['files']['splits'])})"
+                )
+            continue
         for key in ("url", "md5"):
             if not ds.get(key):
                 raise ConfigError(f"datasets.{name}.{key}: not set, and {name!r} is not a known BEIR dataset")
@@ -181,6 +191,78 @@ def resolve_paths(config: dict, basedir: str) -> None:
         path = training["deepspeed_config"]
         if not os.path.isabs(path) and not os.path.exists(path):
             training["deepspeed_config"] = os.path.join(basedir, path)
+    expected = config.get("expected")
+    if expected and not os.path.isabs(expected["file"]) and not os.path.exists(expected["file"]):
+        expected["file"] = os.path.join(basedir, expected["file"])
+
+
+def expected_cells(config: Mapping) -> list:
+    """The expected-scores cells of ``expected.file`` (none when unset), each naming a
+    configured system and dataset and an evaluated metric (errors give file:line)."""
+    from . import expected
+
+    spec = config.get("expected")
+    if not spec:
+        return []
+    try:
+        cells = expected.load(spec["file"])
+        expected.check_names(
+            cells, config["systems"], config["datasets"], config["evaluation"]["metrics"], spec["file"]
+        )
+    except expected.ExpectedError as e:
+        raise ConfigError(f"expected.file: {e}") from e
+    return cells
+
+
+def _file_entries(ds: Mapping) -> Iterator[tuple[str, Mapping]]:
+    files = ds["files"]
+    yield "files.corpus", files["corpus"]
+    for split, pair in files["splits"].items():
+        for role in ("queries", "qrels"):
+            yield f"files.splits.{split}.{role}", pair[role]
+
+
+def file_name(entry: Mapping) -> str:
+    """Local name of a raw file's download: the URL's last path segment."""
+    return entry["url"].rstrip("/").rsplit("/", 1)[-1].split("?", 1)[0]
+
+
+def raw_files(config: Mapping) -> dict[str, dict]:
+    """Every raw file to download, by local name: url, md5 and mirror path. Two entries
+    with the same name must be the same download (URL and md5), so it is fetched once."""
+    out: dict[str, dict] = {}
+    where: dict[str, str] = {}
+    for name, ds in (config.get("datasets") or {}).items():
+        if "files" not in ds:
+            continue
+        for key, entry in _file_entries(ds):
+            fname = file_name(entry)
+            spec = {
+                "url": entry["url"],
+                "md5": entry["md5"].lower(),
+                "mirror_path": entry.get("mirror_path", f"files/{fname}"),
+            }
+            if fname in out and out[fname] != spec:
+                raise ConfigError(
+                    f"datasets.{name}.{key}: {fname!r} is also downloaded by {where[fname]} with another "
+                    f"url, md5 or mirror_path ({out[fname]} vs {spec})"
+                )
+            out.setdefault(fname, spec)
+            where.setdefault(fname, f"datasets.{name}.{key}")
+    return out
+
+
+def dataset_files(ds: Mapping) -> dict:
+    """A files-dataset's layout with local download names: what the assemble job reads."""
+    files = ds["files"]
+
+    def local(entry):
+        return {"file": file_name(entry), "member": entry.get("member")}
+
+    return {
+        "corpus": local(files["corpus"]),
+        "splits": {s: {r: local(p[r]) for r in ("queries", "qrels")} for s, p in files["splits"].items()},
+    }
 
 
 def table_systems(config: Mapping) -> list[str]:

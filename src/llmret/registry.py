@@ -34,6 +34,10 @@ BEIR_EVAL_SPLIT = {"msmarco": "dev"}
 def complete_dataset(name: str, cfg: Mapping) -> dict:
     """Fill ``url``, ``md5`` and ``split`` of a known BEIR dataset where the config omits them."""
     out = dict(cfg)
+    if "files" in out:  # assembled from raw files: nothing of BEIR's applies
+        splits = list(out["files"].get("splits") or {})
+        out.setdefault("split", splits[0] if len(splits) == 1 else "test")
+        return out
     if name in BEIR_MD5:
         out.setdefault("url", BEIR_URL.format(name=name))
         out.setdefault("md5", BEIR_MD5[name])

@@ -17,6 +17,9 @@ cfgcheck.complete(config)
 cfgcheck.check(config)
 
 DATASETS = list(config["datasets"])
+FILE_DATASETS = [d for d in DATASETS if "files" in config["datasets"][d]]
+ZIP_DATASETS = [d for d in DATASETS if d not in FILE_DATASETS]
+RAW_FILES = cfgcheck.raw_files(config)
 TABLE_SYSTEMS = cfgcheck.table_systems(config)
 TABLE_DATASETS = cfgcheck.table_datasets(config)
 BM25_SYSTEMS = cfgcheck.systems_of_type(config, "bm25")
@@ -30,6 +33,7 @@ MSMARCO_SYSTEMS = list(
     (config.get("msmarco_table") or {}).get("systems") or TABLE_SYSTEMS
 )
 cfgcheck.resolve_paths(config, workflow.basedir)
+EXPECTED = cfgcheck.expected_cells(config)
 
 
 def one_of(names):
@@ -41,6 +45,15 @@ def one_of(names):
 
 wildcard_constraints:
     dataset=one_of(DATASETS),
+
+
+def dataset_file_names(dataset):
+    """Local download names of a files-dataset's raw files."""
+    layout = cfgcheck.dataset_files(config["datasets"][dataset])
+    names = [layout["corpus"]["file"]]
+    for pair in layout["splits"].values():
+        names += [pair["queries"]["file"], pair["qrels"]["file"]]
+    return names
 
 
 def model_dir(name):

@@ -3,6 +3,7 @@
 
 localrules:
     download_dataset,
+    download_file,
 
 
 rule download_dataset:
@@ -12,6 +13,8 @@ rule download_dataset:
         "resources/downloads/{dataset}.zip",
     log:
         "logs/download/{dataset}.log",
+    wildcard_constraints:
+        dataset=one_of(ZIP_DATASETS),
     conda:
         "../../envs/retrieval.yaml"
     resources:
@@ -28,6 +31,49 @@ rule download_dataset:
         "../scripts/download_dataset.py"
 
 
+rule download_file:
+    """One raw file of a files-dataset (MS MARCO's official TSVs, TREC qrels), fetched
+    once however many datasets read it; md5-verified like the zips."""
+    output:
+        "resources/downloads/files/{file}",
+    log:
+        "logs/download/files/{file}.log",
+    wildcard_constraints:
+        file=one_of(RAW_FILES),
+    conda:
+        "../../envs/retrieval.yaml"
+    resources:
+        downloads=1,
+    params:
+        url=lambda wc: RAW_FILES[wc.file]["url"],
+        md5=lambda wc: RAW_FILES[wc.file]["md5"],
+        mirror_path=lambda wc: RAW_FILES[wc.file]["mirror_path"],
+        retries=config["download"]["retries"],
+        timeout=config["download"]["timeout"],
+    script:
+        "../scripts/download_dataset.py"
+
+
+rule assemble_dataset:
+    """The BEIR layout from raw files: corpus, every split's queries, TREC qrels."""
+    input:
+        lambda wc: sorted(
+            {f"resources/downloads/files/{f}" for f in dataset_file_names(wc.dataset)}
+        ),
+    output:
+        directory("resources/datasets/{dataset}"),
+    log:
+        "logs/assemble/{dataset}.log",
+    wildcard_constraints:
+        dataset=one_of(FILE_DATASETS),
+    conda:
+        "../../envs/retrieval.yaml"
+    params:
+        layout=lambda wc: cfgcheck.dataset_files(config["datasets"][wc.dataset]),
+    script:
+        "../scripts/assemble_dataset.py"
+
+
 rule unpack_dataset:
     input:
         "resources/downloads/{dataset}.zip",
@@ -35,6 +81,8 @@ rule unpack_dataset:
         directory("resources/datasets/{dataset}"),
     log:
         "logs/unpack/{dataset}.log",
+    wildcard_constraints:
+        dataset=one_of(ZIP_DATASETS),
     conda:
         "../../envs/retrieval.yaml"
     script:

@@ -107,3 +107,27 @@ if config.get("msmarco_table"):
             columns=config["msmarco_table"]["columns"],
         script:
             "../scripts/column_table.py"
+
+
+if EXPECTED:
+    # (system, dataset) pairs with an expected cell, in the order of the rule's input.
+    EXPECTED_RUNS = sorted({(c.system, c.dataset) for c in EXPECTED})
+
+    rule check_expected:
+        """Each expected (system, dataset, metric) cell against this run's metrics: a TSV
+        with expected, measured, delta and ok / drift-up / drift-down; with on_drift
+        error the job fails and its log names every drifting cell."""
+        input:
+            expected=config["expected"]["file"],
+            metrics=[f"results/metrics/{s}/{d}.json" for s, d in EXPECTED_RUNS],
+        output:
+            "results/expected_check.tsv",
+        log:
+            "logs/check_expected.log",
+        conda:
+            "../../envs/evaluation.yaml"
+        params:
+            runs=EXPECTED_RUNS,
+            on_drift=config["expected"]["on_drift"],
+        script:
+            "../scripts/check_expected.py"

@@ -1,0 +1,20 @@
+"""Snakemake entry point: assemble a BEIR folder from raw MS MARCO / TREC files."""
+
+import logging
+from pathlib import Path
+
+from llmret import logs, rawfiles
+
+sm = snakemake  # noqa: F821
+logs.to_file(sm.log[0])
+folder = Path(sm.input[0]).parent
+
+
+def raw(entry: dict) -> rawfiles.RawFile:
+    return rawfiles.RawFile(folder / entry["file"], entry.get("member"))
+
+
+layout = sm.params.layout
+splits = {s: rawfiles.Split(raw(p["queries"]), raw(p["qrels"])) for s, p in layout["splits"].items()}
+counts = rawfiles.assemble(raw(layout["corpus"]), splits, sm.output[0])
+logging.info("assembled %s: %s", sm.output[0], counts)

@@ -1,0 +1,15 @@
+"""Snakemake entry point: compare a run's metrics with the expected-scores file."""
+
+import sys
+
+from llmret import expected, logs, tables
+
+sm = snakemake  # noqa: F821
+logs.to_file(sm.log[0])
+cells = expected.load(sm.input.expected)
+runs = {tuple(r): tables.read_metrics(p)["metrics"] for r, p in zip(sm.params.runs, sm.input.metrics, strict=True)}
+outcomes = expected.compare(cells, expected.measured_values(cells, runs))
+print(expected.render(outcomes), expected.summary(outcomes), sep="\n", file=sys.stderr)
+if sm.params.on_drift == "error":
+    expected.raise_on_drift(outcomes, sm.input.expected)
+expected.write_report(outcomes, sm.output[0])
