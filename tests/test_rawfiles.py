@@ -158,6 +158,7 @@ def _files_config(raw, tar_md5=None):
                 },
             },
             "relevance_level": 2,
+            "corpus_from": "toy-dev",
         },
     }
 
@@ -170,6 +171,22 @@ def test_one_download_per_url_and_conflicts_named(raw):
     datasets["toy-dl19"]["files"]["corpus"]["md5"] = "0" * 32
     with pytest.raises(cfg.ConfigError, match=r"datasets.toy-dl19.files.corpus: 'collectionandqueries.tar.gz' is also"):
         cfg.raw_files({"datasets": datasets})
+
+
+def test_corpus_from_must_share_the_download(raw):
+    datasets = _files_config(raw)
+    cfg._check_shared_corpora(datasets)
+    for change, message in [
+        ({"corpus_from": "toy-dl19"}, "'toy-dl19' must be another dataset"),
+        ({"corpus_from": "nope"}, "'nope' must be another dataset"),
+        ({"subsample": {"max_docs": 10}}, "datasets.toy-dl19.subsample.max_docs would make the two corpora differ"),
+    ]:
+        broken = {**datasets, "toy-dl19": {**datasets["toy-dl19"], **change}}
+        with pytest.raises(cfg.ConfigError, match=__import__("re").escape(message)):
+            cfg._check_shared_corpora(broken)
+    other = {**datasets["toy-dl19"]["files"], "corpus": {"url": "https://x/c.tsv", "md5": "1" * 32}}
+    with pytest.raises(cfg.ConfigError, match="do not download the same corpus"):
+        cfg._check_shared_corpora({**datasets, "toy-dl19": {**datasets["toy-dl19"], "files": other}})
 
 
 @pytest.mark.integration
@@ -206,6 +223,8 @@ def test_workflow_assembles_and_evaluates_files_datasets(raw, tmp_path):
     assert len(list((work / "resources" / "downloads" / "files").iterdir())) == 3
     assert proc.stderr.count("rule download_file:") == 3
     assert proc.stderr.count("rule assemble_dataset:") == 2
+    assert proc.stderr.count("rule bm25_index:") == 1  # DL19 searches toy-dev's index
+    assert not (work / "results" / "index" / "bm25" / "toy-dl19").exists()
     info = json.loads((work / "results" / "data" / "toy-dl19" / "dataset.json").read_text())
     assert info["queries"] == 2
     table = (work / "results" / "beir_table.csv").read_text().splitlines()

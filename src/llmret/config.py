@@ -44,6 +44,7 @@ def check(config: Mapping) -> None:
     if not systems:
         raise ConfigError("systems: at least one system is needed")
     raw_files(config)  # one URL, one checksum
+    _check_shared_corpora(datasets)
     for name, ds in datasets.items():
         if "files" in ds:
             if "url" in ds or "mirror_path" in ds:
@@ -212,6 +213,33 @@ def expected_cells(config: Mapping) -> list:
     except expected.ExpectedError as e:
         raise ConfigError(f"expected.file: {e}") from e
     return cells
+
+
+def _corpus_source(ds: Mapping) -> tuple:
+    if "files" in ds:
+        c = ds["files"]["corpus"]
+        return (c["url"], c["md5"].lower(), c.get("member"))
+    md5 = ds.get("md5")
+    return (ds.get("url"), tuple(sorted([md5] if isinstance(md5, str) else md5 or [])))
+
+
+def _check_shared_corpora(datasets: Mapping) -> None:
+    """corpus_from is safe only when both corpora are the same documents: the same
+    download, and no document subsampling on either side."""
+    for name, ds in datasets.items():
+        src = ds.get("corpus_from")
+        if not src:
+            continue
+        where = f"datasets.{name}.corpus_from"
+        if src == name or src not in datasets:
+            raise ConfigError(f"{where}: {src!r} must be another dataset ({sorted(set(datasets) - {name})})")
+        if datasets[src].get("corpus_from"):
+            raise ConfigError(f"{where}: {src!r} takes its corpus from {datasets[src]['corpus_from']!r}: name that")
+        for d in (name, src):
+            if (datasets[d].get("subsample") or {}).get("max_docs"):
+                raise ConfigError(f"{where}: datasets.{d}.subsample.max_docs would make the two corpora differ")
+        if _corpus_source(ds) != _corpus_source(datasets[src]):
+            raise ConfigError(f"{where}: {name!r} and {src!r} do not download the same corpus")
 
 
 def _file_entries(ds: Mapping) -> Iterator[tuple[str, Mapping]]:

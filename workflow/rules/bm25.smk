@@ -22,7 +22,7 @@ rule bm25_index:
 
 rule bm25_search:
     input:
-        index="results/index/{system}/{dataset}/bm25",
+        index=lambda wc: index_path(wc, "bm25"),
         queries=lambda wc: prepared(wc.dataset, "queries"),
     output:
         "results/runs/{system}/{dataset}.trec",

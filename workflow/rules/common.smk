@@ -141,6 +141,16 @@ def finetune_spec(run):
     return {k: v for k, v in config["finetuning"][run].items() if k not in skip}
 
 
+def corpus_of(dataset):
+    """The dataset whose corpus index a dataset searches: itself, or its corpus_from
+    (TREC DL19/DL20 and MS MARCO dev share one 8.8M-passage index)."""
+    return config["datasets"][dataset].get("corpus_from") or dataset
+
+
+def index_path(wc, kind):
+    return f"results/index/{wc.system}/{corpus_of(wc.dataset)}/{kind}"
+
+
 def prepared(dataset, what):
     """Paths of the validated (and maybe subsampled) copy every system reads, and of the
     training split (train-queries, train-qrels, train-info) that mining reads."""

@@ -49,8 +49,8 @@ rule faiss_index:
 
 rule dense_search:
     input:
-        index="results/index/{system}/{dataset}/faiss.index",
-        doc_ids="results/embeddings/{system}/{dataset}/corpus.ids",
+        index=lambda wc: index_path(wc, "faiss.index"),
+        doc_ids=lambda wc: f"results/embeddings/{wc.system}/{corpus_of(wc.dataset)}/corpus.ids",
         queries="results/embeddings/{system}/{dataset}/queries.npy",
         query_ids="results/embeddings/{system}/{dataset}/queries.ids",
     output:

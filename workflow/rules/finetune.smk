@@ -26,7 +26,7 @@ rule prepare_train_split:
 
 use rule bm25_search as bm25_search_train with:
     input:
-        index="results/index/{system}/{dataset}/bm25",
+        index=lambda wc: index_path(wc, "bm25"),
         queries=lambda wc: prepared(wc.dataset, "train-queries"),
     output:
         "results/runs/{system}/{dataset}/train.trec",
@@ -40,8 +40,8 @@ use rule bm25_search as bm25_search_train with:
 
 use rule dense_search as dense_search_train with:
     input:
-        index="results/index/{system}/{dataset}/faiss.index",
-        doc_ids="results/embeddings/{system}/{dataset}/corpus.ids",
+        index=lambda wc: index_path(wc, "faiss.index"),
+        doc_ids=lambda wc: f"results/embeddings/{wc.system}/{corpus_of(wc.dataset)}/corpus.ids",
         queries="results/embeddings/{system}/{dataset}/train-queries.npy",
         query_ids="results/embeddings/{system}/{dataset}/train-queries.ids",
     output:
