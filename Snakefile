@@ -24,6 +24,9 @@ rule all:
     input:
         "results/beir_table.csv",
         "results/plots/beir_table.png",
-        expand("results/plots/{run}_loss.png", run=PRETRAIN_RUNS + FINETUNE_RUNS),
+        expand(
+            "results/plots/{run}_loss.png",
+            run=cfgcheck.runs_used(config, TABLE_SYSTEMS + MSMARCO_SYSTEMS),
+        ),
         ["results/msmarco_table.csv"] if config.get("msmarco_table") else [],
         ["results/expected_check.tsv"] if EXPECTED else [],

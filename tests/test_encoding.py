@@ -95,3 +95,16 @@ def test_max_length_too_small_is_named(llm):
     tiny.spec = EncoderSpec(passage_template="{text} The original sentence:", max_passage_length=4)
     with pytest.raises(ValueError, match="max_passage_length=4 leaves no room"):
         tiny.tokenize(["x"], "passage")
+
+
+def test_device_for_gpus(monkeypatch):
+    import torch
+
+    from llmret.encoding import device_for
+
+    assert device_for(0) == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="asked for 2 GPU"):
+        device_for(2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert device_for(1) == "cuda"

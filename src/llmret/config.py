@@ -9,7 +9,7 @@ named.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import fields
 from typing import TypeVar
 
@@ -291,6 +291,21 @@ def dataset_files(ds: Mapping) -> dict:
         "corpus": local(files["corpus"]),
         "splits": {s: {r: local(p[r]) for r in ("queries", "qrels")} for s, p in files["splits"].items()},
     }
+
+
+def runs_used(config: Mapping, systems: Iterable[str]) -> list[str]:
+    """Training runs (pretraining and fine-tuning, in config order) that the given systems'
+    models come from, directly or through a fine-tuning run's base: what `all` plots."""
+    pretraining, finetuning = config.get("pretraining") or {}, config.get("finetuning") or {}
+    used: set[str] = set()
+    stack = [config["systems"][s].get("model") for s in systems]
+    while stack:
+        name = stack.pop()
+        if name in used or (name not in pretraining and name not in finetuning):
+            continue
+        used.add(name)
+        stack.append((pretraining.get(name) or finetuning.get(name))["model"])
+    return [r for r in [*pretraining, *finetuning] if r in used]
 
 
 def table_systems(config: Mapping) -> list[str]:

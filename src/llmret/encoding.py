@@ -137,6 +137,19 @@ def pad_id_of(tokenizer) -> int:
     return pad if pad is not None else (eos if eos is not None else 0)
 
 
+def device_for(gpus: int) -> str:
+    """``cuda`` when the job was given GPUs, ``cpu`` when not. A job given GPUs that sees
+    none (no CUDA build, CUDA_VISIBLE_DEVICES empty) fails rather than crawl on the CPU."""
+    if gpus <= 0:
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            f"the job asked for {gpus} GPU(s) (the system's gpus setting) but torch sees no CUDA device; "
+            "set gpus: 0 to encode on the CPU"
+        )
+    return "cuda"
+
+
 class TextEncoder:
     """A loaded model plus the spec that says how to feed and pool it."""
 

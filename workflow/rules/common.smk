@@ -86,9 +86,9 @@ def pretrain_spec(run):
 
 
 def system_settings(wildcards):
-    """A system's encoder/scorer settings (not its type or index): they reach scripts
+    """A system's encoder/scorer settings (not its type, index or GPUs): they reach scripts
     through params, so changing the index type does not re-encode."""
-    skip = ("type", "index")
+    skip = ("type", "index", "gpus")  # where it runs is no result setting
     return {
         k: v for k, v in config["systems"][wildcards.system].items() if k not in skip
     }

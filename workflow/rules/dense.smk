@@ -22,6 +22,7 @@ rule encode:
     threads: 8
     resources:
         mem_mb=6000,
+        gpu=lambda wc: config["systems"][wc.system]["gpus"],
     params:
         settings=system_settings,
     script:

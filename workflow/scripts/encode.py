@@ -5,7 +5,8 @@ from llmret import beir, encoding, indexing, logs
 sm = snakemake  # noqa: F821
 logs.to_file(sm.log[0])
 spec = encoding.EncoderSpec.from_config({k: v for k, v in sm.params.settings.items() if k != "model"})
-encoder = encoding.TextEncoder(sm.input.model, spec, threads=sm.threads)
+device = encoding.device_for(sm.resources.gpu)
+encoder = encoding.TextEncoder(sm.input.model, spec, device=device, threads=sm.threads)
 if sm.wildcards.side == "corpus":
     corpus = beir.load_corpus(sm.input.texts)
     ids, vectors = corpus.ids, encoder.encode(corpus.contents(), "passage")

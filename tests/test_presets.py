@@ -1,0 +1,81 @@
+"""Paper presets dry-run to complete DAGs: the right jobs, shared downloads and indexes,
+and GPU resources on the training and encoding jobs."""
+
+import re
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+from conftest import ROOT
+
+PRESETS = ROOT / "config" / "presets"
+
+
+def dry_run(tmp_path, preset, *targets, extra=()):
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-n",
+        "-s",
+        str(ROOT / "Snakefile"),
+        "-d",
+        str(tmp_path / "w"),
+        *extra,
+        *targets,
+        "--configfile",
+        str(preset),
+    ]  # --configfile last: it swallows what follows
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc.stdout + proc.stderr
+
+
+def planned(text):
+    """(rule, wildcards, resources) of every job a dry run lists."""
+    jobs = []
+    for line in text.splitlines():
+        line = line.strip()
+        m = re.match(r"^(?:local)?rule (\w+):", line)
+        if m:
+            jobs.append({"rule": m.group(1), "wildcards": "", "resources": {}})
+        elif jobs and line.startswith("wildcards:"):
+            jobs[-1]["wildcards"] = line[len("wildcards:") :].strip()
+        elif jobs and line.startswith("resources:"):
+            pairs = (p.split("=", 1) for p in line[len("resources:") :].split(", "))
+            jobs[-1]["resources"] = {k.strip(): v for k, v in pairs}
+    return jobs
+
+
+@pytest.mark.integration
+def test_llara_preset_dag(tmp_path):
+    out = dry_run(
+        tmp_path,
+        PRESETS / "llara-llama2-7b.yaml",
+        "results/beir_table.csv",
+        "results/msmarco_table.csv",
+        "results/expected_check.tsv",
+    )
+    jobs = planned(out)
+    counts = Counter(j["rule"] for j in jobs)
+    # MS MARCO's archive is fetched once for corpus, dev and train; DL19/DL20 add 2 files each.
+    assert counts["download_file"] == 5 and counts["assemble_dataset"] == 3
+    # 13 BEIR datasets + the MS MARCO collection, which DL19 and DL20 search too.
+    assert counts["bm25_index"] == 14
+    assert counts["llara_pretrain"] == 1 and counts["finetune"] == 2 and counts["mine_negatives"] == 1
+    assert counts["check_expected"] == 1 and counts["msmarco_table"] == 1
+    # Only this preset's systems and runs: none of the default's SmolLM2/MiniLM jobs.
+    assert not [j for j in jobs if re.search(r"smollm2|minilm", j["wildcards"])]
+    gpus = {
+        (j["rule"], j["resources"].get("gpu")) for j in jobs if j["rule"] in ("llara_pretrain", "finetune", "encode")
+    }
+    assert gpus == {("llara_pretrain", "8"), ("finetune", "8"), ("encode", "1")}
+    encodes = [j for j in jobs if j["rule"] == "encode"]
+    assert {re.search(r"system=([\w-]+)", j["wildcards"]).group(1) for j in encodes} == {
+        "llara-7b",
+        "base-ft-7b",
+        "llara-ft-7b",
+    }
+    assert not [j for j in encodes if "trec-dl" in j["wildcards"] and "side=corpus" in j["wildcards"]]
+    assert "results/mining/msmarco-llara/negatives.jsonl" in out
