@@ -52,11 +52,19 @@ def peak_gib(device: str) -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
 
 
-def bench_encode(model: Path, texts: list[str], device: str, dtypes: list[str], max_length: int) -> list[dict]:
+def bench_encode(
+    model: Path, texts: list[str], device: str, dtypes: list[str], max_length: int, batch_tokens: list[int]
+) -> list[dict]:
     rows, ref = [], None
-    for dtype in dtypes:
+    for dtype, budget in [(d, b) for d in dtypes for b in batch_tokens]:
         spec = EncoderSpec.from_config(
-            {"pooling": "last", "passage_template": "passage: {text}", "max_passage_length": max_length, "dtype": dtype}
+            {
+                "pooling": "last",
+                "passage_template": "passage: {text}",
+                "max_passage_length": max_length,
+                "dtype": dtype,
+                "batch_tokens": budget,
+            }
         )
         enc = TextEncoder(str(model), spec, device=device)
         enc.encode(texts[:64], "passage")  # warm-up: kernels, allocator
@@ -72,7 +80,7 @@ def bench_encode(model: Path, texts: list[str], device: str, dtypes: list[str], 
         rows.append(
             {
                 "stage": "encode",
-                "config": f"{device} {dtype}",
+                "config": f"{device} {dtype} batch_tokens={budget}",
                 "passages_per_s": len(texts) / secs,
                 "peak_gib": peak_gib(device),
                 "max_abs_diff_vs_first": float(np.abs(vecs - ref).max()),
@@ -181,6 +189,7 @@ def main() -> None:
     ap.add_argument("--random-init", action="store_true")
     ap.add_argument("--passages", type=int, default=2048)
     ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--batch-tokens", type=int, nargs="+", default=[8192], help="encoding batch budgets to compare")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--deepspeed", default=None)
@@ -196,7 +205,7 @@ def main() -> None:
     ds = beir.load_dataset(args.beir, split=args.split)
     texts = ds.corpus.contents()[: args.passages]
     dtypes = ["float32", "bfloat16"] if device == "cuda" else ["float32"]
-    rows = bench_encode(model, texts, device, dtypes, args.max_length)
+    rows = bench_encode(model, texts, device, dtypes, args.max_length, args.batch_tokens)
     if not args.skip_training:
         ds_config = args.deepspeed or str(
             ROOT / "config" / "deepspeed" / ("gpu_zero2_bf16.json" if device == "cuda" else "cpu.json")
