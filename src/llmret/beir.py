@@ -11,11 +11,12 @@ from __future__ import annotations
 import gzip
 import json
 import logging
-import os
 import random
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from .io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -273,16 +274,6 @@ def stats(ds: Dataset) -> dict:
     return {"documents": len(ds.corpus), "queries": len(ds.queries), "judgments": n_judg}
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _write_queries_qrels(ds: Dataset, folder: Path) -> None:
     def queries(f):
         for q, text in ds.queries.items():
@@ -294,8 +285,8 @@ def _write_queries_qrels(ds: Dataset, folder: Path) -> None:
             for d, rel in judged.items():
                 f.write(f"{q}\t{d}\t{rel}\n")
 
-    _atomic_write(folder / "queries.jsonl", queries)
-    _atomic_write(folder / "qrels.tsv", qrels)
+    atomic_write(folder / "queries.jsonl", queries)
+    atomic_write(folder / "qrels.tsv", qrels)
 
 
 def write_dataset(ds: Dataset, folder: str | Path, meta: dict | None = None) -> None:
@@ -308,10 +299,10 @@ def write_dataset(ds: Dataset, folder: str | Path, meta: dict | None = None) -> 
         for i, t, x in zip(ds.corpus.ids, ds.corpus.titles, ds.corpus.texts, strict=True):
             f.write(json.dumps({"_id": i, "title": t, "text": x}, ensure_ascii=False) + "\n")
 
-    _atomic_write(folder / "corpus.jsonl", corpus)
+    atomic_write(folder / "corpus.jsonl", corpus)
     _write_queries_qrels(ds, folder)
     info = {**stats(ds), **(meta or {})}
-    _atomic_write(folder / "dataset.json", lambda f: json.dump(info, f, indent=2))
+    atomic_write(folder / "dataset.json", lambda f: json.dump(info, f, indent=2))
 
 
 def subsample_record(spec: Subsample, before: Dataset, after: Dataset) -> dict:
@@ -383,6 +374,6 @@ def prepare_train_split(folder: str | Path, spec: TrainSplit, eval_split: str, o
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_queries_qrels(kept, out_dir)
-    _atomic_write(out_dir / "split.json", lambda f: json.dump(info, f, indent=2))
+    atomic_write(out_dir / "split.json", lambda f: json.dump(info, f, indent=2))
     log.info("training split %s of %s: %s", spec.split, folder, info)
     return info

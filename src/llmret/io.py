@@ -17,6 +17,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[str]], None]) -> N
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             write(f)
+            f.flush()
+            os.fsync(f.fileno())  # the rename must not land before the data
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -15,14 +15,14 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO
 
 from . import beir, trec
 from .config import settings
+from .io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -161,21 +161,6 @@ def mine(
     }
 
 
-def _atomic_write(path: Path, write: Callable[[IO[str]], None]) -> None:
-    """Write through a temporary file in the same folder, so readers (and a rerun after a
-    crash) see the old file or the complete new one, never a partial one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _positives(judged: Mapping[str, int]) -> list[str]:
     """Positive ids, highest grade first, then by id, so the file is reproducible."""
     return [d for d, g in sorted(judged.items(), key=lambda x: (-x[1], x[0])) if g > 0]
@@ -225,7 +210,7 @@ def write_tevatron(
             }
             f.write(json.dumps(example, ensure_ascii=False) + "\n")
 
-    _atomic_write(Path(path), write)
+    atomic_write(Path(path), write)
 
 
 def _check_passage(p: object, where: str) -> None:
@@ -283,8 +268,8 @@ def import_tevatron(src_path: str | Path, out_path: str | Path, stats_path: str 
         "mean_negatives": sum(counts) / len(counts) if counts else 0.0,
         "queries_without_negatives": sum(1 for c in counts if c == 0),
     }
-    _atomic_write(Path(out_path), lambda f: f.writelines(json.dumps(ex, ensure_ascii=False) + "\n" for ex in examples))
-    _atomic_write(Path(stats_path), lambda f: f.write(json.dumps(stats, indent=2, sort_keys=True) + "\n"))
+    atomic_write(Path(out_path), lambda f: f.writelines(json.dumps(ex, ensure_ascii=False) + "\n" for ex in examples))
+    atomic_write(Path(stats_path), lambda f: f.write(json.dumps(stats, indent=2, sort_keys=True) + "\n"))
     log.info("imported %s: %s", src_path, stats)
     return stats
 
@@ -316,6 +301,6 @@ def mine_to_file(
         raise ValueError(f"{queries_path}: {len(no_text)} judged queries have no text (e.g. {no_text[:5]})")
     write_tevatron(out_path, queries, qrels, negatives, corpus_path)
     record = {**stats, "settings": asdict(spec), "run_header": trec.read_header(run_path)}
-    _atomic_write(Path(stats_path), lambda f: f.write(json.dumps(record, indent=2, sort_keys=True) + "\n"))
+    atomic_write(Path(stats_path), lambda f: f.write(json.dumps(record, indent=2, sort_keys=True) + "\n"))
     log.info("mined negatives: %s", json.dumps(stats, sort_keys=True))
     return record
