@@ -150,6 +150,26 @@ def device_for(gpus: int) -> str:
     return "cuda"
 
 
+def token_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
+    """Indices grouped longest-first so each batch is padded to similar lengths.
+
+    A batch grows until (rows x longest row) would pass ``batch_tokens``; this keeps memory
+    flat while short queries travel in large batches. Shared by the dense and sparse encoders.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    out: list[list[int]] = []
+    cur: list[int] = []
+    for i in order:
+        width = lengths[cur[0]] if cur else lengths[i]
+        if cur and (len(cur) + 1) * width > batch_tokens:
+            out.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        out.append(cur)
+    return out
+
+
 class TextEncoder:
     """A loaded model plus the spec that says how to feed and pool it."""
 
@@ -177,23 +197,8 @@ class TextEncoder:
         return tokenize_kind(self.tokenizer, self.spec, texts, kind, self.head, self.tail)
 
     def batches(self, lengths: Sequence[int]) -> list[list[int]]:
-        """Indices grouped longest-first so each batch is padded to similar lengths.
-
-        A batch grows until (rows x longest row) would pass ``batch_tokens``; this keeps
-        memory flat while short queries travel in large batches.
-        """
-        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-        out: list[list[int]] = []
-        cur: list[int] = []
-        for i in order:
-            width = lengths[cur[0]] if cur else lengths[i]
-            if cur and (len(cur) + 1) * width > self.spec.batch_tokens:
-                out.append(cur)
-                cur = []
-            cur.append(i)
-        if cur:
-            out.append(cur)
-        return out
+        """:func:`token_batches` with this encoder's ``batch_tokens``."""
+        return token_batches(lengths, self.spec.batch_tokens)
 
     @torch.inference_mode()
     def embed_ids(self, ids: list[list[int]]) -> torch.Tensor:

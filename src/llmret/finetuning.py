@@ -230,10 +230,15 @@ class GroupCollator:
     def tokenize(self, texts: Sequence[str], kind: str) -> list[list[int]]:
         return tokenize_kind(self.tokenizer, self.spec, texts, kind, self.head, self.tail)
 
-    def __call__(self, groups: Sequence[TrainGroup]) -> dict[str, torch.Tensor]:
+    def sample_texts(self, groups: Sequence[TrainGroup]) -> tuple[list[str], list[str]]:
+        """(query texts, passage texts query-major with each group's positive first)."""
         rng = self.rng if self.rng is not None else random
         passages = [text for g in groups for text in sample_group(g, self.spec.group_size, rng)]
-        q_ids, q_mask = pad_rows(self.tokenize([g.query for g in groups], "query"), self.pad_id)
+        return [g.query for g in groups], passages
+
+    def __call__(self, groups: Sequence[TrainGroup]) -> dict[str, torch.Tensor]:
+        queries, passages = self.sample_texts(groups)
+        q_ids, q_mask = pad_rows(self.tokenize(queries, "query"), self.pad_id)
         p_ids, p_mask = pad_rows(self.tokenize(passages, "passage"), self.pad_id)
         return dict(zip(BATCH_KEYS, (q_ids, q_mask, p_ids, p_mask), strict=True))
 
@@ -367,6 +372,14 @@ def save_finetuned(model: ContrastiveModel, out_dir: Path) -> None:
     """``save_fn`` for :func:`llmret.training.train`: the adapter to ``out_dir/adapter``, then the
     LoRA-merged model to ``out_dir`` and ``finetune.json``. Merging rewrites the base weights in
     place and ``model.encoder`` becomes the plain merged model: call it only once training is over."""
+    record = {"contrastive": asdict(model.spec), "lora": asdict(model.lora), "encoder": model.spec.encoder_settings()}
+    save_merged_lora(model, Path(out_dir), FINETUNE_JSON, record)
+
+
+def save_merged_lora(model: nn.Module, out_dir: Path, record_name: str, record: Mapping) -> None:
+    """Save ``model.encoder`` (a PEFT model): its adapter to ``out_dir/adapter``, the merged
+    model to ``out_dir`` (safetensors) and ``record`` as ``out_dir/record_name``. Merges in
+    place: afterwards ``model.encoder`` is the plain merged model. Shared by every LoRA stage."""
     from peft import PeftModel
 
     from .training import _save_pretrained
@@ -378,8 +391,7 @@ def save_finetuned(model: ContrastiveModel, out_dir: Path) -> None:
     merged = model.encoder.merge_and_unload()
     model.encoder = merged
     _save_pretrained(merged, out_dir)
-    record = {"contrastive": asdict(model.spec), "lora": asdict(model.lora), "encoder": model.spec.encoder_settings()}
-    (out_dir / FINETUNE_JSON).write_text(json.dumps(record, indent=2))
+    (out_dir / record_name).write_text(json.dumps(record, indent=2))
 
 
 def load_adapter_model(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, dtype: torch.dtype = torch.float32):
@@ -417,30 +429,52 @@ def finetune(
     declared outputs). Returns :func:`llmret.training.train`'s result. ``spec`` and ``lora``
     may be config mappings (as :mod:`llmret.launch` passes them).
     """
-    import torch.distributed as dist
     from transformers import AutoTokenizer
-
-    from .training import TrainingArgs, train
 
     if not isinstance(spec, ContrastiveSpec):
         spec = ContrastiveSpec.from_config(spec)
     if not isinstance(lora, LoraSpec):
         lora = LoraSpec.from_config(lora)
-    args = settings(TrainingArgs, {**training, "output_dir": out_dir, "checkpoint_dir": checkpoint_dir}, "training")
     groups = load_groups(negatives_path)
     check_negatives(groups, spec.group_size)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = ContrastiveModel.from_pretrained(model_dir, spec, lora)
     log.info("fine-tuning %s on %d queries from %s", model_dir, len(groups), negatives_path)
-    result = train(
+    return train_lora_stage(
         model,
         groups,
         GroupCollator(tokenizer, spec),
-        args,
+        training,
+        out_dir,
+        adapter_dir,
+        checkpoint_dir,
         tokenizer=tokenizer,
         save_fn=save_finetuned,
         count_tokens=count_tokens,
     )
+
+
+def train_lora_stage(
+    model: nn.Module,
+    dataset: Sequence,
+    collator: Any,
+    training: Mapping,
+    out_dir: str,
+    adapter_dir: str,
+    checkpoint_dir: str,
+    tokenizer: Any,
+    save_fn: Any,
+    count_tokens: Any,
+) -> dict:
+    """:func:`llmret.training.train` for a LoRA stage whose ``save_fn`` leaves the adapter in
+    ``out_dir/adapter``; rank 0 then moves it to ``adapter_dir``. ``training`` is the config
+    mapping of :class:`llmret.training.TrainingArgs` without the two folders."""
+    import torch.distributed as dist
+
+    from .training import TrainingArgs, train
+
+    args = settings(TrainingArgs, {**training, "output_dir": out_dir, "checkpoint_dir": checkpoint_dir}, "training")
+    result = train(model, dataset, collator, args, tokenizer=tokenizer, save_fn=save_fn, count_tokens=count_tokens)
     if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
         publish_adapter(Path(out_dir) / ADAPTER, Path(adapter_dir))
     return result

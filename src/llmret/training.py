@@ -6,7 +6,12 @@ loss, the loop only feeds batches, steps the optimizer, logs, checkpoints and sa
 Model contract
     ``model(batch)`` returns a mapping (a ``dict`` or an HF ``ModelOutput``) with a scalar
     ``"loss"``; every other scalar whose key starts with ``"loss_"`` is logged too (e.g.
-    :class:`llmret.llara.LlaraModel` gives ``loss_ebae`` and ``loss_ebar``). How a batch is
+    :class:`llmret.llara.LlaraModel` gives ``loss_ebae`` and ``loss_ebar``); scalars under an
+    optional ``"log"`` mapping are logged under their own names, averaged the same way (e.g.
+    :class:`llmret.csplade.SparseModel`'s ``dead_fraction`` and FLOPS weights). A model with a
+    ``set_step(step)`` method is told, before each optimizer step's micro-batches, the 1-based
+    number of that step (schedules inside the loss, e.g. a FLOPS warm-up, resume with it).
+    How a batch is
     passed: a mapping (HF collators) as keyword arguments, a tuple/list as positional
     arguments, anything else (e.g. :class:`llmret.llara.JointBatch`) as the single argument.
     Batches are moved to the device with ``.to(device)`` (tensors, mappings, tuples and any
@@ -296,6 +301,22 @@ def _losses(out: Any) -> dict[str, torch.Tensor]:
     for k, v in out.items():
         if k.startswith("loss_") and isinstance(v, torch.Tensor) and v.numel() == 1:
             found[k] = v
+    return found
+
+
+RESERVED_LOG_KEYS = ("event", "step", "loss", "lr", "tokens_per_s", "elapsed_s")
+
+
+def _extras(out: Any) -> dict[str, torch.Tensor]:
+    """Scalars of the output's optional ``"log"`` mapping (not part of the loss)."""
+    extra = out.get("log") if isinstance(out, Mapping) else None
+    if not extra:
+        return {}
+    found = {}
+    for k, v in extra.items():
+        if k in RESERVED_LOG_KEYS or k.startswith("loss_"):
+            raise ValueError(f"log key {k!r} clashes with the loop's own log fields")
+        found[k] = v if isinstance(v, torch.Tensor) else torch.tensor(float(v))
     return found
 
 
@@ -671,17 +692,21 @@ def train(
         t0 = time.perf_counter()
         window = _Window()
         bar = _progress(args.max_steps, start_step, rank == 0)
+        set_step = getattr(engine.module, "set_step", None)
         for step in range(start_step + 1, args.max_steps + 1):
             _seed_step(args.seed, step, rank)
+            if callable(set_step):
+                set_step(step)
             lr = engine.get_lr()[0]  # the rate this step's update uses
             for _ in range(gas):
                 batch = next(batches)
                 consumed += 1
                 tokens = count_tokens(batch) if count_tokens is not None else 0
-                losses = _losses(_call(engine, _to_device(batch, engine.device)))
+                out = _call(engine, _to_device(batch, engine.device))
+                losses = _losses(out)
                 engine.backward(losses["loss"])
                 engine.step()
-                window.add(losses, tokens)
+                window.add({**losses, **_extras(out)}, tokens)
             if engine.global_steps != step:
                 raise RuntimeError(f"DeepSpeed skipped an update at step {step} (overflow?)")
             bar.update(1)

@@ -1,0 +1,358 @@
+"""SPLADE-style sparse vectors from a causal LM (CSPLADE, Xu et al. 2025): pure pieces + encoding.
+
+Representation
+    The LM head's vocabulary logits at every input position, ``log(1 + ReLU(logit))``,
+    max-pooled over the pooled positions: one non-negative weight per vocabulary term. Queries
+    and passages share the encoder; only their templates (prefixes) and max lengths differ.
+    The vocabulary-term key an index uses is the token id (as a string, engines' side).
+
+Bidirectional context (two options, either or both)
+    * echo (Springer et al.'s echo embeddings, as CSPLADE-echo): the text is fed twice and only
+      the second copy is pooled; every token of the second copy has attended to the whole text
+      through the first copy. A row ``head + body`` (``head`` = the tokenizer's frame head,
+      e.g. BOS; ``body`` = template + text + frame tail + EOS) becomes ``head + body + body``
+      with position ids counting on (one sequence, no restart).
+    * bidirectional attention (CSPLADE-bi): the causal mask is replaced by a 4-D float additive
+      mask in which every non-padding query position sees every non-padding key. Transformers
+      v5 adds a 4-D mask as given (a bool one would be silently wrong under eager attention),
+      hence :func:`llmret.llara.additive_mask`. Meant for a model adapted to it first
+      (:mod:`llmret.csplade`).
+
+Regularisation and diagnostics
+    :func:`flops` (Paria et al. 2020), :func:`quadratic_warmup` of its weight (as SPLADE),
+    :func:`dead_fraction`: the share of vocabulary dimensions that are zero in every vector of a
+    batch, the symptom of the early-training collapse CSPLADE's adaptation phase removes.
+
+Encoding (:func:`encode_sparse`) returns a ``scipy.sparse.csr_matrix`` (n x vocab, float32),
+batched by tokens (longest first), with optional per-vector top-k and a minimum weight. The LM
+head is applied in chunks of positions with a running max, so memory stays at
+``batch_tokens x chunk`` logits instead of ``batch_tokens x vocab``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import settings
+from .encoding import KINDS, pad_id_of, special_frame, token_batches, tokenize_kind
+
+log = logging.getLogger(__name__)
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class SparseEncoderSpec:
+    """How a sparse system turns text into a vocabulary-sized vector; every field is part of
+    the cache key. ``top_k`` 0 keeps every non-zero weight; ``min_weight`` drops weights below it."""
+
+    query_template: str = "query: {text}"
+    passage_template: str = "passage: {text}"
+    append_eos: bool = True
+    max_query_length: int = 32
+    max_passage_length: int = 256
+    echo: bool = False
+    bidirectional: bool = False
+    top_k: int = 0
+    min_weight: float = 0.0
+    batch_tokens: int = 4096
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        for name in ("query_template", "passage_template"):
+            if getattr(self, name).count("{text}") != 1:
+                raise ValueError(f"{name} must contain '{{text}}' exactly once: {getattr(self, name)!r}")
+        for name in ("max_query_length", "max_passage_length", "batch_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = keep all), got {self.top_k}")
+        if self.min_weight < 0:
+            raise ValueError(f"min_weight must be >= 0, got {self.min_weight}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> SparseEncoderSpec:
+        return settings(cls, cfg, "sparse encoder settings")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+MODEL_KEYS = ("query_template", "passage_template", "append_eos", "max_query_length", "max_passage_length")
+MODEL_KEYS += ("echo", "bidirectional")  # what a trained model fixes (the rest is the system's choice)
+assert set(MODEL_KEYS) <= {f.name for f in fields(SparseEncoderSpec)}
+
+
+# --------------------------------------------------------------------------- pure pieces
+
+
+def splade_activations(logits: torch.Tensor) -> torch.Tensor:
+    """``log(1 + ReLU(logits))``: non-negative, log-saturated term weights."""
+    return torch.log1p(torch.relu(logits))
+
+
+def splade_pool(logits: torch.Tensor, pool_mask: torch.Tensor) -> torch.Tensor:
+    """(B, L, V) logits -> (B, V) weights: max over the positions where ``pool_mask`` is set.
+
+    Masked positions count as 0, which is the floor of the activations anyway; a row with no
+    pooled position is refused (its vector would be silently empty)."""
+    if pool_mask.shape != logits.shape[:2]:
+        raise ValueError(f"pool_mask {tuple(pool_mask.shape)} does not match logits {tuple(logits.shape)}")
+    keep = pool_mask.bool()
+    if not keep.any(1).all():
+        raise ValueError("a row has no pooled position")
+    act = splade_activations(logits)
+    return act.masked_fill(~keep[..., None], 0.0).amax(1)
+
+
+def flops(weights: torch.Tensor) -> torch.Tensor:
+    """FLOPS regulariser (Paria et al.): sum over the vocabulary of the squared mean weight
+    over the batch; small when few terms are used by many vectors at once."""
+    return weights.float().mean(0).pow(2).sum()
+
+
+def quadratic_warmup(weight: float, step: int, warmup_steps: int) -> float:
+    """``weight * min(1, step / warmup_steps) ** 2`` (SPLADE's schedule; no warm-up when
+    ``warmup_steps`` is 0). ``step`` counts optimizer steps from 1."""
+    if warmup_steps < 0 or step < 0:
+        raise ValueError(f"step and warmup_steps must be >= 0, got {step}, {warmup_steps}")
+    if warmup_steps == 0:
+        return float(weight)
+    return float(weight) * min(1.0, step / warmup_steps) ** 2
+
+
+def dead_fraction(weights: torch.Tensor) -> float:
+    """Share of vocabulary dimensions that are zero (never > 0) in every row of ``weights``."""
+    if weights.ndim != 2 or weights.shape[0] == 0:
+        raise ValueError(f"expected (n >= 1, vocab) weights, got {tuple(weights.shape)}")
+    return float((~(weights > 0).any(0)).float().mean())
+
+
+@dataclass
+class SparseBatch:
+    """Right-padded model inputs plus the positions to pool (all long, (B, L))."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    pool_mask: torch.Tensor
+
+    def to(self, device) -> SparseBatch:
+        return SparseBatch(*(getattr(self, f.name).to(device) for f in fields(self)))
+
+    def tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+def build_batch(rows: Sequence[Sequence[int]], pad_id: int, echo: bool = False, head: int = 0) -> SparseBatch:
+    """Token-id rows -> a :class:`SparseBatch`.
+
+    Without echo every real token is pooled. With echo each row ``r = r[:head] + body``
+    becomes ``r[:head] + body + body`` and only the second ``body`` is pooled (``head`` is the
+    length of the tokenizer's frame head, e.g. a BOS, which is not repeated)."""
+    if not rows:
+        raise ValueError("no rows")
+    seqs, pooled = [], []
+    for r in rows:
+        r = list(r)
+        if len(r) <= head:
+            raise ValueError(f"row of {len(r)} tokens has nothing after its {head}-token head")
+        if echo:
+            body = r[head:]
+            seqs.append(r + body)
+            pooled.append((len(r), len(r) + len(body)))
+        else:
+            seqs.append(r)
+            pooled.append((0, len(r)))
+    width = max(len(s) for s in seqs)
+    n = len(seqs)
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    pool = torch.zeros((n, width), dtype=torch.long)
+    for i, (s, (a, b)) in enumerate(zip(seqs, pooled, strict=True)):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+        pool[i, a:b] = 1
+    positions = (mask.cumsum(1) - 1).clamp(min=0) * mask  # 0..len-1, pads 0
+    return SparseBatch(ids, mask, positions, pool)
+
+
+def echo_batch(rows: Sequence[Sequence[int]], pad_id: int, head: int = 0) -> SparseBatch:
+    """:func:`build_batch` with echo: the pool mask covers exactly the second copy."""
+    return build_batch(rows, pad_id, echo=True, head=head)
+
+
+def bidirectional_mask(attention_mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(B, L) padding mask -> (B, 1, L, L) float additive mask: every real position sees every
+    real position (no causal triangle); a padding query sees only itself, so no softmax row is
+    empty (pad outputs are never pooled)."""
+    from .llara import additive_mask
+
+    real = attention_mask.bool()
+    L = real.shape[1]
+    allowed = real[:, None, :] & real[:, :, None]
+    eye = torch.eye(L, dtype=torch.bool, device=real.device)[None]
+    allowed = torch.where(real[:, :, None], allowed, eye)
+    return additive_mask(allowed, dtype)
+
+
+# --------------------------------------------------------------------------- model side
+
+
+def _parts(lm: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(decoder body, LM head) of a causal LM, PEFT-wrapped or not."""
+    from .llara import decoder_of
+
+    body = decoder_of(lm)
+    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    head = base.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(base).__name__} has no LM head: load the model with AutoModelForCausalLM")
+    return body, head
+
+
+def hidden_states(lm: nn.Module, batch: SparseBatch, bidirectional: bool) -> torch.Tensor:
+    """(B, L, H) final hidden states, under the causal mask or the bidirectional one."""
+    from .llara import MASKED_ATTENTION
+
+    body, _ = _parts(lm)
+    param = next(body.parameters())
+    if bidirectional:
+        impl = getattr(body.config, "_attn_implementation", None)
+        if impl not in MASKED_ATTENTION:
+            raise ValueError(f"bidirectional needs attn_implementation in {MASKED_ATTENTION}, got {impl!r}")
+        mask = bidirectional_mask(batch.attention_mask.to(param.device), param.dtype)
+    else:
+        mask = batch.attention_mask.to(param.device)
+    out = body(
+        input_ids=batch.input_ids.to(param.device),
+        attention_mask=mask,
+        position_ids=batch.position_ids.to(param.device),
+        use_cache=False,
+    )
+    return out.last_hidden_state
+
+
+def sparse_logits(lm: nn.Module, batch: SparseBatch, bidirectional: bool) -> torch.Tensor:
+    """(B, L, V) vocabulary logits (float32) of every position."""
+    _, head = _parts(lm)
+    return head(hidden_states(lm, batch, bidirectional)).float()
+
+
+def sparse_vectors(lm: nn.Module, batch: SparseBatch, bidirectional: bool, chunk: int | None = None) -> torch.Tensor:
+    """(B, V) float32 SPLADE vectors. ``chunk`` (inference) applies the LM head to that many
+    positions at a time with a running max, instead of materialising all (B, L, V) logits."""
+    if chunk is None:
+        return splade_pool(sparse_logits(lm, batch, bidirectional), batch.pool_mask.to(next(lm.parameters()).device))
+    _, head = _parts(lm)
+    h = hidden_states(lm, batch, bidirectional)
+    pool = batch.pool_mask.to(h.device).bool()
+    if not pool.any(1).all():
+        raise ValueError("a row has no pooled position")
+    out = torch.zeros((h.shape[0], head.weight.shape[0]), dtype=torch.float32, device=h.device)
+    for s in range(0, h.shape[1], chunk):
+        part = splade_activations(head(h[:, s : s + chunk]).float())
+        part = part.masked_fill(~pool[:, s : s + chunk, None], 0.0).amax(1)
+        out = torch.maximum(out, part)
+    return out
+
+
+def prune(weights: torch.Tensor, top_k: int = 0, min_weight: float = 0.0) -> torch.Tensor:
+    """Zero every weight below ``min_weight`` and, with ``top_k`` > 0, all but each row's
+    ``top_k`` largest (ties broken by ``torch.topk``)."""
+    w = weights
+    if min_weight > 0:
+        w = w.masked_fill(w < min_weight, 0.0)
+    if top_k and top_k < w.shape[1]:
+        vals, idx = torch.topk(w, top_k, dim=1)
+        w = torch.zeros_like(w).scatter_(1, idx, vals)
+    return w
+
+
+def to_csr(weights: torch.Tensor):
+    """(n, V) dense tensor -> ``scipy.sparse.csr_matrix`` float32 (explicit zeros dropped)."""
+    from scipy.sparse import csr_matrix
+
+    w = weights.detach().float().cpu()
+    nz = w.nonzero(as_tuple=False)
+    rows, cols = nz[:, 0].numpy(), nz[:, 1].numpy()
+    data = w[nz[:, 0], nz[:, 1]].numpy().astype(np.float32)
+    return csr_matrix((data, (rows, cols)), shape=tuple(w.shape), dtype=np.float32)
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def load_sparse_model(model_dir: str, dtype: str = "float32", device: str = "cpu") -> nn.Module:
+    """The causal LM (with its LM head) in eval mode; SDPA attention (honours the 4-D mask)."""
+    from transformers import AutoModelForCausalLM
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    return (
+        AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype), attn_implementation="sdpa")
+        .to(device)
+        .eval()
+    )
+
+
+def tokenize_sparse(tokenizer, spec: SparseEncoderSpec, texts: Sequence[str], kind: str) -> tuple[list[list[int]], int]:
+    """(token-id rows framed as the dense encoder frames them, frame-head length)."""
+    head, tail = special_frame(tokenizer)
+    return tokenize_kind(tokenizer, spec, texts, kind, head, tail), len(head)
+
+
+def encode_sparse(
+    model: nn.Module,
+    tokenizer,
+    texts: Sequence[str],
+    kind: str,
+    spec: SparseEncoderSpec,
+    show_progress: bool = True,
+    chunk: int = 64,
+):
+    """Sparse vectors of ``texts`` in input order: ``csr_matrix`` (len(texts), vocab), float32.
+
+    Runs in the model's own dtype (load it with ``spec.dtype``); weights are pooled in float32.
+    Batches hold at most ``spec.batch_tokens`` tokens (rows x longest row, echo included)."""
+    from scipy.sparse import vstack
+
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if not texts:
+        raise ValueError("nothing to encode")
+    rows, head = tokenize_sparse(tokenizer, spec, texts, kind)
+    pad_id = pad_id_of(tokenizer)
+    lengths = [len(r) * 2 - head if spec.echo else len(r) for r in rows]
+    plan = token_batches(lengths, spec.batch_tokens)
+    device = next(model.parameters()).device
+    parts, order = [], []
+    with (
+        torch.inference_mode(),
+        tqdm(total=len(rows), desc=f"encode {kind} (sparse)", unit="text", mininterval=5.0, disable=not show_progress)
+        as bar,
+    ):
+        for idx in plan:
+            batch = build_batch([rows[i] for i in idx], pad_id, echo=spec.echo, head=head).to(device)
+            w = sparse_vectors(model, batch, spec.bidirectional, chunk=chunk)
+            parts.append(to_csr(prune(w, spec.top_k, spec.min_weight)))
+            order.extend(idx)
+            bar.update(len(idx))
+    stacked = vstack(parts, format="csr", dtype=np.float32)
+    inverse = np.empty(len(order), dtype=np.int64)
+    inverse[np.asarray(order)] = np.arange(len(order))
+    out = stacked[inverse]
+    out.sort_indices()
+    return out
