@@ -341,8 +341,9 @@ def encode_sparse(
     parts, order = [], []
     with (
         torch.inference_mode(),
-        tqdm(total=len(rows), desc=f"encode {kind} (sparse)", unit="text", mininterval=5.0, disable=not show_progress)
-        as bar,
+        tqdm(
+            total=len(rows), desc=f"encode {kind} (sparse)", unit="text", mininterval=5.0, disable=not show_progress
+        ) as bar,
     ):
         for idx in plan:
             batch = build_batch([rows[i] for i in idx], pad_id, echo=spec.echo, head=head).to(device)
