@@ -1,0 +1,315 @@
+"""CSPLADE training: adaptation objective, contrastive + FLOPS model, saving, DeepSpeed stages, resume.
+
+Loss mechanics and the DeepSpeed stages use a tiny random Llama with SmolLM2's real tokenizer
+(49,152-term vocabulary, so vectors have the real width); the adaptation effect is measured on
+SmolLM2-135M itself (a few short steps). Saved-and-reloaded vectors must match the in-memory
+model to 1e-4 (max abs, fp32).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_llama_config
+from test_finetuning import RECORDS
+
+from llmret.csplade import (
+    ADAPTATION_JSON,
+    CSPLADE_JSON,
+    AdaptationCollator,
+    AdaptationModel,
+    AdaptationSpec,
+    CspladeSpec,
+    SparseGroupCollator,
+    SparseModel,
+    adapt,
+    bow_targets,
+    count_sparse_tokens,
+    keep_alive_loss,
+    load_causal_lora,
+    max_pool_logits,
+    save_csplade,
+    train,
+)
+from llmret.finetuning import ADAPTER, LoraSpec, groups_from_records
+from llmret.sparse import SparseEncoderSpec, encode_sparse, load_sparse_model, quadratic_warmup
+
+pytestmark = pytest.mark.usefixtures("one_thread", "clean_process_state")
+
+TOL = 1e-4
+PICKLES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+SPEC = CspladeSpec(max_query_length=12, max_passage_length=20, group_size=2, lambda_q=0.0, lambda_d=0.0)
+PASSAGES = sorted({p["text"] for r in RECORDS for p in r["positive_passages"] + r["negative_passages"]})
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, tok):
+    """A tiny random Llama causal LM with SmolLM2's tokenizer, saved as an HF checkpoint."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(tiny_llama_config(len(tok), attn_implementation="sdpa", tie_word_embeddings=True))
+    out = tmp_path_factory.mktemp("tiny")
+    lm.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def _model(tiny_dir, spec: CspladeSpec, seed: int = 0) -> SparseModel:
+    torch.manual_seed(seed)
+    lora = LoraSpec(r=8, alpha=16, dropout=0.0)
+    return SparseModel(load_causal_lora(tiny_dir, lora), spec, lora)
+
+
+# --------------------------------------------------------------------------- settings and pieces
+
+
+def test_specs_validate():
+    assert CspladeSpec.from_config({"lambda_q": 0.01}).encoder_settings()["query_template"] == "query: {text}"
+    SparseEncoderSpec(**CspladeSpec(echo=True, bidirectional=True).encoder_settings())
+    with pytest.raises(ValueError, match=r"unknown CSPLADE settings: \['lambda'\]"):
+        CspladeSpec.from_config({"lambda": 0.1})
+    with pytest.raises(ValueError, match="lambda_d"):
+        CspladeSpec(lambda_d=-1)
+    with pytest.raises(ValueError, match="exactly once"):
+        CspladeSpec(passage_template="passage:")
+    with pytest.raises(ValueError, match="mask_fraction"):
+        AdaptationSpec(mask_fraction=0.0)
+    with pytest.raises(ValueError, match="nothing to train"):
+        AdaptationSpec(ntp_weight=0, bow_weight=0)
+    with pytest.raises(ValueError, match=r"unknown adaptation settings: \['bow'\]"):
+        AdaptationSpec.from_config({"bow": 1})
+
+
+def test_keep_alive_loss_hand_computation_and_gradient_reaches_dead_terms():
+    z = torch.tensor([[2.0, -1.0, -3.0, 0.5]], requires_grad=True)
+    t = bow_targets([[0, 1, 1, 9]], 4, exclude=[9])  # terms 0 and 1; 9 is out of vocab, excluded as special
+    assert t.tolist() == [[True, True, False, False]]
+    sp = F.softplus
+    pos = (sp(torch.tensor(-2.0)) + sp(torch.tensor(1.0))) / 2
+    neg = (sp(torch.tensor(-3.0)) + sp(torch.tensor(0.5))) / 2
+    loss = keep_alive_loss(z, t, neg_weight=0.5)
+    assert loss.item() == pytest.approx((pos + 0.5 * neg).item(), rel=1e-6)
+    loss.backward()
+    assert z.grad[0, 1] < 0  # a dead own term (z < 0) is pushed up: gradient despite the ReLU
+    assert z.grad[0, 3] > 0  # a live foreign term is pushed down
+    logits = torch.tensor([[[1.0, -5.0], [3.0, -2.0], [9.0, 9.0]]])
+    assert max_pool_logits(logits, torch.tensor([[1, 1, 0]])).tolist() == [[3.0, -2.0]]  # pre-ReLU, pad skipped
+
+
+def test_adaptation_collator_labels_causal_mntp_and_echo(tok):
+    texts = ["Cats purr when they are happy.", "Dogs bark."]
+    causal = AdaptationCollator(tok, AdaptationSpec(max_length=16), len(tok))(texts)
+    ids, labels = causal.inputs.input_ids, causal.labels
+    for i in range(2):
+        n = int(causal.inputs.attention_mask[i].sum())
+        assert labels[i, : n - 1].tolist() == ids[i, 1:n].tolist() and (labels[i, n - 1 :] == -100).all()
+        assert causal.targets[i, ids[i, :n]].sum() >= 1 and not causal.targets[i, tok.eos_token_id]
+    spec = AdaptationSpec(max_length=16, bidirectional=True, echo=True, mask_fraction=0.3)
+    plain_rows = AdaptationCollator(tok, AdaptationSpec(max_length=16, echo=True), len(tok))(texts).inputs.input_ids
+    b = AdaptationCollator(tok, spec, len(tok), rng=random.Random(0))(texts)
+    mask_id = tok.unk_token_id
+    for i in range(2):
+        n = (int(b.inputs.attention_mask[i].sum()) + 0) // 2  # head is empty for SmolLM2: row = body
+        masked = [j for j in range(n) if b.inputs.input_ids[i, j] == mask_id]
+        assert masked and all(j >= 1 for j in masked)
+        for j in masked:
+            assert b.labels[i, j - 1] == plain_rows[i, j]  # predicted from the position before
+            assert b.inputs.input_ids[i, n + j] == mask_id  # the echo copy does not reveal it
+        assert int((b.labels[i] != -100).sum()) == len(masked)
+
+
+def test_group_collator_builds_sparse_batches(tok):
+    groups = groups_from_records(RECORDS)
+    batch = SparseGroupCollator(tok, SPEC, rng=random.Random(0))(groups)
+    assert batch["query"].input_ids.shape[0] == 4 and batch["passage"].input_ids.shape[0] == 8
+    assert tok.decode(batch["passage"].input_ids[0][batch["passage"].attention_mask[0].bool()]).startswith(
+        "passage: Cats Cats are"
+    )
+    echo = SparseGroupCollator(tok, CspladeSpec(**{**SPEC.__dict__, "echo": True}), rng=random.Random(0))(groups)
+    q, e = batch["query"], echo["query"]
+    assert (e.attention_mask.sum(1) == 2 * q.attention_mask.sum(1)).all()
+    assert torch.equal(e.pool_mask.sum(1), q.attention_mask.sum(1))
+    assert count_sparse_tokens(echo) == 2 * count_sparse_tokens(batch)
+
+
+# --------------------------------------------------------------------------- learning (tiny Llama)
+
+
+def _fit(model: SparseModel, batch, steps: int, lr: float = 1e-2) -> list[dict]:
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    out = []
+    for step in range(1, steps + 1):
+        model.set_step(step)
+        res = model(**batch)
+        opt.zero_grad()
+        res["loss"].backward()
+        opt.step()
+        row = {k: float(v) for k, v in res.items() if k not in ("loss", "log")}
+        out.append({"loss": res["loss"].item(), **row, "log": res["log"]})
+    return out
+
+
+def test_contrastive_loss_decreases_and_flops_sparsifies(tiny_dir, tok):
+    batch = SparseGroupCollator(tok, SPEC, rng=random.Random(0))(groups_from_records(RECORDS))
+    plain = _fit(_model(tiny_dir, SPEC), batch, 12, lr=1e-3)
+    assert plain[-1]["loss"] < 0.1 * plain[0]["loss"], [r["loss"] for r in plain]  # ~20.6 -> ~0.5 observed
+    # A weight large enough to dominate: FLOPS ~1.5e3 at the start, every term > 0 (random init).
+    strong = CspladeSpec(**{**SPEC.__dict__, "lambda_q": 1.0, "lambda_d": 1.0, "flops_warmup_steps": 0})
+    regularised = _fit(_model(tiny_dir, strong), batch, 10, lr=1e-2)
+    nnz0 = regularised[0]["log"]["nnz_d"]
+    # observed: FLOPS 1549 -> 289, terms per passage 49141 -> 25761
+    assert regularised[-1]["loss_flops_d"] < 0.3 * regularised[0]["loss_flops_d"]
+    assert regularised[-1]["log"]["nnz_d"] < 0.7 * nnz0  # FLOPS drops terms
+    assert regularised[-1]["log"]["nnz_d"] < 0.7 * plain[-1]["log"]["nnz_d"]  # which plain training keeps
+
+
+def test_flops_weight_follows_the_quadratic_warmup(tiny_dir, tok):
+    spec = CspladeSpec(**{**SPEC.__dict__, "lambda_q": 0.2, "lambda_d": 0.1, "flops_warmup_steps": 4})
+    model = _model(tiny_dir, spec)
+    batch = SparseGroupCollator(tok, spec, rng=random.Random(0))(groups_from_records(RECORDS))
+    with torch.no_grad():
+        for step in (1, 2, 4, 9):
+            model.set_step(step)
+            res = model(**batch)
+            assert res["log"]["lambda_q"] == pytest.approx(0.2 * min(1, step / 4) ** 2)
+            assert res["log"]["lambda_d"] == pytest.approx(quadratic_warmup(0.1, step, 4))
+            expected = res["loss_contrastive"] + res["log"]["lambda_q"] * res["loss_flops_q"]
+            expected += res["log"]["lambda_d"] * res["loss_flops_d"]
+            assert res["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_save_and_reload_give_the_same_sparse_vectors(tiny_dir, tok, tmp_path):
+    from peft import PeftModel
+
+    spec = CspladeSpec(**{**SPEC.__dict__, "echo": True, "bidirectional": True})
+    model = _model(tiny_dir, spec)
+    batch = SparseGroupCollator(tok, spec, rng=random.Random(0))(groups_from_records(RECORDS))
+    _fit(model, batch, 3)
+    model.eval()
+    enc = SparseEncoderSpec(**spec.encoder_settings())
+    texts = ["what do cats eat", "Mount Everest is 8849 metres high."]
+    before = encode_sparse(model.encoder, tok, texts, "passage", enc, show_progress=False).toarray()
+    base = encode_sparse(load_sparse_model(str(tiny_dir)), tok, texts, "passage", enc, show_progress=False)
+    assert np.abs(base.toarray() - before).max() > 100 * TOL  # training changed the vectors
+    out = tmp_path / "final"
+    out.mkdir()
+    save_csplade(model, out)
+    record = json.loads((out / CSPLADE_JSON).read_text())
+    assert record["encoder"] == spec.encoder_settings() and record["csplade"]["echo"] is True
+    assert not [p for p in out.rglob("*") if p.suffix in PICKLES]
+    merged = load_sparse_model(str(out))
+    assert merged.get_output_embeddings() is not None  # the LM head was saved
+    after = encode_sparse(merged, tok, texts, "passage", enc, show_progress=False).toarray()
+    np.testing.assert_allclose(after, before, atol=TOL, rtol=0)
+    adapter = PeftModel.from_pretrained(load_sparse_model(str(tiny_dir)), str(out / ADAPTER)).eval()
+    via_adapter = encode_sparse(adapter, tok, texts, "passage", enc, show_progress=False).toarray()
+    np.testing.assert_allclose(via_adapter, before, atol=TOL, rtol=0)
+
+
+# --------------------------------------------------------------------------- the stages through DeepSpeed
+
+
+def _records(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_train_stage_logs_saves_and_resumes_at_the_right_step(tiny_dir, tmp_path):
+    negatives = tmp_path / "negatives.jsonl"
+    negatives.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    spec = {**SPEC.__dict__, "lambda_q": 0.05, "lambda_d": 0.02, "flops_warmup_steps": 3}
+    training = {"max_steps": 2, "per_device_batch_size": 2, "learning_rate": 1e-2, "log_every": 1, "save_every": 1}
+    paths = [str(tmp_path / "model"), str(tmp_path / "adapter"), str(tmp_path / "ckpt")]
+    first = train(str(tiny_dir), str(negatives), spec, {"r": 4}, training, *paths)
+    assert first["steps"] == 2 and first["resumed_from_step"] is None
+    again = train(str(tiny_dir), str(negatives), spec, {"r": 4}, {**training, "max_steps": 4}, *paths)
+    assert again["resumed_from_step"] == 2 and again["steps"] == 4
+    log = _records(tmp_path / "ckpt" / "train_log.jsonl")
+    assert [(r["event"], r["step"]) for r in log if r["event"] != "step"] == [("start", 0), ("resume", 2)]
+    steps = {r["step"]: r for r in log if r["event"] == "step"}
+    assert sorted(steps) == [1, 2, 3, 4]
+    want = {"loss", "loss_contrastive", "loss_flops_q", "loss_flops_d", "lambda_q", "lambda_d", "dead_fraction", "lr"}
+    assert want <= set(steps[3])
+    for s in (1, 2, 3, 4):  # the warm-up continues from the checkpoint's step, not from 0
+        assert steps[s]["lambda_q"] == pytest.approx(quadratic_warmup(0.05, s, 3))
+        assert steps[s]["lambda_d"] == pytest.approx(quadratic_warmup(0.02, s, 3))
+        assert 0.0 <= steps[s]["dead_fraction"] <= 1.0 and math.isfinite(steps[s]["loss"])
+    out = tmp_path / "model"
+    names = {p.name for p in out.iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json", CSPLADE_JSON, "training_state.json"} <= names
+    assert ADAPTER not in names and (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert not [p for p in out.rglob("*") if p.suffix in PICKLES]
+
+
+def test_adapt_stage_on_a_corpus(tiny_dir, tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(
+        "".join(json.dumps({"_id": f"d{i}", "title": "", "text": t}) + "\n" for i, t in enumerate(PASSAGES))
+    )
+    spec = {"max_length": 16, "max_docs": 8}
+    training = {"max_steps": 3, "per_device_batch_size": 4, "learning_rate": 1e-2, "log_every": 1, "save_every": 0}
+    paths = [str(tmp_path / "adapted"), str(tmp_path / "adapter"), str(tmp_path / "ckpt")]
+    result = adapt(str(tiny_dir), str(corpus), spec, {"r": 4}, training, *paths)
+    assert result["steps"] == 3
+    steps = [r for r in _records(tmp_path / "ckpt" / "train_log.jsonl") if r["event"] == "step"]
+    assert {"loss", "loss_ntp", "loss_bow", "dead_fraction", "nnz_d"} <= set(steps[-1])
+    assert json.loads((tmp_path / "adapted" / ADAPTATION_JSON).read_text())["adaptation"]["max_docs"] == 8
+    assert load_sparse_model(str(tmp_path / "adapted")).get_output_embeddings() is not None
+
+
+# --------------------------------------------------------------------------- the adaptation effect (SmolLM2)
+
+
+def test_adaptation_on_smollm2_lowers_its_loss_and_gives_sparse_live_vectors(smollm2_dir, tok):
+    """Six adaptation steps on real passages (SmolLM2, 16 tokens, batches of 4). The base LM's
+    vectors are dense (every one of the 49,152 terms > 0: dead fraction 0, FLOPS ~5e5), which
+    is what strong FLOPS gradients then crush. After adaptation the loss has fallen, the
+    vectors are sparse (most terms below zero: the dead fraction over a batch rises from 0)
+    while the passages' own terms stay alive, and the FLOPS a contrastive step starts from is
+    an order of magnitude smaller. Observed (2 shared cores): loss 25.4 -> 3.6, own-term
+    recall 1.0 -> ~0.99, FLOPS 4.6e5 -> ~1e4."""
+    from llmret.sparse import dead_fraction, flops, sparse_vectors
+
+    lora = LoraSpec(r=8, alpha=16, dropout=0.0)
+    spec = AdaptationSpec(max_length=16)
+    collate = AdaptationCollator(tok, spec, len(tok), rng=random.Random(0))
+    torch.manual_seed(0)
+    model = AdaptationModel(load_causal_lora(smollm2_dir, lora), spec, lora)
+    probe = collate(PASSAGES[:6])
+
+    def stats():
+        model.eval()
+        with torch.no_grad():
+            w = sparse_vectors(model.encoder, probe.inputs, bidirectional=False)
+        model.train()
+        own = probe.targets
+        return {
+            "dead": dead_fraction(w),
+            "own_alive": float(((w > 0) & own).sum() / own.sum()),
+            "flops": float(flops(w)),
+            "nnz": float((w > 0).sum(1).float().mean()),
+        }
+
+    before = stats()
+    assert before["dead"] == 0.0 and before["nnz"] == len(tok)  # the pretrained LM: dense vectors
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    losses = []
+    for step in range(6):
+        batch = collate(random.Random(step).sample(PASSAGES, 4))
+        out = model(batch)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        losses.append(out["loss"].item())
+    after = stats()
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert after["nnz"] < 0.5 * len(tok) and after["dead"] > 0.3  # sparse now ...
+    assert after["own_alive"] > 0.9  # ... with the passages' own terms still alive
+    assert after["flops"] < 0.1 * before["flops"]
