@@ -57,7 +57,7 @@ cmd_install() {
     fi
     local rc=0
     { apt-get update -qq \
-        && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
             slurmctld slurmd slurm-client munge; } || rc=$?
     [ -z "$added" ] || rm -f "$policy"
     [ $rc -eq 0 ] || die "apt-get install of slurmctld slurmd slurm-client munge failed ($rc)"

@@ -142,7 +142,7 @@ def _slurm_jobs() -> list[dict[str, str]]:
     return [dict(zip(keys, (f.strip() for f in line.split("|")), strict=True)) for line in out.splitlines()]
 
 
-def test_smoke_preset_through_slurm_matches_local_run(slurm_cluster, smoke_run, tmp_path):
+def test_smoke_preset_through_slurm_matches_local_run(smoke_run, slurm_cluster, tmp_path):
     local_dir, mirror = smoke_run
     workdir = tmp_path / "work"
     overlay = tmp_path / "gpus.yaml"
