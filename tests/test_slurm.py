@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -65,14 +66,15 @@ def _cluster(action: str, env: dict) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def slurm_cluster(tmp_path_factory):
+def slurm_cluster():
     """The local cluster for this module; stopped (daemons by pid file) even when a test fails."""
     missing = _missing_binaries()
     if missing:
         pytest.skip(f"Slurm test cluster needs {', '.join(missing)}: run `bash scripts/slurm-local.sh install`")
     if os.geteuid() != 0:
         pytest.skip("the Slurm test cluster runs its daemons as root (mknod, /etc/slurm/slurm.conf)")
-    state = tmp_path_factory.mktemp("slurm")
+    # Not under pytest's temp folder: munged wants every folder above its socket searchable by all.
+    state = Path(tempfile.mkdtemp(prefix="llmret-slurm-"))
     state.chmod(0o755)
     env = {
         **os.environ,
@@ -89,6 +91,7 @@ def slurm_cluster(tmp_path_factory):
         subprocess.run(["scancel", "--user", str(os.geteuid())], capture_output=True, timeout=60)
         down = _cluster("down", env)
         assert down.returncode == 0, f"slurm-local.sh down failed:\n{down.stdout}\n{down.stderr}"
+        shutil.rmtree(state, ignore_errors=True)
 
 
 def _run_bounded(cmd: list[str], timeout: float) -> tuple[int, str]:
@@ -265,6 +268,37 @@ def test_smoke_preset_through_slurm_matches_local_run(smoke_run, slurm_cluster, 
     gpu_jobs = [j for j in jobs if re.match(r"rule_(llara_pretrain|finetune)_", j["comment"])]
     assert len(gpu_jobs) == 3 and all("gpu:1" in j["tres"] for j in gpu_jobs), gpu_jobs
     assert all(int(j["cpus"]) == _profile_resources("finetune")["cpus_per_gpu"] for j in gpu_jobs), gpu_jobs
+
+
+def test_a_gpu_job_sees_only_its_own_gpus(slurm_cluster, tmp_path):
+    """Under Slurm the job's devices come from Slurm (CUDA_VISIBLE_DEVICES), which
+    llmret.launch keeps; two concurrent one-GPU jobs get different devices."""
+    outs = []
+    for i in range(2):
+        out = tmp_path / f"job{i}.out"
+        subprocess.run(
+            [
+                "sbatch",
+                "--parsable",
+                "--gpus=1",
+                "--cpus-per-gpu=1",
+                "--mem=100",
+                "-o",
+                str(out),
+                "--wrap",
+                "echo $CUDA_VISIBLE_DEVICES; sleep 5",
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        outs.append(out)
+    deadline = time.monotonic() + 120
+    while not all(o.is_file() and o.read_text().strip() for o in outs):
+        assert time.monotonic() < deadline, "test jobs did not run within 2 minutes"
+        time.sleep(0.5)
+    assert sorted(o.read_text().strip() for o in outs) == ["0", "1"]
 
 
 def test_profile_dry_run_shows_resources_per_job(tmp_path):
