@@ -213,6 +213,26 @@ def _assert_submissions(log: str) -> dict[str, list[str]]:
     return calls
 
 
+# Before the tests that start the module's cluster (it would hold /etc/slurm/slurm.conf).
+def test_cluster_script_refuses_a_foreign_slurm_conf(tmp_path):
+    """`up` never replaces an /etc/slurm/slurm.conf it did not write."""
+    if _missing_binaries() or os.geteuid() != 0:
+        pytest.skip("needs the Slurm binaries and root")
+    etc = Path("/etc/slurm/slurm.conf")
+    if etc.exists() or etc.is_symlink():
+        pytest.skip(f"{etc} exists already (a real or running cluster); not touching it")
+    etc.parent.mkdir(parents=True, exist_ok=True)
+    etc.write_text("# someone else's\n")
+    try:
+        env = {**os.environ, "LLMRET_SLURM_DIR": str(tmp_path / "state")}
+        up = _cluster("up", env)
+        assert up.returncode != 0 and "not this test cluster's" in up.stderr, up.stderr
+        assert etc.read_text() == "# someone else's\n"
+        assert not list((tmp_path / "state").glob("*.pid"))
+    finally:
+        etc.unlink()
+
+
 def test_smoke_preset_through_slurm_matches_local_run(smoke_run, slurm_cluster, tmp_path):
     local_dir, mirror = smoke_run
     workdir = tmp_path / "work"
@@ -336,22 +356,3 @@ def test_profile_dry_run_shows_resources_per_job(tmp_path):
             assert f"{key}={res[key]}" in resources[rule], (rule, resources[rule])
     assert f"mem_mb={_profile_resources('encode')['mem_mb']}" in resources["encode"]
     assert "runtime=60" in resources["bm25_search"]  # the profile's default, not the local profile's
-
-
-def test_cluster_script_refuses_a_foreign_slurm_conf(tmp_path):
-    """`up` never replaces an /etc/slurm/slurm.conf it did not write."""
-    if _missing_binaries() or os.geteuid() != 0:
-        pytest.skip("needs the Slurm binaries and root")
-    etc = Path("/etc/slurm/slurm.conf")
-    if etc.exists() or etc.is_symlink():
-        pytest.skip(f"{etc} exists already (a real or running cluster); not touching it")
-    etc.parent.mkdir(parents=True, exist_ok=True)
-    etc.write_text("# someone else's\n")
-    try:
-        env = {**os.environ, "LLMRET_SLURM_DIR": str(tmp_path / "state")}
-        up = _cluster("up", env)
-        assert up.returncode != 0 and "not this test cluster's" in up.stderr, up.stderr
-        assert etc.read_text() == "# someone else's\n"
-        assert not list((tmp_path / "state").glob("*.pid"))
-    finally:
-        etc.unlink()
