@@ -1,10 +1,16 @@
+import functools
+import http.server
 import os
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("LLMRET_SHARED_DATA", ROOT.parent / "shared" / "data"))
+SMOKE = ROOT / "config" / "smoke.yaml"
 
 os.environ.setdefault("NUMBA_CACHE_DIR", str(ROOT / ".cache" / "numba"))
 
@@ -104,3 +110,45 @@ def tiny_llama_config(vocab_size: int = 128, **over):
         num_key_value_heads=2,
     )
     return LlamaConfig(**{**kw, **over})
+
+
+# The smoke preset's session run, shared by the workflow tests and the Slurm test (which
+# compares its table with this local one instead of running the preset locally again).
+
+
+@pytest.fixture(scope="session")
+def mirror_url():
+    if not (SHARED_DATA / "beir" / "scifact.zip").is_file():
+        pytest.skip(f"shared test data not found under {SHARED_DATA}")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(SHARED_DATA))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def snakemake(
+    workdir: Path, *args: str, check: bool = True, cores: str | None = "2", timeout: float = 3600
+) -> subprocess.CompletedProcess:
+    """Run the workflow in ``workdir`` (an argument list, no shell); ``cores=None`` leaves
+    ``--cores`` out (cluster runs)."""
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(workdir)]
+    if cores is not None:
+        cmd += ["--cores", cores]
+    cmd += args
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(ROOT / ".cache" / "numba")}
+    env.pop("LLMRET_MIRROR", None)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+        )
+    return proc
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory, mirror_url):
+    workdir = tmp_path_factory.mktemp("smoke")
+    snakemake(workdir, "--configfile", str(SMOKE), "--config", f"mirror={mirror_url}")
+    return workdir, mirror_url

@@ -87,3 +87,76 @@ def test_two_ranks_under_torchrun_train_one_model(tmp_path, tiny_llara_inputs, m
     start = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[0])
     assert start["world_size"] == 2
     assert not os.environ.get("LOCAL_RANK")  # the parent process was never a rank
+
+
+# GPU claims for local runs: Snakemake gives a local job no devices of its own.
+
+
+@pytest.fixture
+def no_visible_devices(monkeypatch, tmp_path):
+    """CUDA_VISIBLE_DEVICES unset (as under a local Snakemake run), locks in a temp folder;
+    the variable is put back as it was afterwards."""
+    saved = os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+    monkeypatch.setenv(launch.LOCK_DIR_ENV, str(tmp_path / "locks"))
+    yield tmp_path / "locks"
+    os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+    if saved is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = saved
+
+
+def test_concurrent_claims_get_disjoint_gpus(no_visible_devices):
+    with launch.claimed_devices(2, total=3) as first:
+        assert first == [0, 1]
+        with launch.claimed_devices(1, total=3) as second:
+            assert second == [2]
+            with pytest.raises(TimeoutError, match="1 of 3 GPUs not free"):
+                with launch.claimed_devices(1, total=3, poll_s=0.01, timeout_s=0.05):
+                    pass
+    with launch.claimed_devices(3, total=3) as all_three:
+        assert all_three == [0, 1, 2]
+
+
+def test_a_killed_holder_frees_its_gpu(no_visible_devices):
+    import signal
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom llmret import launch\n"
+            "with launch.claimed_devices(1, total=2) as d:\n"
+            "    print(d, flush=True)\n    time.sleep(600)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    try:
+        assert holder.stdout.readline().strip() == "[0]"
+        with launch.claimed_devices(1, total=2) as d:
+            assert d == [1]
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with launch.claimed_devices(2, total=2) as d:
+        assert d == [0, 1]
+
+
+def test_no_claim_under_a_scheduler_or_without_gpus(no_visible_devices, monkeypatch):
+    with launch.claimed_devices(1, total=0) as d:
+        assert d is None
+    with pytest.raises(ValueError, match="asks for 4 GPUs; this machine has 2"):
+        with launch.claimed_devices(4, total=2):
+            pass
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")  # what Slurm sets
+    with launch.claimed_devices(1, total=8) as d:
+        assert d is None
+
+
+def test_run_sets_the_claimed_devices_for_the_stage(no_visible_devices, monkeypatch):
+    monkeypatch.setattr(launch, "machine_gpu_count", lambda: 2)
+    monkeypatch.setitem(launch.TASKS, "probe", "os:getenv")  # returns the variable it is asked for
+    with launch.claimed_devices(1):  # another job holds GPU 0
+        assert launch.run("probe", {"key": "CUDA_VISIBLE_DEVICES"}, nproc=1) == "1"

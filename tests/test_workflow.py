@@ -5,54 +5,17 @@ traceability of its cells, a second run doing nothing, and a changed setting rer
 only what depends on it.
 """
 
-import functools
-import http.server
 import json
 import os
 import re
 import subprocess
 import sys
-import threading
-from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import ROOT, SHARED_DATA
+from conftest import ROOT, SHARED_DATA, SMOKE, snakemake
 
 pytestmark = pytest.mark.integration
-
-SMOKE = ROOT / "config" / "smoke.yaml"
-
-
-@pytest.fixture(scope="session")
-def mirror_url():
-    if not (SHARED_DATA / "beir" / "scifact.zip").is_file():
-        pytest.skip(f"shared test data not found under {SHARED_DATA}")
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(SHARED_DATA))
-    handler.log_message = lambda *a, **k: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-
-
-def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(workdir), "--cores", "2", *args]
-    env = {**os.environ, "NUMBA_CACHE_DIR": str(ROOT / ".cache" / "numba")}
-    env.pop("LLMRET_MIRROR", None)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
-        )
-    return proc
-
-
-@pytest.fixture(scope="session")
-def smoke_run(tmp_path_factory, mirror_url):
-    workdir = tmp_path_factory.mktemp("smoke")
-    snakemake(workdir, "--configfile", str(SMOKE), "--config", f"mirror={mirror_url}")
-    return workdir, mirror_url
 
 
 def test_table_has_every_system_and_dataset(smoke_run):

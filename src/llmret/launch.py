@@ -7,14 +7,29 @@ a launcher) or starts ``python -m torch.distributed.run --standalone --nproc-per
 pasted into a command line). Every process reads the same JSON arguments; the training
 loop (:func:`llmret.training.init_distributed`) picks up the ranks torchrun sets.
 
-Multi-node runs use the same module under the user's launcher, e.g. on Slurm::
+Which GPUs a job uses: under Slurm (or any launcher that sets ``CUDA_VISIBLE_DEVICES``)
+the ones it was given. A local Snakemake run gives jobs no devices of their own
+(``--resources gpu=N`` only caps how many GPUs the running jobs ask for in total), so
+here a job that finds ``CUDA_VISIBLE_DEVICES`` unset claims N free GPUs of the machine
+with lock files (:func:`claimed_devices`; ``$LLMRET_GPU_LOCK_DIR``, default
+``/tmp/llmret-gpu-locks``), waits while too few are free, and runs with
+``CUDA_VISIBLE_DEVICES`` set to them: two training jobs never share a GPU.
 
-    srun torchrun --nnodes $SLURM_NNODES --nproc-per-node 8 \\
-        --rdzv-backend c10d --rdzv-endpoint $HEAD:29500 -m llmret.launch pretrain args.json
+Multi-node runs use the same module under the user's launcher, e.g. on Slurm (one task
+per node, torchrun starts the ranks; ``$HEAD`` is the first node of the allocation)::
+
+    HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+    srun --ntasks-per-node=1 python -m torch.distributed.run --nnodes "$SLURM_NNODES" \\
+        --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint "$HEAD:29500" \\
+        -m llmret.launch pretrain args.json
+
+(``args.json`` holds the stage's keyword arguments, as :func:`run` writes them.)
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib
 import json
 import logging
@@ -22,7 +37,8 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping
+import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +50,8 @@ TASKS = {
     "finetune": "llmret.finetuning:finetune",
 }
 LAUNCHER_ENV = ("LOCAL_RANK", "TORCHELASTIC_RUN_ID")
+LOCK_DIR_ENV = "LLMRET_GPU_LOCK_DIR"
+NVIDIA_GPUS = Path("/proc/driver/nvidia/gpus")
 
 
 def _target(task: str):
@@ -63,18 +81,88 @@ def torchrun_command(task: str, args_path: str | Path, nproc: int) -> list[str]:
     ]
 
 
+def machine_gpu_count() -> int:
+    """NVIDIA GPUs of this machine, counted without starting CUDA (the driver's /proc
+    entries), so ``CUDA_VISIBLE_DEVICES`` can still be set afterwards."""
+    return len(list(NVIDIA_GPUS.iterdir())) if NVIDIA_GPUS.is_dir() else 0
+
+
+@contextlib.contextmanager
+def claimed_devices(
+    n: int,
+    *,
+    total: int | None = None,
+    lock_dir: str | Path | None = None,
+    poll_s: float = 5.0,
+    timeout_s: float | None = None,
+) -> Iterator[list[int] | None]:
+    """Hold ``n`` of the machine's ``total`` GPUs for the ``with`` block and yield their
+    indices; ``None`` (nothing to claim) when ``CUDA_VISIBLE_DEVICES`` is already set (Slurm,
+    the user), ``n`` < 1 or the machine has no GPU.
+
+    Each GPU is an exclusive ``flock`` on ``gpu{i}.lock`` in ``lock_dir``: the kernel drops
+    it when the holder exits, also when it is killed, so a crashed job never keeps a GPU.
+    All ``n`` are taken at once or none (two jobs never hold half each and wait forever);
+    while too few are free, it retries every ``poll_s`` seconds (``timeout_s``: give up)."""
+    if n < 1 or os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
+        yield None
+        return
+    total = machine_gpu_count() if total is None else total
+    if total == 0:
+        yield None
+        return
+    if n > total:
+        raise ValueError(f"the job asks for {n} GPUs; this machine has {total}")
+    folder = Path(lock_dir or os.environ.get(LOCK_DIR_ENV) or Path(tempfile.gettempdir()) / "llmret-gpu-locks")
+    folder.mkdir(parents=True, exist_ok=True)
+    held: list[tuple[int, Any]] = []
+    started = time.monotonic()
+    try:
+        while True:
+            for i in range(total):
+                if len(held) == n:
+                    break
+                f = open(folder / f"gpu{i}.lock", "a")  # held until the block ends
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    f.close()
+                    continue
+                held.append((i, f))
+            if len(held) == n:
+                break
+            for _, f in held:
+                f.close()
+            held = []
+            if timeout_s is not None and time.monotonic() - started > timeout_s:
+                raise TimeoutError(f"{n} of {total} GPUs not free within {timeout_s} s (locks in {folder})")
+            log.info("waiting for %d free GPUs of %d (locks in %s)", n, total, folder)
+            time.sleep(poll_s)
+        yield [i for i, _ in held]
+    finally:
+        for _, f in held:
+            f.close()
+
+
 def run(task: str, kwargs: Mapping[str, Any], nproc: int = 1) -> Any:
     """Run ``task(**kwargs)`` here (``nproc`` <= 1 or under a launcher) or in ``nproc``
-    processes under torchrun; a failing rank fails the call with torchrun's exit code."""
+    processes under torchrun; a failing rank fails the call with torchrun's exit code.
+    Outside a scheduler the job first claims ``nproc`` free GPUs (:func:`claimed_devices`)."""
     fn = _target(task)
-    if nproc <= 1 or under_launcher():
+    if under_launcher():
         return fn(**kwargs)
-    with tempfile.TemporaryDirectory(prefix="llmret-launch-") as tmp:
-        args_path = Path(tmp) / "args.json"
-        args_path.write_text(json.dumps(dict(kwargs)))
-        cmd = torchrun_command(task, args_path, nproc)
-        log.info("launching %d processes: %s", nproc, cmd)
-        proc = subprocess.run(cmd, check=False)
+    with claimed_devices(nproc) as devices:
+        if devices is not None:
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, devices))
+            log.info("claimed GPUs %s (CUDA_VISIBLE_DEVICES)", os.environ["CUDA_VISIBLE_DEVICES"])
+        if nproc <= 1:
+            return fn(**kwargs)
+        with tempfile.TemporaryDirectory(prefix="llmret-launch-") as tmp:
+            args_path = Path(tmp) / "args.json"
+            args_path.write_text(json.dumps(dict(kwargs)))
+            cmd = torchrun_command(task, args_path, nproc)
+            log.info("launching %d processes: %s", nproc, cmd)
+            proc = subprocess.run(cmd, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"{task} under torchrun with {nproc} processes failed (exit code {proc.returncode})")
     return None

@@ -1,6 +1,13 @@
 # Evaluation with ranx, and the paper-style tables.
 
 
+# Seconds of work each: on a cluster they run on the submitting host, not as jobs.
+localrules:
+    evaluate,
+    beir_table,
+    plot_table,
+
+
 rule evaluate:
     input:
         run="results/runs/{system}/{dataset}.trec",
@@ -82,6 +89,9 @@ rule plot_table:
 
 
 if config.get("msmarco_table"):
+
+    localrules:
+        msmarco_table,
 
     rule msmarco_table:
         """The MS MARCO-style table: each column its own (dataset, metric), e.g. dev

@@ -5,9 +5,13 @@
 # rerun resumes; only the final HF checkpoint is the declared (protected) output.
 
 
+# Downloads need the internet (often absent on compute nodes; see `mirror`); the manifest
+# and the loss plot are seconds of work.
 localrules:
     download_dpr_wiki,
     stream_dpr_wiki,
+    llara_manifest,
+    plot_train_log,
 
 
 rule download_dpr_wiki:
