@@ -144,6 +144,17 @@ def claimed_devices(
             f.close()
 
 
+@contextlib.contextmanager
+def visible_devices(n: int) -> Iterator[list[int] | None]:
+    """:func:`claimed_devices`, with ``CUDA_VISIBLE_DEVICES`` set to the claimed GPUs for the
+    block (set it before CUDA starts: training ranks and encoding jobs alike)."""
+    with claimed_devices(n) as devices:
+        if devices is not None:
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, devices))
+            log.info("claimed GPUs %s (CUDA_VISIBLE_DEVICES)", os.environ["CUDA_VISIBLE_DEVICES"])
+        yield devices
+
+
 def run(task: str, kwargs: Mapping[str, Any], nproc: int = 1) -> Any:
     """Run ``task(**kwargs)`` here (``nproc`` <= 1 or under a launcher) or in ``nproc``
     processes under torchrun; a failing rank fails the call with torchrun's exit code.
@@ -151,10 +162,7 @@ def run(task: str, kwargs: Mapping[str, Any], nproc: int = 1) -> Any:
     fn = _target(task)
     if under_launcher():
         return fn(**kwargs)
-    with claimed_devices(nproc) as devices:
-        if devices is not None:
-            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, devices))
-            log.info("claimed GPUs %s (CUDA_VISIBLE_DEVICES)", os.environ["CUDA_VISIBLE_DEVICES"])
+    with visible_devices(nproc):
         if nproc <= 1:
             return fn(**kwargs)
         with tempfile.TemporaryDirectory(prefix="llmret-launch-") as tmp:

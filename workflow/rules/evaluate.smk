@@ -123,6 +123,9 @@ if EXPECTED:
     # (system, dataset) pairs with an expected cell, in the order of the rule's input.
     EXPECTED_RUNS = sorted({(c.system, c.dataset) for c in EXPECTED})
 
+    localrules:
+        check_expected,
+
     rule check_expected:
         """Each expected (system, dataset, metric) cell against this run's metrics: a TSV
         with expected, measured, delta and ok / drift-up / drift-down; with on_drift
