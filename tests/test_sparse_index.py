@@ -359,3 +359,15 @@ def test_spec_from_config_rejects_unknown_keys():
     assert SparseIndexSpec.from_config({"engine": "exact"}).engine == "exact"
     with pytest.raises(ValueError, match="unknown sparse_index settings: \\['querycut'\\]"):
         SparseIndexSpec.from_config({"querycut": 3})
+
+
+def test_seismic_ties_are_ordered_by_document_id():
+    # five identical documents (plus one other): every score ties; rows are not in id order
+    row = sp.csr_matrix((np.array([0.5, 1.25], dtype=np.float32), ([0, 0], [3, 8])), shape=(1, 16))
+    other = sp.csr_matrix((np.array([4.0], dtype=np.float32), ([0], [3])), shape=(1, 16))
+    docs = sp.vstack([row, row, other, row, row, row]).tocsr()
+    ids = ["m", "c", "top", "x", "a", "k"]
+    index = si.build_sparse_index(docs, ids, SparseIndexSpec.exhaustive())
+    run = si.search_sparse(index, row, ["q"], k=6, show_progress=False)
+    assert run == {"q": [("top", 2.0), ("a", 1.8125), ("c", 1.8125), ("k", 1.8125), ("m", 1.8125), ("x", 1.8125)]}
+    assert run == si.exact_search(docs, ids, row, ["q"], k=6)

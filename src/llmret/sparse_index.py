@@ -129,6 +129,13 @@ class SparseIndex:
     engine_index: Any  # seismic.SeismicIndex(LV) | scipy CSR of the documents (exact)
     info: dict = field(default_factory=dict)  # engine version, effective build settings
     path: Path | None = None  # folder it was written to or read from
+    _postings: sp.csr_matrix | None = field(default=None, repr=False)  # exact: documents transposed, made once
+
+    def postings(self) -> sp.csr_matrix:
+        """Exact engine: the term x document matrix that queries multiply (an inverted index)."""
+        if self._postings is None:
+            self._postings = self.engine_index.T.tocsr()
+        return self._postings
 
 
 # --------------------------------------------------------------------------------------
@@ -144,16 +151,14 @@ def _id_ranks(ids: Sequence[str]) -> np.ndarray:
     return ranks
 
 
-def _top_k_row(cols: np.ndarray, vals: np.ndarray, k: int, id_rank: np.ndarray) -> np.ndarray:
-    """Columns of the k best positive scores, score descending then id ascending."""
-    keep = vals > 0
-    cols, vals = cols[keep], vals[keep]
-    if len(vals) > k:
-        kth = np.partition(vals, len(vals) - k)[len(vals) - k]
-        keep = vals >= kth  # every tie at the k-th score competes on id
-        cols, vals = cols[keep], vals[keep]
-    order = np.lexsort((id_rank[cols], -vals))[:k]
-    return cols[order]
+def _top_k_positions(cols: np.ndarray, vals: np.ndarray, k: int, id_rank: np.ndarray) -> np.ndarray:
+    """Positions of the k best positive scores in ``vals``, score descending then id ascending."""
+    keep = np.flatnonzero(vals > 0)
+    if len(keep) > k:
+        kth = np.partition(vals[keep], len(keep) - k)[len(keep) - k]
+        keep = keep[vals[keep] >= kth]  # every tie at the k-th score competes on id
+    order = np.lexsort((id_rank[cols[keep]], -vals[keep]))[:k]
+    return keep[order]
 
 
 def exact_search(
@@ -162,7 +167,7 @@ def exact_search(
     queries: sp.spmatrix,
     query_ids: Sequence[str],
     k: int = 1000,
-    batch_size: int = 128,
+    batch_size: int = 32,
     show_progress: bool = False,
 ) -> Run:
     """Exact top-k by inner product, in query order; see the module notes for ties and zeros."""
@@ -190,10 +195,9 @@ def _exact(
         scores = (queries[start : start + batch_size] @ docs_t).tocsr()  # batch x docs, float32
         for row, qid in enumerate(query_ids[start : start + batch_size]):
             lo, hi = scores.indptr[row], scores.indptr[row + 1]
-            vals = scores.data[lo:hi]
-            top = _top_k_row(scores.indices[lo:hi], vals, k, id_rank)
-            by_col = dict(zip(scores.indices[lo:hi].tolist(), vals.tolist(), strict=True))
-            out[qid] = [(doc_ids[c], by_col[c]) for c in top.tolist()]
+            cols, vals = scores.indices[lo:hi], scores.data[lo:hi]
+            top = _top_k_positions(cols, vals, k, id_rank)
+            out[qid] = [(doc_ids[c], v) for c, v in zip(cols[top].tolist(), vals[top].tolist(), strict=True)]
     return out
 
 
@@ -391,7 +395,7 @@ def search_sparse(
         raise ValueError(f"queries have vocabulary size {q.shape[1]}, the index {index.vocab_size}")
     qids = list(query_ids)
     if index.spec.engine == "exact":
-        return _exact(index.engine_index.T.tocsr(), index.doc_ids, q, qids, k, 128, show_progress)
+        return _exact(index.postings(), index.doc_ids, q, qids, k, 32, show_progress)
     out: Run = {}
     for start in tqdm(range(0, len(qids), batch_size), desc="sparse search", disable=not show_progress):
         out.update(_seismic_batch(index, q[start : start + batch_size], qids[start : start + batch_size], k))

@@ -50,9 +50,9 @@ def check_sparse(matrix: sp.spmatrix, ids: Sequence[str], where: str, copy: bool
         raise ValueError(f"{where}: vocabulary size must be in 1..{MAX_VOCAB}, got {vocab}")
     if len(ids) != n:
         raise ValueError(f"{where}: {len(ids)} ids for {n} vectors")
-    for i in ids:
-        if not isinstance(i, str) or not i or any(c.isspace() for c in i):
-            raise ValueError(f"{where}: ids must be non-empty strings without whitespace, got {i!r}")
+    if not all(isinstance(i, str) for i in ids) or len("\n".join(ids).split()) != n:  # fast path over millions
+        bad = next(i for i in ids if not isinstance(i, str) or not i or i.split() != [i])
+        raise ValueError(f"{where}: ids must be non-empty strings without whitespace, got {bad!r}")
     if len(set(ids)) != n:
         dup = next(i for i, c in _counts(ids).items() if c > 1)
         raise ValueError(f"{where}: duplicate id {dup!r}")
