@@ -19,6 +19,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -111,6 +112,8 @@ def main() -> None:
         default="10:0.8,20:0.9,0:0.0",
         help="Seismic search settings to time, query_cut:heap_factor, comma-separated (0 = all terms / no skipping)",
     )
+    ap.add_argument("--n-postings", type=int, default=3000, help="Seismic build: mean postings kept per term")
+    ap.add_argument("--centroid-fraction", type=float, default=0.2, help="Seismic build: blocks per posting")
     ap.add_argument("--exact-only", action="store_true", help="time the exact scorer alone (Seismic builds are slow)")
     args = ap.parse_args()
     os.environ["RAYON_NUM_THREADS"] = str(args.threads)  # before Seismic starts its pool
@@ -133,14 +136,17 @@ def main() -> None:
         print(f"exact   : build {t_exact_build:7.1f} s  size {mib:8.1f} MiB  {len(query_ids) / t_exact:9.1f} q/s")
         if args.exact_only:
             return
-        seismic_index, t_build = timed(si.build_sparse_index, docs, doc_ids, si.SparseIndexSpec())
+        built = si.SparseIndexSpec(
+            engine="seismic", n_postings=args.n_postings, centroid_fraction=args.centroid_fraction
+        )
+        seismic_index, t_build = timed(si.build_sparse_index, docs, doc_ids, built)
         si.write_sparse_index(seismic_index, Path(tmp) / "seismic")
         mib = si.index_size_bytes(Path(tmp) / "seismic") / 2**20
         built = ", ".join(f"{k}={v}" for k, v in seismic_index.spec.build_params().items())
         print(f"seismic : build {t_build:7.1f} s  size {mib:8.1f} MiB  ({built})")
         for setting in args.search.split(","):
             cut, heap = setting.split(":")
-            spec = si.SparseIndexSpec(query_cut=int(cut), heap_factor=float(heap))
+            spec = replace(built, query_cut=int(cut), heap_factor=float(heap))
             run, secs = timed(
                 si.search_sparse, seismic_index, queries, query_ids, k=args.k, spec=spec, show_progress=False
             )

@@ -267,7 +267,9 @@ def test_search_params_apply_after_reload(exhaustive_dir):
 
 def test_reading_with_other_build_settings_is_an_error(exhaustive_dir):
     with pytest.raises(ValueError, match="n_postings=3000 but the index .* was built with 0: rebuild it"):
-        si.read_sparse_index(exhaustive_dir, SparseIndexSpec(n_postings=3000, query_cut=0, heap_factor=0.0))
+        si.read_sparse_index(
+            exhaustive_dir, SparseIndexSpec(engine="seismic", n_postings=3000, query_cut=0, heap_factor=0.0)
+        )
     with pytest.raises(ValueError, match="engine 'exact' asked of a 'seismic' index"):
         si.read_sparse_index(exhaustive_dir, SparseIndexSpec(engine="exact"))
 
@@ -323,8 +325,8 @@ def test_write_is_atomic_and_replaces(tmp_path, monkeypatch):
 def test_weights_beyond_float16_are_refused_by_seismic():
     m = sp.csr_matrix(np.array([[70000.0, 1.0]], dtype=np.float32))
     with pytest.raises(ValueError, match="float16"):
-        si.build_sparse_index(m, ["a"], SparseIndexSpec())
-    assert si.build_sparse_index(m, ["a"], SparseIndexSpec(engine="exact")).nnz == 2
+        si.build_sparse_index(m, ["a"], SparseIndexSpec(engine="seismic"))
+    assert si.build_sparse_index(m, ["a"], SparseIndexSpec()).nnz == 2  # the exact engine keeps float32
 
 
 def test_large_vocabulary_uses_32_bit_components():
@@ -356,7 +358,8 @@ def test_spec_validation(kwargs, message):
 
 
 def test_spec_from_config_rejects_unknown_keys():
-    assert SparseIndexSpec.from_config({"engine": "exact"}).engine == "exact"
+    assert SparseIndexSpec().engine == "exact"
+    assert SparseIndexSpec.from_config({"engine": "seismic"}).engine == "seismic"
     with pytest.raises(ValueError, match="unknown sparse_index settings: \\['querycut'\\]"):
         SparseIndexSpec.from_config({"querycut": 3})
 
