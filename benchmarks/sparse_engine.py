@@ -142,8 +142,8 @@ def main() -> None:
         seismic_index, t_build = timed(si.build_sparse_index, docs, doc_ids, built)
         si.write_sparse_index(seismic_index, Path(tmp) / "seismic")
         mib = si.index_size_bytes(Path(tmp) / "seismic") / 2**20
-        built = ", ".join(f"{k}={v}" for k, v in seismic_index.spec.build_params().items())
-        print(f"seismic : build {t_build:7.1f} s  size {mib:8.1f} MiB  ({built})")
+        settings = ", ".join(f"{k}={v}" for k, v in seismic_index.spec.build_params().items())
+        print(f"seismic : build {t_build:7.1f} s  size {mib:8.1f} MiB  ({settings})")
         for setting in args.search.split(","):
             cut, heap = setting.split(":")
             spec = replace(built, query_cut=int(cut), heap_factor=float(heap))
