@@ -7,6 +7,7 @@ import sys
 from collections import Counter
 
 import pytest
+import yaml
 from conftest import ROOT
 
 PRESETS = ROOT / "config" / "presets"
@@ -79,3 +80,23 @@ def test_llara_preset_dag(tmp_path):
     }
     assert not [j for j in encodes if "trec-dl" in j["wildcards"] and "side=corpus" in j["wildcards"]]
     assert "results/mining/msmarco-llara/negatives.jsonl" in out
+
+
+@pytest.mark.integration
+def test_llara_preset_through_the_slurm_profile(tmp_path):
+    """The paper preset as a cluster user dry-runs it: every GPU job with the profile's
+    CPUs per GPU, memory and time limit, and the GPU count of its config entry."""
+    pytest.importorskip("snakemake_executor_plugin_slurm")
+    profile = ROOT / "profiles" / "slurm"
+    extra = ("--workflow-profile", str(profile), "--slurm-status-command", "squeue")
+    jobs = planned(dry_run(tmp_path, PRESETS / "llara-llama2-7b.yaml", "results/beir_table.csv", extra=extra))
+    sizes = yaml.safe_load((profile / "config.yaml").read_text())["set-resources"]
+    by_rule = {}
+    for j in jobs:
+        by_rule.setdefault(j["rule"], []).append(j["resources"])
+    for rule, gpus in (("llara_pretrain", "8"), ("finetune", "8"), ("encode", "1")):
+        for res in by_rule[rule]:
+            assert res.get("gpu") == gpus, (rule, res)
+            for key in ("cpus_per_gpu", "mem_mb", "runtime"):
+                assert res.get(key) == str(sizes[rule][key]), (rule, key, res)
+    assert all(r.get("runtime") == "60" for r in by_rule["bm25_search"])  # the profile's default
