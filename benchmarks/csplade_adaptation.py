@@ -112,6 +112,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--group-size", type=int, default=8)
     ap.add_argument("--lambda-flops", type=float, default=1e-3)
+    ap.add_argument("--arms", nargs="+", default=["base", "adapted"], choices=["base", "adapted"])
+    ap.add_argument("--skip-zero-shot", action="store_true", help="do not evaluate the untrained models")
     ap.add_argument("--test-queries", type=int, default=0, help="subsample the test split (0 = all)")
     ap.add_argument("--test-docs", type=int, default=0, help="subsample the test corpus; judged docs stay (0 = all)")
     args = ap.parse_args()
@@ -152,10 +154,13 @@ def main() -> None:
         },
         "arms": {},
     }
-    report["zero_shot_base"] = evaluate_model(args.model, test, device, out, "base-untrained")
-    report["zero_shot_adapted"] = evaluate_model(adapted, test, device, out, "adapted-untrained")
+    if not args.skip_zero_shot:
+        report["zero_shot_base"] = evaluate_model(args.model, test, device, out, "base-untrained")
+        report["zero_shot_adapted"] = evaluate_model(adapted, test, device, out, "adapted-untrained")
     for lr in args.lrs:
         for arm, start in (("base", args.model), ("adapted", adapted)):
+            if arm not in args.arms:
+                continue
             tag = f"{arm}-lr{lr:g}"
             t0 = time.perf_counter()
             csplade.train(
