@@ -188,9 +188,11 @@ def _assert_same_results(local_dir: Path, workdir: Path) -> None:
             [json.loads(x) for x in open(d / "results" / "train_logs" / log.name)] for d in (local_dir, workdir)
         )
         local, slurm = ([r["loss"] for r in rows if "loss" in r] for rows in (local, slurm))
-        assert len(slurm) == len(local) and slurm[0] == local[0], log.name
-        if log.stem in pretraining_runs:  # deterministic: every step's loss
-            assert slurm == local, log.name
+        # The job's thread count (cpus per GPU under Slurm, 2 here) changes float sums in
+        # the last digits (seen: 47.84552 vs 47.84579 at step 1), not the results.
+        assert len(slurm) == len(local) and slurm[0] == pytest.approx(local[0], rel=1e-4), log.name
+        if log.stem in pretraining_runs:
+            assert slurm == pytest.approx(local, rel=1e-3), log.name
 
 
 def _assert_submissions(log: str) -> dict[str, list[str]]:
