@@ -98,6 +98,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .io import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -446,15 +448,6 @@ def _use_safe_loading(engine) -> bool:
 # --------------------------------------------------------------------------- checkpoints & files
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _tag_step(tag: str) -> int | None:
     m = _TAG.match(tag)
     return int(m.group(1)) if m else None
@@ -765,8 +758,8 @@ def _save_checkpoint(engine, ckpt_dir: Path, tag: str, state: dict, rank: int) -
 
     engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)  # collective; ends with a barrier
     if rank == 0:
-        _atomic_write_text(ckpt_dir / tag / TRAINER_STATE, json.dumps(state, indent=2))
-        _atomic_write_text(ckpt_dir / LATEST, tag)
+        atomic_write_text(ckpt_dir / tag / TRAINER_STATE, json.dumps(state, indent=2))
+        atomic_write_text(ckpt_dir / LATEST, tag)
         _prune(ckpt_dir, tag)
     dist.barrier()
 
