@@ -1,0 +1,311 @@
+"""Post-training quantization of a transformer's Linear layers, to measure what an encoder
+loses in quality and gains in size and speed at lower precision.
+
+Every ``nn.Linear`` is a candidate, found recursively by module type: the attention and MLP
+projections of a LLaMA-architecture causal LM (SmolLM2) including its LM head ``lm_head``,
+or the projections and pooler of a BERT encoder. Embedding tables, norms and rotary
+buffers keep their dtype (except under ``bfloat16``, which casts the whole model).
+
+Precisions (``PRECISIONS``):
+
+``float32``
+    The reference: the model is returned unchanged. Any device.
+``bfloat16``
+    ``model.to(torch.bfloat16)``: every parameter and floating buffer in bfloat16, so half
+    the bytes and bfloat16 arithmetic. Fast on GPUs; on CPUs without native bfloat16
+    instructions (AVX512-BF16 / AMX) it runs, but often slower than float32.
+``int8``
+    On CPU: torch's dynamic quantization (``torch.ao.quantization.quantize_dynamic``):
+    weights stored as int8 with one affine scale per tensor, activations quantized to int8
+    on the fly per batch, int8 GEMM kernels (fbgemm/x86 or qnnpack). It is the only int8
+    path with real integer kernels on CPU; torch deprecates the API (its warnings are
+    silenced locally) but it works in the installed torch. ``group_size`` is not used.
+    On CUDA (and any non-CPU device) torch has no dynamic-quantization kernels, so int8
+    uses our weight-only path below (``WeightOnlyLinear`` with ``bits=8``): int8 weights
+    with group-wise scales, dequantized for a floating-point matmul.
+``int4``
+    Our own weight-only quantization on every device: each Linear becomes a
+    ``WeightOnlyLinear`` with 4-bit weights, two per byte, and one scale per group of
+    ``group_size`` consecutive input columns. Activations and arithmetic stay in the
+    input's dtype (float32 here).
+
+Choices made for the weight-only path (``WeightOnlyLinear``):
+
+* Symmetric round-to-nearest per group: ``scale = max|w| / qmax`` with ``qmax = 7`` (int4)
+  or ``127`` (int8), ``q = clamp(round(w / scale), -2**(bits-1), qmax)``. Quantizing to
+  ``[-qmax, qmax]`` keeps every weight's error at most ``scale / 2``; the spare code -8
+  (-128) is representable but never produced. No zero point: transformer weights are
+  roughly centred, and symmetry keeps dequantization a single multiply.
+* int4 values are stored with an offset of 8 (``[-8, 7]`` -> ``[0, 15]``), the value at even
+  column ``2j`` in the low nibble of byte ``j`` and the odd column ``2j + 1`` in its high
+  nibble. int8 values are stored as ``torch.int8``, one per byte.
+* Scales are float16: half the overhead of float32 (2 bytes per group: 1/32 byte per weight
+  at group 64) and, as in GPTQ/AWQ/llama.cpp, ample precision for a scale. The quantized
+  values are computed with the float16-rounded scale actually stored, so the error bound
+  holds for the stored scale. A group of all-zero weights gets scale 0 and codes 0.
+* ``group_size`` must be a power of two >= 8 (the usual 32/64/128; it always divides the
+  power-of-two-heavy hidden sizes of transformers and keeps int4 rows an even length).
+  A Linear whose ``in_features`` is not a multiple of it is left in float and logged.
+* No cached float weight: the forward dequantizes the weight on every call (a multiply
+  over the weight matrix, in float32, then cast to the input's dtype) and calls
+  ``F.linear``. Memory stays at the packed size plus one layer's transient float weight,
+  at the cost of extra work per call, which makes it slower than float32 on CPU; it is a
+  size/quality measurement, not a fast kernel.
+* Bias is kept as it was (float32), cast to the input's dtype in the forward.
+
+Tied weights: SmolLM2 ties ``lm_head.weight`` to ``model.embed_tokens.weight``. Both paths
+*replace* the ``lm_head`` module and never write the parameter, so the embedding table
+stays the exact float tensor it was.
+
+``quantize_model`` works in place (a copy of a large model would double its memory):
+compute float references before quantizing, or quantize a fresh copy.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import settings
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("float32", "bfloat16", "int8", "int4")
+MIN_GROUP_SIZE = 8
+SCALE_DTYPE = torch.float16
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """The precision an encoder runs at; ``group_size`` is the number of input columns that
+    share one scale in the weight-only path (int4 everywhere, int8 off CPU)."""
+
+    precision: str = "float32"
+    group_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        g = self.group_size
+        if isinstance(g, bool) or not isinstance(g, int) or g < MIN_GROUP_SIZE or g & (g - 1):
+            raise ValueError(f"group_size must be a power of two >= {MIN_GROUP_SIZE}, got {g!r}")
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> QuantSpec:
+        return settings(cls, cfg, "quantization settings")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Pack int4 values (any integer dtype, in [-8, 7], even-length last axis) two per byte,
+    so an int4 weight really occupies half a byte per value."""
+    if q.shape[-1] % 2:
+        raise ValueError(f"int4 packing needs an even last dimension, got shape {tuple(q.shape)}")
+    if q.numel() and (int(q.min()) < -8 or int(q.max()) > 7):
+        raise ValueError(f"int4 values must lie in [-8, 7], got [{int(q.min())}, {int(q.max())}]")
+    u = (q.to(torch.int16) + 8).to(torch.uint8)
+    return u[..., 0::2] | (u[..., 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``pack_int4``: int8 values in [-8, 7], last axis twice as long."""
+    if packed.dtype != torch.uint8:
+        raise ValueError(f"packed int4 data must be uint8, got {packed.dtype}")
+    low = (packed & 0x0F).to(torch.int8)
+    high = (packed >> 4).to(torch.int8)
+    return torch.stack((low, high), dim=-1).flatten(-2) - 8
+
+
+def quantize_groups(weight: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric round-to-nearest quantization of a 2-D weight, one float16 scale per
+    ``group_size`` consecutive input columns: returns (int8 codes, scales (out, in // g))."""
+    out_f, in_f = weight.shape
+    if in_f % group_size:
+        raise ValueError(f"in_features {in_f} is not a multiple of group_size {group_size}")
+    qmax = 2 ** (bits - 1) - 1
+    w = weight.detach().to(torch.float32).reshape(out_f, in_f // group_size, group_size)
+    scales = (w.abs().amax(dim=-1) / qmax).to(SCALE_DTYPE)
+    if not torch.isfinite(scales).all():
+        raise ValueError("weight has non-finite values or exceeds the float16 scale range")
+    s = scales.to(torch.float32)
+    safe = torch.where(s > 0, s, torch.ones_like(s)).unsqueeze(-1)
+    q = torch.round(w / safe).clamp(-qmax - 1, qmax).to(torch.int8)
+    return q.reshape(out_f, in_f), scales
+
+
+class WeightOnlyLinear(nn.Module):
+    """A Linear whose weight is stored as int4 (packed) or int8 codes with group-wise
+    float16 scales: the weight shrinks 8x/4x (plus scales) while activations stay in float.
+    The weight is dequantized on every forward rather than cached, so memory stays small."""
+
+    def __init__(
+        self, in_features: int, out_features: int, bits: int = 4, group_size: int = 64, bias: bool = True
+    ) -> None:
+        super().__init__()
+        if bits not in (4, 8):
+            raise ValueError(f"bits must be 4 or 8, got {bits!r}")
+        if in_features % group_size:
+            raise ValueError(f"in_features {in_features} is not a multiple of group_size {group_size}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.bits = bits
+        self.group_size = group_size
+        if bits == 4:
+            qweight = torch.zeros(out_features, in_features // 2, dtype=torch.uint8)
+        else:
+            qweight = torch.zeros(out_features, in_features, dtype=torch.int8)
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", torch.zeros(out_features, in_features // group_size, dtype=SCALE_DTYPE))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size: int = 64) -> WeightOnlyLinear:
+        """Quantize a float Linear; the Linear's own parameters are only read, never written
+        (a tied weight such as SmolLM2's LM head stays intact in the embedding)."""
+        m = cls(linear.in_features, linear.out_features, bits, group_size, bias=linear.bias is not None)
+        q, scales = quantize_groups(linear.weight, bits, group_size)
+        device = linear.weight.device
+        m.qweight = (pack_int4(q) if bits == 4 else q).to(device)
+        m.scales = scales.to(device)
+        if linear.bias is not None:
+            m.bias = linear.bias.detach().clone()
+        return m
+
+    def codes(self) -> torch.Tensor:
+        """The integer weight values, (out_features, in_features) int8."""
+        return unpack_int4(self.qweight) if self.bits == 4 else self.qweight
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float weight the layer computes with: codes * scale in float32, then ``dtype``."""
+        q = self.codes().to(torch.float32).reshape(self.out_features, -1, self.group_size)
+        w = q * self.scales.to(torch.float32).unsqueeze(-1)
+        return w.reshape(self.out_features, self.in_features).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantized_weight(x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"group_size={self.group_size}, bias={self.bias is not None}"
+        )
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    """Qualified names of every ``nn.Linear`` in the model (recursively, the LM head included)."""
+    return [name for name, m in model.named_modules() if type(m) is nn.Linear]
+
+
+def quantize_weight_only(model: nn.Module, bits: int, group_size: int) -> nn.Module:
+    """Replace every eligible ``nn.Linear`` by a ``WeightOnlyLinear`` in place; layers whose
+    ``in_features`` is not a multiple of ``group_size`` stay float (logged)."""
+    done, skipped = 0, []
+    for name in linear_names(model):
+        linear = model.get_submodule(name)
+        if linear.in_features % group_size:
+            skipped.append(f"{name} (in_features={linear.in_features})")
+            continue
+        model.set_submodule(name, WeightOnlyLinear.from_linear(linear, bits, group_size))
+        done += 1
+    if skipped:
+        log.info(
+            "int%d: %d Linear layers left in float, in_features not a multiple of group_size %d: %s",
+            bits,
+            len(skipped),
+            group_size,
+            ", ".join(skipped),
+        )
+    log.info("int%d weight-only: quantized %d Linear layers (group_size %d)", bits, done, group_size)
+    return model
+
+
+def quantize_dynamic_int8(model: nn.Module) -> nn.Module:
+    """torch's CPU dynamic int8 quantization of every ``nn.Linear``, in place; the
+    deprecation warnings of ``torch.ao.quantization`` are silenced only here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated")
+        warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor, torch\.quantize_per_channel")
+        return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
+
+
+def quantize_model(model: nn.Module, spec: QuantSpec, device: str = "cpu") -> nn.Module:
+    """Return ``model`` (float32, eval mode) ready for inference at ``spec.precision`` on
+    ``device``; the model is modified in place (see the module docstring for each path)."""
+    kind = torch.device(device).type
+    model.eval()
+    if spec.precision == "float32":
+        return model.to(device)
+    if spec.precision == "bfloat16":
+        return model.to(device=device, dtype=torch.bfloat16)
+    if spec.precision == "int8" and kind == "cpu":
+        return quantize_dynamic_int8(model.to("cpu"))
+    bits = 8 if spec.precision == "int8" else 4
+    return quantize_weight_only(model, bits, spec.group_size).to(device)
+
+
+def _dynamic_linear_bytes(m: nn.Module) -> int:
+    """Packed int8 weight (1 byte per value) + its scale(s)/zero point(s) at torch's own
+    storage types (float64/int64) + bias, of a dynamic-quantized Linear."""
+    w, b = m._weight_bias()
+    n = w.numel() * w.element_size()
+    if w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric, torch.per_channel_affine_float_qparams):
+        scales, zeros = w.q_per_channel_scales(), w.q_per_channel_zero_points()
+        n += scales.numel() * scales.element_size() + zeros.numel() * zeros.element_size()
+    else:
+        n += 8 + 8  # q_scale() is a double, q_zero_point() an int64
+    if b is not None:
+        n += b.numel() * b.element_size()
+    return n
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes the model's weights occupy at its current precision (the "model size" of a
+    quantization table): every parameter and buffer once, shared tensors (tied embeddings)
+    counted once, plus the packed weights torch's dynamic-quantized Linears hide outside
+    parameters and buffers."""
+    seen: set[tuple[int, int, torch.dtype]] = set()
+    total = 0
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    for _, t in named:
+        key = (t.data_ptr(), t.numel(), t.dtype)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.numel() * t.element_size()
+    for m in model.modules():
+        if isinstance(m, torch.ao.nn.quantized.dynamic.Linear):
+            total += _dynamic_linear_bytes(m)
+    return total
+
+
+def quantization_error(reference: np.ndarray, other: np.ndarray) -> dict[str, float]:
+    """How far quantized outputs drift from the float reference: mean and min row-wise
+    cosine similarity and the largest absolute difference. Rows are all axes but the last
+    ((batch, seq, vocab) logits are flattened to (batch * seq, vocab)); a zero row against a
+    zero row counts as cosine 1."""
+    a = np.asarray(reference, dtype=np.float64)
+    b = np.asarray(other, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"shapes differ: {a.shape} vs {b.shape}")
+    if a.ndim == 0 or a.size == 0:
+        raise ValueError(f"need non-empty arrays with at least one axis, got shape {a.shape}")
+    a = a.reshape(-1, a.shape[-1])
+    b = b.reshape(-1, b.shape[-1])
+    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    dot = np.einsum("ij,ij->i", a, b)
+    both_zero = (na == 0) & (nb == 0)
+    cos = np.where(both_zero, 1.0, dot / np.maximum(na * nb, np.finfo(np.float64).tiny))
+    return {
+        "cosine_mean": float(cos.mean()),
+        "cosine_min": float(cos.min()),
+        "max_abs_diff": float(np.abs(a - b).max()),
+    }
