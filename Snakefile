@@ -17,6 +17,8 @@ include: "workflow/rules/bm25.smk"
 include: "workflow/rules/dense.smk"
 include: "workflow/rules/llara.smk"
 include: "workflow/rules/finetune.smk"
+include: "workflow/rules/sparse.smk"
+include: "workflow/rules/csplade.smk"
 include: "workflow/rules/evaluate.smk"
 
 
@@ -26,7 +28,16 @@ rule all:
         "results/plots/beir_table.png",
         expand(
             "results/plots/{run}_loss.png",
-            run=cfgcheck.runs_used(config, TABLE_SYSTEMS + MSMARCO_SYSTEMS),
+            run=cfgcheck.runs_used(
+                config,
+                TABLE_SYSTEMS + MSMARCO_SYSTEMS + (QUANT or {}).get("systems", []),
+            ),
         ),
         ["results/msmarco_table.csv"] if config.get("msmarco_table") else [],
         ["results/expected_check.tsv"] if EXPECTED else [],
+        ["results/index_sizes.csv"] if INDEXED_SYSTEMS else [],
+        (
+            ["results/quantization_table.csv", "results/plots/quantization_table.png"]
+            if QUANT
+            else []
+        ),

@@ -149,6 +149,9 @@ def snakemake(
 
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory, mirror_url):
-    workdir = tmp_path_factory.mktemp("smoke")
+    """The smoke preset run once per session. LLMRET_SMOKE_WORKDIR names a folder to run it in
+    instead of a fresh one (developers: a finished run there makes this a no-op dry check)."""
+    reuse = os.environ.get("LLMRET_SMOKE_WORKDIR")
+    workdir = Path(reuse) if reuse else tmp_path_factory.mktemp("smoke")
     snakemake(workdir, "--configfile", str(SMOKE), "--config", f"mirror={mirror_url}")
     return workdir, mirror_url

@@ -12,6 +12,16 @@ def load(name):
     return yaml.safe_load((ROOT / "config" / name).read_text())
 
 
+def validated(name):
+    """A shipped config as the Snakefile sees it: per-run objects created, schema defaults filled."""
+    from snakemake.utils import validate
+
+    c = load(name)
+    cfg.prefill(c)
+    validate(c, str(ROOT / "workflow" / "schemas" / "config.schema.yaml"))
+    return c
+
+
 def test_shipped_configs_pass_the_cross_checks():
     for name in ("config.yaml", "smoke.yaml"):
         c = load(name)
@@ -39,11 +49,9 @@ def test_unknown_dataset_needs_url_and_md5():
 
 
 def test_shipped_configs_pass_the_schema():
-    from snakemake.utils import validate
 
     for name in ("config.yaml", "smoke.yaml"):
-        c = load(name)
-        validate(c, str(ROOT / "workflow" / "schemas" / "config.schema.yaml"))
+        c = validated(name)
         # defaults are filled in, down into each dataset
         assert c["evaluation"]["top_k"] == 1000
         assert all("relevance_level" in d and "subsample" in d for d in c["datasets"].values())
@@ -87,6 +95,18 @@ def test_schema_rejects_a_typo_with_the_key_named():
             r"systems\.llara-ft\.query_template: '\{text\}' differs from finetuning\.llara-ft-smollm2",
         ),
         (lambda c: c["msmarco_table"]["columns"].append({"dataset": "x", "metric": "ndcg@10"}), r"columns\[3\]"),
+        (lambda c: c["systems"]["csplade"].update(model="nope"), r"systems\.csplade\.model: 'nope' is not in models"),
+        (lambda c: c["systems"]["csplade"].update(model="minilm-l6"), r"'minilm-l6' is an encoder model"),
+        (
+            lambda c: c["systems"]["csplade-echo"].update(echo=False),
+            r"systems\.csplade-echo\.echo: False differs from csplade\.csplade-echo-smollm2\.echo True",
+        ),
+        (lambda c: c["csplade"]["csplade-smollm2"].update(negatives="x"), r"csplade\.csplade-smollm2\.negatives: 'x'"),
+        (lambda c: c["csplade"]["csplade-smollm2"].update(model="base-ft-smollm2"), r"csplade-smollm2\.model"),
+        (lambda c: c["adaptation"]["adapt-smollm2"].update(corpus="nfcorpus"), r"adapt-smollm2\.corpus: 'nfcorpus'"),
+        (lambda c: c["adaptation"].update({"base-ft-smollm2": {}}), r"adaptation\.base-ft-smollm2: a model"),
+        (lambda c: c["quantization_table"]["systems"].append("bm25"), r"'bm25' is BM25"),
+        (lambda c: c["quantization_table"].update(dataset="x"), r"quantization_table\.dataset: 'x'"),
         (
             lambda c: c["msmarco_table"]["columns"].append({"dataset": "scifact", "metric": "map"}),
             r"msmarco_table\.columns\[3\]\.metric: 'map' is not in evaluation\.metrics",
@@ -94,10 +114,7 @@ def test_schema_rejects_a_typo_with_the_key_named():
     ],
 )
 def test_cross_check_errors_name_the_setting(edit, message):
-    from snakemake.utils import validate
-
-    c = load("smoke.yaml")
-    validate(c, str(ROOT / "workflow" / "schemas" / "config.schema.yaml"))
+    c = validated("smoke.yaml")
     cfg.complete(c)
     edit(c)
     with pytest.raises(cfg.ConfigError, match=message):
@@ -113,17 +130,26 @@ def test_mirror_setting_then_environment(monkeypatch):
 
 
 def test_training_sections_share_one_schema_with_defaults(tmp_path, monkeypatch):
-    from snakemake.utils import validate
-
-    c = load("smoke.yaml")
-    validate(c, str(ROOT / "workflow" / "schemas" / "config.schema.yaml"))
+    c = validated("smoke.yaml")
     pre = c["pretraining"]["llara-smollm2"]["training"]
     ft = c["finetuning"]["base-ft-smollm2"]["training"]
     assert pre["deepspeed_config"] == ft["deepspeed_config"] == "config/deepspeed/cpu.json"
     assert ft["learning_rate"] == 1.0e-4 and ft["lr_scheduler"] == "linear"
     assert c["finetuning"]["base-ft-smollm2"]["lora"]["target_modules"][0] == "q_proj"
     assert c["mining"]["scifact-minilm"]["margin"] is None
+    # the CSPLADE sections share the LoRA and training definitions
+    adapt, sp = c["adaptation"]["adapt-smollm2"], c["csplade"]["csplade-smollm2"]
+    assert adapt["lora"] == sp["lora"] == c["finetuning"]["base-ft-smollm2"]["lora"]
+    assert adapt["training"]["deepspeed_config"] == sp["training"]["deepspeed_config"] == "config/deepspeed/cpu.json"
+    assert sp["temperature"] == 1.0 and sp["lambda_q"] == 1e-3 and adapt["bow_weight"] == 1.0
+    assert c["systems"]["csplade"]["sparse_index"] == {"engine": "exact"}
     # relative DeepSpeed paths resolve against the workflow for runs in another directory
     monkeypatch.chdir(tmp_path)
     cfg.resolve_paths(c, "/wf")
     assert ft["deepspeed_config"] == "/wf/config/deepspeed/cpu.json"
+
+
+def test_sparse_keys_checked_against_training_are_what_a_trained_model_fixes():
+    from llmret.sparse import MODEL_KEYS
+
+    assert set(cfg.SPARSE_KEYS_FROM_TRAINING) == set(MODEL_KEYS) - {"max_query_length", "max_passage_length"}

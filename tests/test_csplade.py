@@ -226,6 +226,7 @@ def test_train_stage_logs_saves_and_resumes_at_the_right_step(tiny_dir, tmp_path
     negatives.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
     spec = {**SPEC.__dict__, "lambda_q": 0.05, "lambda_d": 0.02, "flops_warmup_steps": 3}
     training = {"max_steps": 2, "per_device_batch_size": 2, "learning_rate": 1e-2, "log_every": 1, "save_every": 1}
+    training["lr_scheduler"] = "constant"
     paths = [str(tmp_path / "model"), str(tmp_path / "adapter"), str(tmp_path / "ckpt")]
     first = train(str(tiny_dir), str(negatives), spec, {"r": 4}, training, *paths)
     assert first["steps"] == 2 and first["resumed_from_step"] is None
@@ -241,6 +242,25 @@ def test_train_stage_logs_saves_and_resumes_at_the_right_step(tiny_dir, tmp_path
         assert steps[s]["lambda_q"] == pytest.approx(quadratic_warmup(0.05, s, 3))
         assert steps[s]["lambda_d"] == pytest.approx(quadratic_warmup(0.02, s, 3))
         assert 0.0 <= steps[s]["dead_fraction"] <= 1.0 and math.isfinite(steps[s]["loss"])
+    # The checkpoints hold the LoRA weights and their optimizer state, not the frozen base
+    # model, and resuming from one gives the uninterrupted run's losses.
+    # (DeepSpeed names parameters once, so the LM head tied to the frozen embedding stays.)
+    states = torch.load(tmp_path / "ckpt" / "step4" / "mp_rank_00_model_states.pt", weights_only=True)
+    assert {k.split(".")[-2] for k in states["module"] if "lora_" not in k} == {"lm_head"}
+    assert len([k for k in states["module"] if "lora_" in k]) > 0
+    # (constant learning rate: a linear schedule's slope depends on max_steps, which the
+    # resumed run changed)
+    straight = [str(tmp_path / "s-model"), str(tmp_path / "s-adapter"), str(tmp_path / "s-ckpt")]
+    train(str(tiny_dir), str(negatives), spec, {"r": 4}, {**training, "max_steps": 4}, *straight)
+    uninterrupted = {r["step"]: r["loss"] for r in _records(tmp_path / "s-ckpt" / "train_log.jsonl") if "loss" in r}
+    assert [steps[s]["loss"] for s in (3, 4)] == pytest.approx([uninterrupted[3], uninterrupted[4]], rel=1e-5)
+    # A second, identical uninterrupted run gives the same losses: the LoRA initialisation is
+    # seeded by the training seed (it used to come from the process's RNG state, so the
+    # first run in a process differed from later ones from step 2 on).
+    again_dirs = [str(tmp_path / "t-model"), str(tmp_path / "t-adapter"), str(tmp_path / "t-ckpt")]
+    train(str(tiny_dir), str(negatives), spec, {"r": 4}, {**training, "max_steps": 4}, *again_dirs)
+    repeat = {r["step"]: r["loss"] for r in _records(tmp_path / "t-ckpt" / "train_log.jsonl") if "loss" in r}
+    assert repeat == uninterrupted
     out = tmp_path / "model"
     names = {p.name for p in out.iterdir()}
     assert {"model.safetensors", "config.json", "tokenizer.json", CSPLADE_JSON, "training_state.json"} <= names

@@ -100,3 +100,44 @@ def test_llara_preset_through_the_slurm_profile(tmp_path):
             for key in ("cpus_per_gpu", "mem_mb", "runtime"):
                 assert res.get(key) == str(sizes[rule][key]), (rule, key, res)
     assert all(r.get("runtime") == "60" for r in by_rule["bm25_search"])  # the profile's default
+
+
+def test_csplade_preset_dag(tmp_path):
+    out = dry_run(
+        tmp_path,
+        PRESETS / "csplade-llama3-8b.yaml",
+        "results/beir_table.csv",
+        "results/msmarco_table.csv",
+        "results/quantization_table.csv",
+        "results/expected_check.tsv",
+    )
+    jobs = planned(out)
+    counts = Counter(j["rule"] for j in jobs)
+    assert counts["csplade_adapt"] == 2 and counts["csplade_train"] == 3
+    assert counts["mine_negatives"] == 1 and counts["bm25_search_train"] == 1  # BM25 negatives
+    assert not counts["finetune"] and not counts["llara_pretrain"] and not counts["encode"]
+    # 5 sparse systems: 13 BEIR corpora + MS MARCO (DL19/DL20 search its index) each
+    assert counts["sparse_index"] == 5 * 14 and counts["sparse_search"] == 5 * 16
+    assert counts["quantization_table"] == 1 and counts["check_expected"] == 1
+    gpus = {(j["rule"], j["resources"].get("gpu")) for j in jobs if j["rule"].startswith(("csplade", "sparse_enc"))}
+    assert gpus == {("csplade_adapt", "8"), ("csplade_train", "8"), ("sparse_encode", "1")}
+    # the three trained models, the 8-bit and 4-bit systems reuse csplade-bi's model
+    bases = {re.search(r"run=([\w.-]+)", j["wildcards"]).group(1) for j in jobs if j["rule"] == "csplade_train"}
+    assert bases == {"csplade-llama31-8b", "csplade-echo-llama31-8b", "csplade-bi-llama31-8b"}
+    assert not [j for j in jobs if re.search(r"smollm2|minilm", j["wildcards"])]
+
+
+@pytest.mark.integration
+def test_csplade_preset_through_the_slurm_profile(tmp_path):
+    pytest.importorskip("snakemake_executor_plugin_slurm")
+    profile = ROOT / "profiles" / "slurm"
+    extra = ("--workflow-profile", str(profile), "--slurm-status-command", "squeue")
+    jobs = planned(dry_run(tmp_path, PRESETS / "csplade-llama3-8b.yaml", "results/msmarco_table.csv", extra=extra))
+    sizes = yaml.safe_load((profile / "config.yaml").read_text())["set-resources"]
+    seen = set()
+    for j in jobs:
+        if j["rule"] in ("csplade_adapt", "csplade_train", "sparse_encode", "sparse_index"):
+            seen.add(j["rule"])
+            for key in ("mem_mb", "runtime"):
+                assert j["resources"].get(key) == str(sizes[j["rule"]][key]), j
+    assert seen == {"csplade_adapt", "csplade_train", "sparse_encode", "sparse_index"}

@@ -11,20 +11,29 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 from conftest import ROOT, SHARED_DATA, SMOKE, snakemake
 
 pytestmark = pytest.mark.integration
 
+SPARSE_SYSTEMS = ["csplade", "csplade-echo", "csplade-bi", "csplade-int8", "csplade-int8-dynamic", "csplade-int4"]
+# Mean cosine of each precision's corpus vectors to float32's (smoke model, SciFact subsample);
+# measured TBD.
+QUANT_COSINE_FLOOR = {"csplade-int8": 0.99, "csplade-int8-dynamic": 0.9, "csplade-int4": 0.9}
+
 
 def test_table_has_every_system_and_dataset(smoke_run):
     workdir, _ = smoke_run
     table = pd.read_csv(workdir / "results" / "beir_table.csv")
-    assert list(table["system"]) == ["bm25", "smollm2-135m", "llara", "base-ft", "llara-ft", "minilm-l6"]
+    dense = ["bm25", "smollm2-135m", "llara", "base-ft", "llara-ft", "minilm-l6"]
+    assert list(table["system"]) == dense + SPARSE_SYSTEMS
     assert list(table.columns) == ["system", "scifact", "msmarco-dl19-5k", "avg"]
     values = table[["scifact", "msmarco-dl19-5k"]].to_numpy()
-    assert ((values > 0) & (values <= 1)).all()
+    assert ((values >= 0) & (values <= 1)).all()
+    # a few training steps give sparse systems near-chance scores; the others beat chance
+    assert (table.set_index("system").loc[dense, ["scifact", "msmarco-dl19-5k"]] > 0).all().all()
     assert table["avg"].tolist() == pytest.approx(values.mean(axis=1).tolist(), abs=1e-3)
     # Even on a subsample, BM25 and a trained sentence encoder beat chance by far.
     assert table.set_index("system").loc["bm25", "scifact"] > 0.5
@@ -115,11 +124,9 @@ def test_expected_scores_hold_on_the_smoke_preset(smoke_run):
 
 
 def test_finetuning_change_retrains_without_remining(smoke_run, tmp_path):
-    workdir, mirror = smoke_run
-    overlay = tmp_path / "overlay.yaml"
-    overlay.write_text("finetuning:\n  llara-ft-smollm2:\n    training:\n      learning_rate: 2.0e-4\n")
-    out = snakemake(workdir, "-n", "--configfile", str(SMOKE), str(overlay), "--config", f"mirror={mirror}")
-    jobs = _planned_jobs(out.stdout + out.stderr)
+    jobs = _overlay_dry_run(
+        smoke_run, tmp_path, "finetuning:\n  llara-ft-smollm2:\n    training:\n      learning_rate: 2.0e-4\n"
+    )
     rules = {r for r, _ in jobs}
     assert {"finetune", "encode", "evaluate", "beir_table", "msmarco_table"} <= rules
     assert not rules & {"mine_negatives", "dense_search_train", "prepare_train_split", "llara_pretrain", "llara_shard"}
@@ -129,11 +136,12 @@ def test_finetuning_change_retrains_without_remining(smoke_run, tmp_path):
 
 
 def test_learning_rate_change_retrains_without_retokenizing(smoke_run, tmp_path):
-    workdir, mirror = smoke_run
-    overlay = tmp_path / "overlay.yaml"
-    overlay.write_text("pretraining:\n  llara-smollm2:\n    training:\n      learning_rate: 2.0e-5\n")
-    out = snakemake(workdir, "-n", "--configfile", str(SMOKE), str(overlay), "--config", f"mirror={mirror}")
-    rules = {r for r, _ in _planned_jobs(out.stdout + out.stderr)}
+    rules = {
+        r
+        for r, _ in _overlay_dry_run(
+            smoke_run, tmp_path, "pretraining:\n  llara-smollm2:\n    training:\n      learning_rate: 2.0e-5\n"
+        )
+    }
     assert "llara_pretrain" in rules and "plot_train_log" in rules
     assert not rules & {"llara_shard", "llara_manifest", "prepare_dataset", "import_model", "bm25_index"}
 
@@ -157,14 +165,19 @@ def _planned_jobs(text: str) -> list[tuple[str, str]]:
     return jobs
 
 
-def test_changed_setting_reruns_only_what_depends_on_it(smoke_run, tmp_path):
+def _overlay_dry_run(smoke_run, tmp_path, overlay_yaml: str) -> list[tuple[str, str]]:
+    """The jobs a dry run of the finished smoke run plans with ``overlay_yaml`` merged on top."""
     workdir, mirror = smoke_run
     overlay = tmp_path / "overlay.yaml"
-    overlay.write_text("systems:\n  smollm2-135m:\n    max_passage_length: 48\n")
+    overlay.write_text(overlay_yaml)
     out = snakemake(workdir, "-n", "--configfile", str(SMOKE), str(overlay), "--config", f"mirror={mirror}")
-    jobs = _planned_jobs(out.stdout + out.stderr)
+    return _planned_jobs(out.stdout + out.stderr)
+
+
+def test_changed_setting_reruns_only_what_depends_on_it(smoke_run, tmp_path):
+    jobs = _overlay_dry_run(smoke_run, tmp_path, "systems:\n  smollm2-135m:\n    max_passage_length: 48\n")
     rules = {r for r, _ in jobs}
-    tables = {"beir_table", "msmarco_table", "plot_table", "check_expected", "all"}
+    tables = {"beir_table", "msmarco_table", "plot_table", "check_expected", "index_sizes", "all"}
     assert rules == {"encode", "faiss_index", "dense_search", "evaluate"} | tables
     for rule, wc in jobs:
         if rule in ("encode", "faiss_index", "dense_search", "evaluate"):
@@ -173,11 +186,9 @@ def test_changed_setting_reruns_only_what_depends_on_it(smoke_run, tmp_path):
 
 def test_mining_retriever_change_remines_and_retrains(smoke_run, tmp_path):
     """MiniLM mines the negatives: changing how it encodes passages reaches fine-tuning."""
-    workdir, mirror = smoke_run
-    overlay = tmp_path / "overlay.yaml"
-    overlay.write_text("systems:\n  minilm-l6:\n    max_passage_length: 96\n")
-    out = snakemake(workdir, "-n", "--configfile", str(SMOKE), str(overlay), "--config", f"mirror={mirror}")
-    rules = {r for r, _ in _planned_jobs(out.stdout + out.stderr)}
+    rules = {
+        r for r, _ in _overlay_dry_run(smoke_run, tmp_path, "systems:\n  minilm-l6:\n    max_passage_length: 96\n")
+    }
     assert {"dense_search_train", "mine_negatives", "finetune"} <= rules
     assert not rules & {"llara_pretrain", "prepare_train_split", "bm25_index"}
 
@@ -317,3 +328,114 @@ def test_killed_pretraining_job_resumes_from_its_checkpoint(smoke_run, tmp_path)
         ]
         == resumes[-1]["step"]
     )
+
+
+def test_csplade_training_logs_and_models(smoke_run):
+    """Adaptation (causal and bidirectional) then contrastive + FLOPS training: each saves a
+    merged causal LM with its LM head and a record of how it must be used, and logs the
+    dead-dimension fraction the adaptation phase is there to keep low."""
+    workdir, _ = smoke_run
+    for run in ("adapt-smollm2", "adapt-bi-smollm2"):
+        logged = [json.loads(line) for line in (workdir / "results" / "train_logs" / f"{run}.jsonl").open()]
+        steps = [r for r in logged if "loss" in r]
+        assert [r["step"] for r in steps] == [1, 2]
+        assert all(r["loss_ntp"] > 0 and r["loss_bow"] > 0 and 0 <= r["dead_fraction"] < 1 for r in steps)
+        record = json.loads((workdir / "results" / "models" / run / "adaptation.json").read_text())
+        assert record["adaptation"]["bidirectional"] == (run == "adapt-bi-smollm2")
+    for run, echo, bidi in (
+        ("csplade-smollm2", False, False),
+        ("csplade-echo-smollm2", True, False),
+        ("csplade-bi-smollm2", False, True),
+    ):
+        model = workdir / "results" / "models" / run
+        assert (model / "model.safetensors").is_file()
+        assert (workdir / "results" / "adapters" / run / "adapter_model.safetensors").is_file()
+        record = json.loads((model / "csplade.json").read_text())
+        assert (record["encoder"]["echo"], record["encoder"]["bidirectional"]) == (echo, bidi)
+        logged = [json.loads(line) for line in (workdir / "results" / "train_logs" / f"{run}.jsonl").open()]
+        steps = [r for r in logged if "loss" in r]
+        assert [r["step"] for r in steps] == [1, 2]
+        for r in steps:
+            assert r["loss_contrastive"] >= 0 and r["loss_flops_q"] > 0 and r["loss_flops_d"] > 0
+            assert 0 < r["nnz_q"] <= 49152 and 0 < r["nnz_d"] <= 49152
+        # the FLOPS weight warms up quadratically over 2 steps: 1e-3 * (s / 2) ** 2
+        assert [r["lambda_d"] for r in steps] == pytest.approx([2.5e-4, 1e-3])
+
+
+def test_sparse_runs_index_sizes_and_quantization_table(smoke_run):
+    workdir, _ = smoke_run
+    from llmret import sparse_vectors
+
+    table = pd.read_csv(workdir / "results" / "beir_table.csv").set_index("system")
+    for system in SPARSE_SYSTEMS:
+        assert 0 <= table.loc[system, "scifact"] <= 1
+        lines = (workdir / "results" / "runs" / system / "scifact.trec").read_text().splitlines()
+        header = json.loads(lines[0][13:])
+        assert header["type"] == "sparse" and header["index"]["engine"] == "exact"
+        assert header["index"]["n_docs"] == len(
+            sparse_vectors.load_sparse(workdir / "results" / "sparse" / system / "scifact" / "corpus.safetensors").ids
+        )
+        stats = json.loads((workdir / "results" / "sparse" / system / "scifact" / "corpus.json").read_text())
+        assert stats["vocab_size"] == 49152 and 0 < stats["nnz_mean"] <= 49152 and stats["texts_per_second"] > 0
+    sizes = pd.read_csv(workdir / "results" / "index_sizes.csv")
+    learned = [s for s in table.index if s != "bm25"]
+    assert sorted(set(sizes["system"])) == sorted(learned)
+    assert set(sizes["dataset"]) == {"scifact", "msmarco-dl19-5k"}
+    dense = sizes[sizes["type"] == "dense"]
+    assert (dense["engine"] == "faiss IndexFlatIP").all()
+    # a flat FAISS index is the float32 vectors: documents x dim x 4 bytes, plus a header
+    assert ((dense["index_mb"] * 1e6 - dense["documents"] * dense["dim_or_nnz_per_doc"] * 4).abs() < 1000).all()
+    sparse_rows = sizes[sizes["type"] == "sparse"]
+    assert len(sparse_rows) == 2 * len(SPARSE_SYSTEMS) and (sparse_rows["engine"] == "exact").all()
+
+    quant = pd.read_csv(workdir / "results" / "quantization_table.csv")
+    assert list(quant["system"]) == ["csplade", "csplade-int8", "csplade-int8-dynamic", "csplade-int4"]
+    assert list(quant["precision"]) == ["float32", "int8", "int8-dynamic", "int4"]
+    mb = quant.set_index("precision")["weights_mb"]
+    assert mb["float32"] > mb["int8"] > mb["int4"] > 0 and mb["float32"] > mb["int8-dynamic"] > mb["int4"]
+    assert (quant["dataset"] == "scifact").all() and quant["ndcg@10"].between(0, 1).all()
+    assert (workdir / "results" / "plots" / "quantization_table.png").stat().st_size > 1000
+
+
+def test_quantized_sparse_encoders_stay_close_to_full_precision(smoke_run):
+    """The same trained model at lower precision: corpus vectors keep most of their mass on
+    the same terms (weighted cosine over the full vocabulary)."""
+    workdir, _ = smoke_run
+    from llmret import sparse_vectors
+
+    def vectors(system):
+        return sparse_vectors.load_sparse(workdir / "results" / "sparse" / system / "scifact" / "corpus.safetensors")
+
+    ref = vectors("csplade")
+    for system, floor in QUANT_COSINE_FLOOR.items():
+        other = vectors(system)
+        assert other.ids == ref.ids
+        a, b = ref.matrix, other.matrix
+        dots = np.asarray(a.multiply(b).sum(1)).ravel()
+        norms = np.sqrt(np.asarray(a.multiply(a).sum(1)).ravel() * np.asarray(b.multiply(b).sum(1)).ravel())
+        cosine = dots / np.maximum(norms, 1e-12)
+        assert cosine.mean() >= floor, (system, cosine.mean(), cosine.min())
+
+
+def test_csplade_setting_change_retrains_without_readapting_or_remining(smoke_run, tmp_path):
+    jobs = _overlay_dry_run(smoke_run, tmp_path, "csplade:\n  csplade-smollm2:\n    lambda_d: 2.0e-3\n")
+    rules = {r for r, _ in jobs}
+    assert {"csplade_train", "sparse_encode", "sparse_index", "sparse_search", "quantization_table"} <= rules
+    assert not rules & {"csplade_adapt", "mine_negatives", "finetune", "encode", "llara_pretrain"}
+    trained = {wc for r, wc in jobs if r == "csplade_train"}
+    assert trained == {"run=csplade-smollm2"}
+    encoded = {wc.split(",")[0] for r, wc in jobs if r == "sparse_encode"}
+    # the csplade model and its precision variants, not the echo / bidirectional systems
+    assert encoded == {f"system={s}" for s in ("csplade", "csplade-int8", "csplade-int8-dynamic", "csplade-int4")}
+
+
+def test_sparse_engine_change_reindexes_without_reencoding(smoke_run, tmp_path):
+    jobs = _overlay_dry_run(
+        smoke_run,
+        tmp_path,
+        "systems:\n  csplade-bi:\n    sparse_index: {engine: seismic, n_postings: 0, query_cut: 0}\n",
+    )
+    rules = {r for r, _ in jobs}
+    assert {"sparse_index", "sparse_search", "evaluate", "index_sizes"} <= rules
+    assert not rules & {"sparse_encode", "csplade_train", "csplade_adapt"}
+    assert all("system=csplade-bi" in wc for r, wc in jobs if r in ("sparse_index", "sparse_search", "evaluate"))

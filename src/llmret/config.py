@@ -16,13 +16,28 @@ from typing import TypeVar
 T = TypeVar("T")
 
 MIRROR_ENV = "LLMRET_MIRROR"
-SYSTEM_TYPES = ("bm25", "dense")
+SYSTEM_TYPES = ("bm25", "dense", "sparse")
 # Settings a dense system must share with the fine-tuning run whose model it encodes with.
 ENCODER_KEYS_FROM_TRAINING = ("query_template", "passage_template", "append_eos", "pooling", "normalize")
+# ... and a sparse system with the CSPLADE run it encodes with (llmret.sparse.MODEL_KEYS less
+# the max lengths, which a system may choose, as a dense one may).
+SPARSE_KEYS_FROM_TRAINING = ("query_template", "passage_template", "append_eos", "echo", "bidirectional")
+TRAINING_SECTIONS = ("pretraining", "finetuning", "adaptation", "csplade")
 
 
 class ConfigError(ValueError):
     """A setting is wrong; the message names it as ``section.key``."""
+
+
+def prefill(config: dict) -> None:
+    """Create the per-run objects whose defaults live in the schema's ``$defs`` (``lora``,
+    ``training``): the validator fills defaults inside a referenced object, not the object."""
+    for section in TRAINING_SECTIONS:
+        for run in (config.get(section) or {}).values():
+            if isinstance(run, dict):
+                run.setdefault("training", {})
+                if section != "pretraining":
+                    run.setdefault("lora", {})
 
 
 def complete(config: dict) -> None:
@@ -75,7 +90,9 @@ def check(config: Mapping) -> None:
                         f"systems.{name}.{key}: {sys_cfg[key]!r} differs from finetuning.{run}.{key} "
                         f"{finetuning[run][key]!r}; the model was trained to be used with the latter"
                     )
+    _check_sparse_systems(config)
     _check_training_sections(config)
+    _check_sparse_training(config)
     _check_flag_encoders(config)
     for run, run_cfg in pretraining.items():
         if run_cfg.get("model") not in models:
@@ -85,9 +102,10 @@ def check(config: Mapping) -> None:
         for d in run_cfg.get("corpora") or []:
             if d not in datasets:
                 raise ConfigError(f"pretraining.{run}.corpora: {d!r} is not in datasets ({sorted(datasets)})")
-    for name in (
-        list(datasets) + list(systems) + list(pretraining) + list(finetuning) + list(config.get("mining") or {})
-    ):
+    named = [*datasets, *systems, *(config.get("mining") or {})]
+    for section in TRAINING_SECTIONS:
+        named += list(config.get(section) or {})
+    for name in named:
         if "/" in name or name != name.strip() or not name:
             raise ConfigError(f"{name!r}: dataset, system, run and mining names become file names; no '/' or spaces")
     table = config.get("table") or {}
@@ -153,6 +171,75 @@ def _check_training_sections(config: Mapping) -> None:
                 )
 
 
+def _check_sparse_systems(config: Mapping) -> None:
+    """A sparse system encodes with a causal LM (a base model, a pretraining, adaptation or
+    CSPLADE run) and must frame and pool text as its CSPLADE run was trained to."""
+    csplade = config.get("csplade") or {}
+    known = {**(config.get("models") or {})}
+    for section in ("pretraining", "adaptation", "csplade"):
+        known.update(config.get(section) or {})
+    for name, sys_cfg in (config.get("systems") or {}).items():
+        if sys_cfg.get("type") != "sparse":
+            continue
+        model = sys_cfg.get("model")
+        if model not in known:
+            raise ConfigError(
+                f"systems.{name}.model: {model!r} is not in models, pretraining, adaptation or csplade "
+                f"({sorted(known)})"
+            )
+        if (config.get("models") or {}).get(model, {}).get("kind") == "encoder":
+            raise ConfigError(f"systems.{name}.model: {model!r} is an encoder model; sparse systems need a causal LM")
+        run = csplade.get(model)
+        for key in SPARSE_KEYS_FROM_TRAINING if run else ():
+            if key in sys_cfg and key in run and sys_cfg[key] != run[key]:
+                raise ConfigError(
+                    f"systems.{name}.{key}: {sys_cfg[key]!r} differs from csplade.{model}.{key} {run[key]!r}; "
+                    "the model was trained to be used with the latter"
+                )
+
+
+def _check_sparse_training(config: Mapping) -> None:
+    """Adaptation and CSPLADE runs name models, runs, datasets and mining specs: all must
+    exist, and no two checkpoints may share a name."""
+    datasets = config.get("datasets") or {}
+    models = config.get("models") or {}
+    mining = config.get("mining") or {}
+    taken = {**models, **(config.get("pretraining") or {}), **(config.get("finetuning") or {})}
+    for section in ("adaptation", "csplade"):
+        for run in config.get(section) or {}:
+            if run in taken:
+                raise ConfigError(f"{section}.{run}: a model or another training run has the same name")
+            taken[run] = True
+    bases = {**models, **(config.get("pretraining") or {})}
+    for run, r in (config.get("adaptation") or {}).items():
+        if r.get("model") not in bases:
+            raise ConfigError(f"adaptation.{run}.model: {r.get('model')!r} is not in models or pretraining")
+        if r.get("corpus") not in datasets:
+            raise ConfigError(f"adaptation.{run}.corpus: {r.get('corpus')!r} is not in datasets ({sorted(datasets)})")
+    bases.update(config.get("adaptation") or {})
+    for run, r in (config.get("csplade") or {}).items():
+        if r.get("model") not in bases:
+            raise ConfigError(
+                f"csplade.{run}.model: {r.get('model')!r} is not in models, pretraining or adaptation ({sorted(bases)})"
+            )
+        if r.get("negatives") not in mining:
+            raise ConfigError(f"csplade.{run}.negatives: {r.get('negatives')!r} is not in mining ({sorted(mining)})")
+    for run, section in ((r, s) for s in ("adaptation", "csplade") for r in config.get(s) or {}):
+        model = config[section][run]["model"]
+        if models.get(model, {}).get("kind") == "encoder":
+            raise ConfigError(f"{section}.{run}.model: {model!r} is an encoder model; CSPLADE needs a causal LM")
+    quant = config.get("quantization_table")
+    if quant:
+        for s in quant["systems"]:
+            if s not in (config.get("systems") or {}):
+                raise ConfigError(f"quantization_table.systems: {s!r} is not in systems")
+            if config["systems"][s]["type"] == "bm25":
+                raise ConfigError(f"quantization_table.systems: {s!r} is BM25; it has no encoder to quantize")
+        ds = quant.get("dataset")
+        if ds is not None and ds not in datasets:
+            raise ConfigError(f"quantization_table.dataset: {ds!r} is not in datasets ({sorted(datasets)})")
+
+
 def _check_flag_encoders(config: Mapping) -> None:
     """A dense system on a model pretrained with the FlagEmbedding LLaRA variant must feed
     and pool text as that run trained (summary tokens in the templates, no EOS, mean of the
@@ -180,8 +267,8 @@ def _check_flag_encoders(config: Mapping) -> None:
 
 
 def training_runs(config: Mapping) -> list[dict]:
-    """The ``training`` sections of every pretraining and fine-tuning run."""
-    runs = list((config.get("pretraining") or {}).values()) + list((config.get("finetuning") or {}).values())
+    """The ``training`` sections of every training run (pretraining, fine-tuning, adaptation, CSPLADE)."""
+    runs = [r for section in TRAINING_SECTIONS for r in (config.get(section) or {}).values()]
     return [r["training"] for r in runs if "training" in r]
 
 
@@ -294,18 +381,18 @@ def dataset_files(ds: Mapping) -> dict:
 
 
 def runs_used(config: Mapping, systems: Iterable[str]) -> list[str]:
-    """Training runs (pretraining and fine-tuning, in config order) that the given systems'
-    models come from, directly or through a fine-tuning run's base: what `all` plots."""
-    pretraining, finetuning = config.get("pretraining") or {}, config.get("finetuning") or {}
+    """Training runs (in config order: pretraining, fine-tuning, adaptation, CSPLADE) that the
+    given systems' models come from, directly or through a run's base: what `all` plots."""
+    runs = {r: c for section in TRAINING_SECTIONS for r, c in (config.get(section) or {}).items()}
     used: set[str] = set()
     stack = [config["systems"][s].get("model") for s in systems]
     while stack:
         name = stack.pop()
-        if name in used or (name not in pretraining and name not in finetuning):
+        if name in used or name not in runs:
             continue
         used.add(name)
-        stack.append((pretraining.get(name) or finetuning.get(name))["model"])
-    return [r for r in [*pretraining, *finetuning] if r in used]
+        stack.append(runs[name]["model"])
+    return [r for r in runs if r in used]
 
 
 def table_systems(config: Mapping) -> list[str]:

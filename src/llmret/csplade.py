@@ -78,6 +78,7 @@ from .finetuning import (
     load_groups,
     save_merged_lora,
     train_lora_stage,
+    training_seed,
 )
 from .sparse import (
     MODEL_KEYS,
@@ -288,12 +289,14 @@ def save_adapted(model: AdaptationModel, out_dir: Path) -> None:
     save_merged_lora(model, Path(out_dir), ADAPTATION_JSON, record)
 
 
-def load_causal_lora(model_dir: str | os.PathLike, lora: LoraSpec, dtype: torch.dtype = torch.float32) -> nn.Module:
+def load_causal_lora(
+    model_dir: str | os.PathLike, lora: LoraSpec, dtype: torch.dtype = torch.float32, seed: int = 0
+) -> nn.Module:
     """``AutoModelForCausalLM`` (SDPA: honours the 4-D mask) with LoRA adapters on ``lora``'s targets."""
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
-    return apply_lora(base, lora)
+    return apply_lora(base, lora, seed)
 
 
 def corpus_texts(corpus_path: str | os.PathLike, max_docs: int = 0) -> list[str]:
@@ -333,7 +336,7 @@ def adapt(
     texts = corpus_texts(corpus_path, spec.max_docs)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     vocab = AutoConfig.from_pretrained(model_dir).vocab_size
-    model = AdaptationModel(load_causal_lora(model_dir, lora), spec, lora)
+    model = AdaptationModel(load_causal_lora(model_dir, lora, seed=training_seed(training)), spec, lora)
     log.info("CSPLADE adaptation of %s on %d passages from %s", model_dir, len(texts), corpus_path)
     return train_lora_stage(
         model,
@@ -450,7 +453,7 @@ def train(
     groups = load_groups(negatives_path)
     check_negatives(groups, spec.group_size)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = SparseModel(load_causal_lora(model_dir, lora), spec, lora)
+    model = SparseModel(load_causal_lora(model_dir, lora, seed=training_seed(training)), spec, lora)
     log.info("CSPLADE training of %s on %d queries from %s", model_dir, len(groups), negatives_path)
     return train_lora_stage(
         model,

@@ -12,8 +12,10 @@ padding), ``torch.inference_mode`` and an optional reduced dtype.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -25,6 +27,7 @@ from .pooling import check_pooling, pool
 log = logging.getLogger(__name__)
 
 KINDS = ("query", "passage")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -40,12 +43,15 @@ class EncoderSpec:
     max_passage_length: int = 256
     batch_tokens: int = 8192
     dtype: str = "float32"
+    quantize: str = "none"  # none | int8 | int4 (llmret.quantization)
+    quantize_group_size: int = 64
 
     def __post_init__(self) -> None:
         check_pooling(self.pooling)
         for name in ("query_template", "passage_template"):
             if getattr(self, name).count("{text}") != 1:
                 raise ValueError(f"{name} must contain '{{text}}' exactly once: {getattr(self, name)!r}")
+        check_quantize(self)
 
     @classmethod
     def from_config(cls, cfg: dict) -> EncoderSpec:
@@ -131,6 +137,86 @@ def tokenize_kind(tokenizer, spec, texts: Sequence[str], kind: str, head=None, t
     )
 
 
+QUANTIZE = ("none", "int8", "int8-dynamic", "int4")
+
+
+def check_quantize(spec) -> None:
+    """A quantized encoder starts from float32 weights (quantization picks its own compute
+    types), so ``quantize`` with another ``dtype`` is refused rather than silently ignored."""
+    if spec.quantize not in QUANTIZE:
+        raise ValueError(f"quantize must be one of {QUANTIZE}, got {spec.quantize!r}")
+    if spec.quantize != "none" and spec.dtype != "float32":
+        raise ValueError(f"quantize {spec.quantize} needs dtype float32 (the weights it quantizes), got {spec.dtype}")
+
+
+def precision_of(spec) -> str:
+    """The precision a system encodes at: its quantization, else its dtype."""
+    return spec.quantize if spec.quantize != "none" else spec.dtype
+
+
+def apply_quantization(model: torch.nn.Module, spec, device: str) -> torch.nn.Module:
+    """``model`` (float32, on ``device``) with ``spec.quantize`` applied; unchanged for none."""
+    if spec.quantize == "none":
+        return model
+    from .quantization import QuantSpec, quantize_model
+
+    return quantize_model(model, QuantSpec(spec.quantize, spec.quantize_group_size), device=device)
+
+
+@dataclass(frozen=True)
+class EncodeStats:
+    """What an encoding job measured: the quantization table's throughput and size columns."""
+
+    texts: int
+    seconds: float  # encoding only (not loading the model)
+    texts_per_second: float
+    precision: str
+    weight_bytes: int  # the encoder's weights at that precision
+    device: str
+    threads: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def timed_encode(encode: Callable[[], T], n: int, spec, model: torch.nn.Module, device: str) -> tuple[T, EncodeStats]:
+    """``encode()``'s result and the :class:`EncodeStats` of the call (``n`` texts)."""
+    start = time.perf_counter()
+    out = encode()
+    return out, encode_stats(n, time.perf_counter() - start, spec, model, device)
+
+
+def encode_stats(n: int, seconds: float, spec, model: torch.nn.Module, device: str) -> EncodeStats:
+    from .quantization import weight_bytes
+
+    return EncodeStats(
+        texts=n,
+        seconds=round(seconds, 3),
+        texts_per_second=round(n / seconds, 3) if seconds > 0 else float("inf"),
+        precision=precision_of(spec),
+        weight_bytes=weight_bytes(model),
+        device=str(device),
+        threads=torch.get_num_threads(),
+    )
+
+
+def read_side(path: str, side: str) -> tuple[list[str], list[str], str]:
+    """(ids, texts, kind) of a prepared corpus (``side`` corpus: passages) or query file."""
+    from . import beir
+
+    if side == "corpus":
+        corpus = beir.load_corpus(path)
+        return list(corpus.ids), corpus.contents(), "passage"
+    queries = beir.load_queries(path)
+    return list(queries), list(queries.values()), "query"
+
+
+def set_threads(threads: int | None) -> None:
+    """Intra-op threads for this process (a job's ``threads``); None or 0 leaves torch's choice."""
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def pad_id_of(tokenizer) -> int:
     """The tokenizer's pad id, else its EOS id (SmolLM2/Llama have no pad token), else 0."""
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
@@ -176,15 +262,15 @@ class TextEncoder:
     def __init__(self, model_dir: str, spec: EncoderSpec, device: str = "cpu", threads: int | None = None):
         from transformers import AutoModel, AutoTokenizer
 
-        if threads:
-            torch.set_num_threads(threads)
+        set_threads(threads)
         self.spec = spec
         self.device = torch.device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         dtype = getattr(torch, spec.dtype)
         # AutoModel drops the LM head: the vocabulary projection is the costliest layer of a
         # small LLM and dense retrieval never uses it.
-        self.model = AutoModel.from_pretrained(model_dir, dtype=dtype).to(self.device).eval()
+        model = AutoModel.from_pretrained(model_dir, dtype=dtype).to(self.device).eval()
+        self.model = apply_quantization(model, spec, str(self.device))
         self.head, self.tail = special_frame(self.tokenizer)
         eos = self.tokenizer.eos_token_id
         if spec.append_eos and eos is None:

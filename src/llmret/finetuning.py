@@ -304,16 +304,30 @@ def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
 # --------------------------------------------------------------------------- model
 
 
-def apply_lora(model: nn.Module, lora: LoraSpec):
+def apply_lora(model: nn.Module, lora: LoraSpec, seed: int = 0):
     """``get_peft_model`` after checking that every named target exists (peft only fails when
-    none does; a typo in one name would otherwise train fewer layers than asked)."""
+    none does; a typo in one name would otherwise train fewer layers than asked).
+
+    The random LoRA ``A`` matrices are drawn from a generator seeded with ``seed`` (the
+    training seed), not from whatever state the process's global RNG is in: ``B`` starts at
+    zero, so an unseeded ``A`` leaves the first step's loss identical and makes every later
+    step differ from run to run."""
     from peft import get_peft_model
 
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = [t for t in lora.target_modules if t not in present]
     if missing:
         raise ValueError(f"LoRA target modules not in {type(model).__name__}: {missing}")
-    return get_peft_model(model, lora.peft_config())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return get_peft_model(model, lora.peft_config())
+
+
+def training_seed(training: Mapping) -> int:
+    """The ``seed`` of a training mapping (TrainingArgs' default when unset)."""
+    from .training import TrainingArgs
+
+    return int(training.get("seed", TrainingArgs.seed))
 
 
 class ContrastiveModel(nn.Module):
@@ -332,12 +346,17 @@ class ContrastiveModel(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, model_dir: str | os.PathLike, spec: ContrastiveSpec, lora: LoraSpec, dtype: torch.dtype = torch.float32
+        cls,
+        model_dir: str | os.PathLike,
+        spec: ContrastiveSpec,
+        lora: LoraSpec,
+        dtype: torch.dtype = torch.float32,
+        seed: int = 0,
     ) -> ContrastiveModel:
         from transformers import AutoModel
 
         base = AutoModel.from_pretrained(model_dir, dtype=dtype)
-        return cls(apply_lora(base, lora), spec, lora)
+        return cls(apply_lora(base, lora, seed), spec, lora)
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """fp32 embeddings as :meth:`llmret.encoding.TextEncoder.embed_ids` computes them."""
@@ -438,7 +457,7 @@ def finetune(
     groups = load_groups(negatives_path)
     check_negatives(groups, spec.group_size)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = ContrastiveModel.from_pretrained(model_dir, spec, lora)
+    model = ContrastiveModel.from_pretrained(model_dir, spec, lora, seed=training_seed(training))
     log.info("fine-tuning %s on %d queries from %s", model_dir, len(groups), negatives_path)
     return train_lora_stage(
         model,

@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 TASKS = {
     "pretrain": "llmret.pretraining:pretrain",
     "finetune": "llmret.finetuning:finetune",
+    "adapt": "llmret.csplade:adapt",
+    "csplade": "llmret.csplade:train",
 }
 LAUNCHER_ENV = ("LOCAL_RANK", "TORCHELASTIC_RUN_ID")
 LOCK_DIR_ENV = "LLMRET_GPU_LOCK_DIR"

@@ -15,14 +15,19 @@ Precisions (``PRECISIONS``):
     the bytes and bfloat16 arithmetic. Fast on GPUs; on CPUs without native bfloat16
     instructions (AVX512-BF16 / AMX) it runs, but often slower than float32.
 ``int8``
-    On CPU: torch's dynamic quantization (``torch.ao.quantization.quantize_dynamic``):
+    Our weight-only path on every device (``WeightOnlyLinear`` with ``bits=8``): int8
+    weights with group-wise scales, dequantized for a floating-point matmul. Nearly lossless
+    (SmolLM2-135M hidden states: cosine 0.9998 to float32) and the same arithmetic on CPU
+    and GPU, so a table measured on either compares.
+``int8-dynamic``
+    CPU only: torch's dynamic quantization (``torch.ao.quantization.quantize_dynamic``):
     weights stored as int8 with one affine scale per tensor, activations quantized to int8
-    on the fly per batch, int8 GEMM kernels (fbgemm/x86 or qnnpack). It is the only int8
-    path with real integer kernels on CPU; torch deprecates the API (its warnings are
-    silenced locally) but it works in the installed torch. ``group_size`` is not used.
-    On CUDA (and any non-CPU device) torch has no dynamic-quantization kernels, so int8
-    uses our weight-only path below (``WeightOnlyLinear`` with ``bits=8``): int8 weights
-    with group-wise scales, dequantized for a floating-point matmul.
+    on the fly per batch, int8 GEMM kernels (fbgemm/x86 or qnnpack). The only int8 path
+    with real integer kernels on CPU (faster than float32 there), but the per-tensor int8
+    activations lose much on LLMs with outlier features (SmolLM2-135M hidden states:
+    cosine 0.90). torch deprecates the API (its warnings are silenced locally); it works in
+    the installed torch. ``group_size`` is not used; another device is refused (torch has
+    no dynamic-quantization kernels off CPU).
 ``int4``
     Our own weight-only quantization on every device: each Linear becomes a
     ``WeightOnlyLinear`` with 4-bit weights, two per byte, and one scale per group of
@@ -76,7 +81,7 @@ from .config import settings
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("float32", "bfloat16", "int8", "int4")
+PRECISIONS = ("float32", "bfloat16", "int8", "int8-dynamic", "int4")
 MIN_GROUP_SIZE = 8
 SCALE_DTYPE = torch.float16
 
@@ -246,7 +251,9 @@ def quantize_model(model: nn.Module, spec: QuantSpec, device: str = "cpu") -> nn
         return model.to(device)
     if spec.precision == "bfloat16":
         return model.to(device=device, dtype=torch.bfloat16)
-    if spec.precision == "int8" and kind == "cpu":
+    if spec.precision == "int8-dynamic":
+        if kind != "cpu":
+            raise ValueError(f"precision int8-dynamic runs on CPU only (torch's kernels), not {device!r}; use int8")
         return quantize_dynamic_int8(model.to("cpu"))
     bits = 8 if spec.precision == "int8" else 4
     return quantize_weight_only(model, bits, spec.group_size).to(device)

@@ -41,7 +41,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import settings
-from .encoding import KINDS, pad_id_of, special_frame, token_batches, tokenize_kind
+from .encoding import KINDS, check_quantize, pad_id_of, special_frame, token_batches, tokenize_kind
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,8 @@ class SparseEncoderSpec:
     min_weight: float = 0.0
     batch_tokens: int = 4096
     dtype: str = "float32"
+    quantize: str = "none"  # none | int8 | int4 (llmret.quantization)
+    quantize_group_size: int = 64
 
     def __post_init__(self) -> None:
         for name in ("query_template", "passage_template"):
@@ -81,6 +83,7 @@ class SparseEncoderSpec:
             raise ValueError(f"min_weight must be >= 0, got {self.min_weight}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        check_quantize(self)
 
     @classmethod
     def from_config(cls, cfg: dict) -> SparseEncoderSpec:
@@ -261,11 +264,11 @@ def sparse_vectors(lm: nn.Module, batch: SparseBatch, bidirectional: bool, chunk
     pool = batch.pool_mask.to(h.device).bool()
     if not pool.any(1).all():
         raise ValueError("a row has no pooled position")
-    out = torch.zeros((h.shape[0], head.weight.shape[0]), dtype=torch.float32, device=h.device)
+    out = None  # the head's width comes from its output (a quantized head has no .weight)
     for s in range(0, h.shape[1], chunk):
         part = splade_activations(head(h[:, s : s + chunk]).float())
         part = part.masked_fill(~pool[:, s : s + chunk, None], 0.0).amax(1)
-        out = torch.maximum(out, part)
+        out = part if out is None else torch.maximum(out, part)
     return out
 
 
@@ -279,6 +282,20 @@ def prune(weights: torch.Tensor, top_k: int = 0, min_weight: float = 0.0) -> tor
         vals, idx = torch.topk(w, top_k, dim=1)
         w = torch.zeros_like(w).scatter_(1, idx, vals)
     return w
+
+
+def vector_stats(vectors) -> dict:
+    """Sparsity figures of a CSR matrix of vectors: mean and max terms per vector, and how
+    many vocabulary terms any vector uses (the complement of the dead dimensions)."""
+    per_row = np.diff(vectors.indptr)
+    return {
+        "vectors": int(vectors.shape[0]),
+        "vocab_size": int(vectors.shape[1]),
+        "nnz": int(vectors.nnz),
+        "nnz_mean": float(per_row.mean()) if len(per_row) else 0.0,
+        "nnz_max": int(per_row.max()) if len(per_row) else 0,
+        "terms_used": int(len(np.unique(vectors.indices))),
+    }
 
 
 def to_csr(weights: torch.Tensor):
@@ -306,6 +323,13 @@ def load_sparse_model(model_dir: str, dtype: str = "float32", device: str = "cpu
         .to(device)
         .eval()
     )
+
+
+def load_sparse_encoder(model_dir: str, spec: SparseEncoderSpec, device: str = "cpu") -> nn.Module:
+    """:func:`load_sparse_model` at ``spec.dtype`` with ``spec.quantize`` applied (the LM head too)."""
+    from .encoding import apply_quantization
+
+    return apply_quantization(load_sparse_model(model_dir, spec.dtype, device), spec, device)
 
 
 def tokenize_sparse(tokenizer, spec: SparseEncoderSpec, texts: Sequence[str], kind: str) -> tuple[list[list[int]], int]:

@@ -656,7 +656,9 @@ def train(
         # ---- resume
         start_step, elapsed0, last_log = 0, 0.0, None
         if saved is not None:
-            load_path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+            load_path, _ = engine.load_checkpoint(
+                str(ckpt_dir), tag=tag, load_module_strict=not _has_frozen(engine.module)
+            )
             if load_path is None:
                 raise RuntimeError(f"DeepSpeed could not load {ckpt_dir / tag}")
             start_step, elapsed0, last_log = saved["step"], saved["elapsed_s"], saved.get("last_log")
@@ -753,10 +755,18 @@ def train(
         engine.destroy()
 
 
+def _has_frozen(module: nn.Module) -> bool:
+    return any(not p.requires_grad for p in module.parameters())
+
+
 def _save_checkpoint(engine, ckpt_dir: Path, tag: str, state: dict, rank: int) -> None:
     import deepspeed.comm as dist
 
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)  # collective; ends with a barrier
+    # LoRA stages freeze the base model: its weights come back from the model folder on a
+    # resume, so a checkpoint holds only what trains (MBs instead of the whole model).
+    engine.save_checkpoint(
+        str(ckpt_dir), tag=tag, save_latest=False, exclude_frozen_parameters=_has_frozen(engine.module)
+    )  # collective; ends with a barrier
     if rank == 0:
         atomic_write_text(ckpt_dir / tag / TRAINER_STATE, json.dumps(state, indent=2))
         atomic_write_text(ckpt_dir / LATEST, tag)

@@ -12,6 +12,7 @@ from llmret import config as cfgcheck  # noqa: E402
 
 cfgcheck.prepare_environment(os.path.join(workflow.basedir, "src"))
 
+cfgcheck.prefill(config)
 validate(config, "../schemas/config.schema.yaml")
 cfgcheck.complete(config)
 cfgcheck.check(config)
@@ -24,14 +25,24 @@ TABLE_SYSTEMS = cfgcheck.table_systems(config)
 TABLE_DATASETS = cfgcheck.table_datasets(config)
 BM25_SYSTEMS = cfgcheck.systems_of_type(config, "bm25")
 DENSE_SYSTEMS = cfgcheck.systems_of_type(config, "dense")
+SPARSE_SYSTEMS = cfgcheck.systems_of_type(config, "sparse")
 PRETRAIN_RUNS = list(config["pretraining"])
 FINETUNE_RUNS = list(config["finetuning"])
+ADAPTATION_RUNS = list(config["adaptation"])
+CSPLADE_RUNS = list(config["csplade"])
 MINING = list(config["mining"])
 MINING_FILES = [m for m in MINING if "file" in config["mining"][m]]
 MINED = [m for m in MINING if m not in MINING_FILES]
 MSMARCO_SYSTEMS = list(
     (config.get("msmarco_table") or {}).get("systems") or TABLE_SYSTEMS
 )
+INDEXED_SYSTEMS = [s for s in TABLE_SYSTEMS if s in DENSE_SYSTEMS + SPARSE_SYSTEMS]
+INDEXED_CORPORA = list(
+    dict.fromkeys(config["datasets"][d].get("corpus_from") or d for d in TABLE_DATASETS)
+)
+QUANT = config.get("quantization_table")
+if QUANT:
+    QUANT.setdefault("dataset", TABLE_DATASETS[0])
 cfgcheck.resolve_paths(config, workflow.basedir)
 EXPECTED = cfgcheck.expected_cells(config)
 
@@ -88,7 +99,12 @@ def pretrain_spec(run):
 def system_settings(wildcards):
     """A system's encoder/scorer settings (not its type, index or GPUs): they reach scripts
     through params, so changing the index type does not re-encode."""
-    skip = ("type", "index", "gpus")  # where it runs is no result setting
+    skip = (
+        "type",
+        "index",
+        "sparse_index",
+        "gpus",
+    )  # where it runs is no result setting
     return {
         k: v for k, v in config["systems"][wildcards.system].items() if k not in skip
     }
@@ -97,6 +113,11 @@ def system_settings(wildcards):
 def index_settings(wildcards):
     """A dense system's FAISS index settings (llmret.indexing.IndexSpec); {} = exact."""
     return dict(config["systems"][wildcards.system].get("index") or {})
+
+
+def sparse_index_settings(wildcards):
+    """A sparse system's index settings (llmret.sparse_index.SparseIndexSpec); {} = exact."""
+    return dict(config["systems"][wildcards.system].get("sparse_index") or {})
 
 
 def mining_depth(wildcards):
@@ -135,10 +156,11 @@ def training_settings(section, run):
     return {k: v for k, v in training.items() if k != "deepspeed_config"}
 
 
-def finetune_spec(run):
-    """A fine-tuning run's contrastive settings (what llmret.finetuning.ContrastiveSpec holds)."""
-    skip = ("model", "negatives", "lora", "training", "gpus")
-    return {k: v for k, v in config["finetuning"][run].items() if k not in skip}
+def run_spec(section, run, data_keys):
+    """A LoRA run's own settings (what ContrastiveSpec, AdaptationSpec or CspladeSpec hold):
+    not its base model, data, LoRA, training or GPUs, which reach the job otherwise."""
+    skip = ("model", "lora", "training", "gpus", *data_keys)
+    return {k: v for k, v in config[section][run].items() if k not in skip}
 
 
 def corpus_of(dataset):
@@ -149,6 +171,22 @@ def corpus_of(dataset):
 
 def index_path(wc, kind):
     return f"results/index/{wc.system}/{corpus_of(wc.dataset)}/{kind}"
+
+
+def system_index(system, dataset):
+    """The index a dense (FAISS file) or sparse (folder) system searches for a dataset."""
+    kind = {"dense": "faiss.index", "sparse": "sparse"}[
+        config["systems"][system]["type"]
+    ]
+    return f"results/index/{system}/{corpus_of(dataset)}/{kind}"
+
+
+def corpus_stats(system, dataset):
+    """The statistics JSON of a system's corpus encoding (throughput, weight size)."""
+    folder = {"dense": "embeddings", "sparse": "sparse"}[
+        config["systems"][system]["type"]
+    ]
+    return f"results/{folder}/{system}/{corpus_of(dataset)}/corpus.json"
 
 
 def prepared(dataset, what):

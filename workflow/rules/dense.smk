@@ -10,6 +10,7 @@ rule encode:
     output:
         vectors="results/embeddings/{system}/{dataset}/{side}.npy",
         ids="results/embeddings/{system}/{dataset}/{side}.ids",
+        stats="results/embeddings/{system}/{dataset}/{side}.json",
     log:
         "logs/encode/{system}/{dataset}/{side}.log",
     benchmark:

@@ -144,3 +144,73 @@ if EXPECTED:
             on_drift=config["expected"]["on_drift"],
         script:
             "../scripts/check_expected.py"
+
+
+if INDEXED_SYSTEMS:
+
+    localrules:
+        index_sizes,
+
+    rule index_sizes:
+        """Index size on disk of every learned system of the table, sparse inverted indexes
+        next to FAISS indexes."""
+        input:
+            indexes=[
+                system_index(s, d) for s in INDEXED_SYSTEMS for d in INDEXED_CORPORA
+            ],
+        output:
+            report(
+                "results/index_sizes.csv",
+                category="Tables",
+                caption="../report/index_sizes.rst",
+            ),
+        log:
+            "logs/index_sizes.log",
+        conda:
+            "../../envs/retrieval.yaml"
+        params:
+            entries=[
+                (s, config["systems"][s]["type"], d)
+                for s in INDEXED_SYSTEMS
+                for d in INDEXED_CORPORA
+            ],
+        script:
+            "../scripts/index_sizes.py"
+
+
+if QUANT:
+
+    localrules:
+        quantization_table,
+
+    rule quantization_table:
+        """Precision, encoder weight size, corpus encoding throughput, index size and a
+        metric, per system: the CSPLADE paper's quantization trade-off."""
+        input:
+            stats=[corpus_stats(s, QUANT["dataset"]) for s in QUANT["systems"]],
+            indexes=[system_index(s, QUANT["dataset"]) for s in QUANT["systems"]],
+            metrics=[
+                f"results/metrics/{s}/{QUANT['dataset']}.json"
+                for s in QUANT["systems"]
+            ],
+        output:
+            table=report(
+                "results/quantization_table.csv",
+                category="Tables",
+                caption="../report/quantization_table.rst",
+            ),
+            plot=report(
+                "results/plots/quantization_table.png",
+                category="Plots",
+                caption="../report/quantization_plot.rst",
+            ),
+        log:
+            "logs/quantization_table.log",
+        conda:
+            "../../envs/evaluation.yaml"
+        params:
+            systems=QUANT["systems"],
+            dataset=QUANT["dataset"],
+            metric=QUANT["metric"],
+        script:
+            "../scripts/quantization_table.py"

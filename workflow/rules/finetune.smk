@@ -129,7 +129,7 @@ rule import_negatives:
 rule finetune:
     input:
         model=lambda wc: model_dir(config["finetuning"][wc.run]["model"]),
-        negatives=lambda wc: f"results/mining/{config['finetuning'][wc.run]['negatives']}/negatives.jsonl",
+        data=lambda wc: f"results/mining/{config['finetuning'][wc.run]['negatives']}/negatives.jsonl",
         deepspeed=lambda wc: config["finetuning"][wc.run]["training"][
             "deepspeed_config"
         ],
@@ -150,9 +150,11 @@ rule finetune:
         mem_mb=16000,
         gpu=lambda wc: config["finetuning"][wc.run]["gpus"],
     params:
-        spec=lambda wc: finetune_spec(wc.run),
+        task="finetune",
+        data_arg="negatives_path",
+        spec=lambda wc: run_spec("finetuning", wc.run, ("negatives",)),
         lora=lambda wc: config["finetuning"][wc.run]["lora"],
         training=lambda wc: training_settings("finetuning", wc.run),
         checkpoint_dir=lambda wc: f"results/checkpoints/{wc.run}",
     script:
-        "../scripts/finetune.py"
+        "../scripts/train_lora.py"

@@ -1,5 +1,6 @@
-"""Snakemake entry point: LoRA contrastive fine-tuning with DeepSpeed, resumable; one
-process per GPU (torchrun) when the job has several."""
+"""Snakemake entry point of the LoRA training stages (RepLLaMA fine-tuning, CSPLADE's
+adaptation and contrastive phases): DeepSpeed, resumable; one process per GPU (torchrun)
+when the job has several."""
 
 from pathlib import Path
 
@@ -10,10 +11,10 @@ logs.to_file(sm.log[0])
 training = {**sm.params.training, "deepspeed_config": sm.input.deepspeed}
 training["log_path"] = str(Path(sm.params.checkpoint_dir) / "train_log.jsonl")
 launch.run(
-    "finetune",
+    sm.params.task,
     {
         "model_dir": sm.input.model,
-        "negatives_path": sm.input.negatives,
+        sm.params.data_arg: sm.input.data,
         "spec": dict(sm.params.spec),
         "lora": dict(sm.params.lora),
         "training": training,

@@ -1,0 +1,107 @@
+"""What retrieval costs in bytes and seconds: the index-size and quantization tables.
+
+``results/index_sizes.csv`` puts each learned system's index next to the others (CSPLADE's
+inverted index beside the dense systems' FAISS indexes, as the CSPLADE paper compares
+them); ``results/quantization_table.csv`` lists, per system (one encoder at several
+precisions), the precision, the encoder's weight size, the corpus encoding throughput, the
+index size and a retrieval metric. Inputs are files the workflow already writes: the index
+(a FAISS file or a sparse-index folder), the encoding job's statistics JSON and the run's
+metrics JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import pandas as pd
+
+MB = 1e6
+INDEX_COLUMNS = ["system", "type", "dataset", "engine", "documents", "dim_or_nnz_per_doc", "index_mb"]
+QUANT_COLUMNS = ["system", "precision", "weights_mb", "encode_texts_per_s", "device", "index_mb", "dataset"]
+
+
+def path_bytes(path: str | Path) -> int:
+    """Bytes of a file, or of every file under a folder."""
+    path = Path(path)
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+def index_entry(system: str, kind: str, dataset: str, index_path: str | Path) -> dict:
+    """One row of the index-size table: a FAISS index file (dense) or a sparse-index folder."""
+    if kind == "dense":
+        import faiss
+
+        index = faiss.read_index(str(index_path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+        engine, docs, width = f"faiss {type(index).__name__}", int(index.ntotal), float(index.d)
+    elif kind == "sparse":
+        from .sparse_index import META_FILE
+
+        meta = json.loads((Path(index_path) / META_FILE).read_text(encoding="utf-8"))
+        docs = int(meta["n_docs"])
+        engine, width = meta["engine"], round(meta["nnz"] / max(1, docs), 1)
+    else:
+        raise ValueError(f"{system}: system type {kind!r} has no index to measure")
+    return {
+        "system": system,
+        "type": kind,
+        "dataset": dataset,
+        "engine": engine,
+        "documents": docs,
+        "dim_or_nnz_per_doc": width,
+        "index_mb": round(path_bytes(index_path) / MB, 3),
+    }
+
+
+def index_sizes_table(rows: Sequence[Mapping]) -> pd.DataFrame:
+    return pd.DataFrame(list(rows), columns=INDEX_COLUMNS)
+
+
+def quantization_entry(
+    system: str, stats: Mapping, index_path: str | Path, metrics: Mapping, dataset: str, metric: str
+) -> dict:
+    """One row of the quantization table from an encoding job's statistics (``EncodeStats``),
+    the index and the run's metrics JSON."""
+    if metric not in metrics["metrics"]:
+        raise ValueError(f"{system} on {dataset}: no {metric!r} in its metrics ({sorted(metrics['metrics'])})")
+    return {
+        "system": system,
+        "precision": stats["precision"],
+        "weights_mb": round(stats["weight_bytes"] / MB, 2),
+        "encode_texts_per_s": stats["texts_per_second"],
+        "device": stats["device"],
+        "index_mb": round(path_bytes(index_path) / MB, 3),
+        "dataset": dataset,
+        metric: round(float(metrics["metrics"][metric]), 4),
+    }
+
+
+def quantization_table(rows: Sequence[Mapping], metric: str) -> pd.DataFrame:
+    return pd.DataFrame(list(rows), columns=[*QUANT_COLUMNS, metric])
+
+
+def tradeoff_plot(table: pd.DataFrame, path: str | Path, metric: str) -> None:
+    """Metric against weight size and against throughput, one labelled point per system."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, x, label in (
+        (axes[0], "weights_mb", "encoder weights (MB)"),
+        (axes[1], "encode_texts_per_s", "corpus encoding (texts/s)"),
+    ):
+        ax.scatter(table[x], table[metric])
+        for _, row in table.iterrows():
+            ax.annotate(f"{row['system']} ({row['precision']})", (row[x], row[metric]), fontsize="small")
+        ax.set_xlabel(label)
+        ax.set_ylabel(metric)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,62 @@
+"""Index-size and quantization table rows from the files the workflow writes."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from llmret import footprint, indexing, sparse_index
+
+
+def test_sparse_index_entry_counts_every_file_and_terms_per_document(tmp_path):
+    docs = sp.csr_matrix(np.array([[0, 1.5, 0, 2.0], [0.5, 0, 0, 0], [0, 0, 3.0, 1.0]], dtype=np.float32))
+    index = sparse_index.build_sparse_index(docs, ["d1", "d2", "d3"])
+    sparse_index.write_sparse_index(index, tmp_path / "sparse")
+    row = footprint.index_entry("sp", "sparse", "scifact", tmp_path / "sparse")
+    on_disk = sum(p.stat().st_size for p in (tmp_path / "sparse").iterdir())
+    assert row == {
+        "system": "sp",
+        "type": "sparse",
+        "dataset": "scifact",
+        "engine": "exact",
+        "documents": 3,
+        "dim_or_nnz_per_doc": round(5 / 3, 1),
+        "index_mb": round(on_disk / 1e6, 3),
+    }
+
+
+def test_dense_index_entry_reads_faiss_header(tmp_path):
+    vectors = np.random.default_rng(0).standard_normal((50, 16)).astype(np.float32)
+    indexing.write_index(indexing.build_index(vectors, indexing.IndexSpec()), tmp_path / "faiss.index")
+    row = footprint.index_entry("d", "dense", "scifact", tmp_path / "faiss.index")
+    assert (row["engine"], row["documents"], row["dim_or_nnz_per_doc"]) == ("faiss IndexFlatIP", 50, 16.0)
+    assert row["index_mb"] == round((tmp_path / "faiss.index").stat().st_size / 1e6, 3)
+    with pytest.raises(ValueError, match="bm25"):
+        footprint.index_entry("x", "bm25", "scifact", tmp_path / "faiss.index")
+
+
+def test_quantization_rows_and_missing_metric(tmp_path):
+    (tmp_path / "idx").write_bytes(b"x" * 2_000_000)
+    stats = {"precision": "int8", "weight_bytes": 150_000_000, "texts_per_second": 12.5, "device": "cpu"}
+    metrics = {"metrics": {"ndcg@10": 0.51234567}}
+    row = footprint.quantization_entry("s-int8", stats, tmp_path / "idx", metrics, "scifact", "ndcg@10")
+    table = footprint.quantization_table([row], "ndcg@10")
+    assert list(table.columns) == [*footprint.QUANT_COLUMNS, "ndcg@10"]
+    assert table.iloc[0].to_dict() == {
+        "system": "s-int8",
+        "precision": "int8",
+        "weights_mb": 150.0,
+        "encode_texts_per_s": 12.5,
+        "device": "cpu",
+        "index_mb": 2.0,
+        "dataset": "scifact",
+        "ndcg@10": 0.5123,
+    }
+    with pytest.raises(ValueError, match=r"s-int8 on scifact: no 'map'"):
+        footprint.quantization_entry("s-int8", stats, tmp_path / "idx", metrics, "scifact", "map")
+    footprint.tradeoff_plot(table, tmp_path / "plot.png", "ndcg@10")
+    assert (tmp_path / "plot.png").stat().st_size > 1000
+    json.dumps(row)  # plain values only (written as CSV and JSON)
+    assert isinstance(table, pd.DataFrame)

@@ -1,0 +1,70 @@
+# CSPLADE training: the unsupervised adaptation phase on a corpus, then contrastive +
+# FLOPS LoRA training on mined negatives. Both are LoRA stages with DeepSpeed, resumable,
+# one process per GPU (torchrun) when the run has several; they save a merged causal LM
+# (with its LM head) that sparse systems encode with.
+
+
+rule csplade_adapt:
+    input:
+        model=lambda wc: model_dir(config["adaptation"][wc.run]["model"]),
+        data=lambda wc: prepared(config["adaptation"][wc.run]["corpus"], "corpus"),
+        deepspeed=lambda wc: config["adaptation"][wc.run]["training"][
+            "deepspeed_config"
+        ],
+    output:
+        model=protected(directory("results/models/{run}")),
+        adapter=directory("results/adapters/{run}"),
+        train_log="results/train_logs/{run}.jsonl",
+    log:
+        "logs/csplade_adapt/{run}.log",
+    benchmark:
+        "results/benchmarks/csplade_adapt/{run}.tsv"
+    wildcard_constraints:
+        run=one_of(ADAPTATION_RUNS),
+    conda:
+        "../../envs/training.yaml"
+    threads: 8
+    resources:
+        mem_mb=16000,
+        gpu=lambda wc: config["adaptation"][wc.run]["gpus"],
+    params:
+        task="adapt",
+        data_arg="corpus_path",
+        spec=lambda wc: run_spec("adaptation", wc.run, ("corpus",)),
+        lora=lambda wc: config["adaptation"][wc.run]["lora"],
+        training=lambda wc: training_settings("adaptation", wc.run),
+        checkpoint_dir=lambda wc: f"results/checkpoints/{wc.run}",
+    script:
+        "../scripts/train_lora.py"
+
+
+rule csplade_train:
+    input:
+        model=lambda wc: model_dir(config["csplade"][wc.run]["model"]),
+        data=lambda wc: f"results/mining/{config['csplade'][wc.run]['negatives']}/negatives.jsonl",
+        deepspeed=lambda wc: config["csplade"][wc.run]["training"]["deepspeed_config"],
+    output:
+        model=protected(directory("results/models/{run}")),
+        adapter=directory("results/adapters/{run}"),
+        train_log="results/train_logs/{run}.jsonl",
+    log:
+        "logs/csplade_train/{run}.log",
+    benchmark:
+        "results/benchmarks/csplade_train/{run}.tsv"
+    wildcard_constraints:
+        run=one_of(CSPLADE_RUNS),
+    conda:
+        "../../envs/training.yaml"
+    threads: 8
+    resources:
+        mem_mb=16000,
+        gpu=lambda wc: config["csplade"][wc.run]["gpus"],
+    params:
+        task="csplade",
+        data_arg="negatives_path",
+        spec=lambda wc: run_spec("csplade", wc.run, ("negatives",)),
+        lora=lambda wc: config["csplade"][wc.run]["lora"],
+        training=lambda wc: training_settings("csplade", wc.run),
+        checkpoint_dir=lambda wc: f"results/checkpoints/{wc.run}",
+    script:
+        "../scripts/train_lora.py"

@@ -1,0 +1,89 @@
+# Learned sparse systems (CSPLADE): SPLADE vectors of corpus and queries from a causal LM,
+# an inverted index (exact scorer or Seismic), top-k search.
+
+
+rule sparse_encode:
+    """Corpus, evaluation queries or training queries as sparse vectors (safetensors CSR
+    + ids) and the encoding's figures (throughput, weight size at its precision)."""
+    input:
+        model=lambda wc: model_dir(config["systems"][wc.system]["model"]),
+        texts=lambda wc: prepared(wc.dataset, wc.side),
+    output:
+        vectors="results/sparse/{system}/{dataset}/{side}.safetensors",
+        stats="results/sparse/{system}/{dataset}/{side}.json",
+    log:
+        "logs/sparse_encode/{system}/{dataset}/{side}.log",
+    benchmark:
+        "results/benchmarks/sparse_encode/{system}/{dataset}/{side}.tsv"
+    wildcard_constraints:
+        system=one_of(SPARSE_SYSTEMS),
+        side="corpus|queries|train-queries",
+    conda:
+        "../../envs/retrieval.yaml"
+    threads: 8
+    resources:
+        mem_mb=8000,
+        gpu=lambda wc: config["systems"][wc.system]["gpus"],
+    params:
+        settings=system_settings,
+    script:
+        "../scripts/sparse_encode.py"
+
+
+rule sparse_index:
+    input:
+        vectors="results/sparse/{system}/{dataset}/corpus.safetensors",
+    output:
+        directory("results/index/{system}/{dataset}/sparse"),
+    log:
+        "logs/sparse_index/{system}/{dataset}.log",
+    benchmark:
+        "results/benchmarks/sparse_index/{system}/{dataset}.tsv"
+    wildcard_constraints:
+        system=one_of(SPARSE_SYSTEMS),
+    conda:
+        "../../envs/retrieval.yaml"
+    threads: 2
+    params:
+        index=sparse_index_settings,
+    script:
+        "../scripts/sparse_index.py"
+
+
+rule sparse_search:
+    input:
+        index=lambda wc: index_path(wc, "sparse"),
+        queries="results/sparse/{system}/{dataset}/queries.safetensors",
+    output:
+        "results/runs/{system}/{dataset}.trec",
+    log:
+        "logs/sparse_search/{system}/{dataset}.log",
+    benchmark:
+        "results/benchmarks/sparse_search/{system}/{dataset}.tsv"
+    wildcard_constraints:
+        system=one_of(SPARSE_SYSTEMS),
+    conda:
+        "../../envs/retrieval.yaml"
+    threads: 2
+    params:
+        top_k=config["evaluation"]["top_k"],
+        settings=system_settings,
+        index=sparse_index_settings,
+    script:
+        "../scripts/sparse_search.py"
+
+
+use rule sparse_search as sparse_search_train with:
+    input:
+        index=lambda wc: index_path(wc, "sparse"),
+        queries="results/sparse/{system}/{dataset}/train-queries.safetensors",
+    output:
+        "results/runs/{system}/{dataset}/train.trec",
+    log:
+        "logs/sparse_search/{system}/{dataset}-train.log",
+    benchmark:
+        "results/benchmarks/sparse_search/{system}/{dataset}-train.tsv"
+    params:
+        top_k=mining_depth,
+        settings=system_settings,
+        index=sparse_index_settings,

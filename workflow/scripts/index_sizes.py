@@ -1,0 +1,11 @@
+"""Snakemake entry point: the index-size table (sparse inverted indexes next to FAISS indexes)."""
+
+from llmret import footprint, logs, tables
+
+sm = snakemake  # noqa: F821
+logs.to_file(sm.log[0])
+rows = [
+    footprint.index_entry(system, kind, dataset, path)
+    for (system, kind, dataset), path in zip(sm.params.entries, sm.input.indexes, strict=True)
+]
+tables.write_csv(footprint.index_sizes_table(rows), sm.output[0])

@@ -1,0 +1,16 @@
+"""Snakemake entry point: the quantization table and its plot."""
+
+from llmret import footprint, logs, tables
+
+sm = snakemake  # noqa: F821
+logs.to_file(sm.log[0])
+p = sm.params
+rows = [
+    footprint.quantization_entry(
+        system, tables.read_metrics(stats), index, tables.read_metrics(metrics), p.dataset, p.metric
+    )
+    for system, stats, index, metrics in zip(p.systems, sm.input.stats, sm.input.indexes, sm.input.metrics, strict=True)
+]
+table = footprint.quantization_table(rows, p.metric)
+tables.write_csv(table, sm.output.table)
+footprint.tradeoff_plot(table, sm.output.plot, p.metric)

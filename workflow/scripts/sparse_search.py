@@ -1,0 +1,19 @@
+"""Snakemake entry point: top-k sparse retrieval for every query, written as a TREC run."""
+
+from llmret import logs, sparse_index, sparse_vectors, trec
+
+sm = snakemake  # noqa: F821
+logs.to_file(sm.log[0])
+spec = sparse_index.SparseIndexSpec.from_config(sm.params.index)
+index = sparse_index.read_sparse_index(sm.input.index, spec)
+queries = sparse_vectors.load_sparse(sm.input.queries)
+run = sparse_index.search_sparse(index, queries.matrix, queries.ids, k=sm.params.top_k)
+header = {
+    "system": sm.wildcards.system,
+    "dataset": sm.wildcards.dataset,
+    "type": "sparse",
+    "top_k": sm.params.top_k,
+    "index": sparse_index.describe_sparse_index(index),
+    "settings": dict(sm.params.settings),
+}
+trec.write_run(sm.output[0], run, tag=sm.wildcards.system, header=header)
