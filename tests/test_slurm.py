@@ -42,8 +42,12 @@ GPU_OVERLAY = (
 # two LoRA fine-tunings with GPUs, encoding, FAISS) in about half the local run's jobs. The
 # CSPLADE and quantized rows add more of the same kinds of jobs (their Slurm resources are
 # checked by the dry run below and by tests/test_presets.py), and CI time is bounded.
-SLURM_SYSTEMS = ["bm25", "llara", "base-ft", "llara-ft"]
-SLURM_OVERLAY = GPU_OVERLAY + f"table:\n  systems: {SLURM_SYSTEMS}\nmsmarco_table:\n  systems: {SLURM_SYSTEMS}\n"
+# LLMRET_SLURM_FULL_SMOKE=1 runs the whole smoke preset through Slurm instead (all rows).
+FULL_SMOKE = os.environ.get("LLMRET_SLURM_FULL_SMOKE") == "1"
+SLURM_SYSTEMS = None if FULL_SMOKE else ["bm25", "llara", "base-ft", "llara-ft"]
+SLURM_OVERLAY = GPU_OVERLAY + (
+    "" if FULL_SMOKE else f"table:\n  systems: {SLURM_SYSTEMS}\nmsmarco_table:\n  systems: {SLURM_SYSTEMS}\n"
+)
 # Hard limit for the whole Slurm run (the local smoke run takes ~20 minutes on 2 cores).
 TIMEOUT_S = int(os.environ.get("LLMRET_SLURM_TEST_TIMEOUT", 3600))
 
@@ -155,16 +159,17 @@ def _slurm_jobs() -> list[dict[str, str]]:
 
 def _finetuned_systems() -> set[str]:
     cfg = yaml.safe_load(SMOKE.read_text())
-    return {name for name, sys_ in cfg["systems"].items() if sys_.get("model") in cfg.get("finetuning", {})}
+    lora_runs = {**cfg.get("finetuning", {}), **cfg.get("csplade", {})}
+    return {name for name, sys_ in cfg["systems"].items() if sys_.get("model") in lora_runs}
 
 
-# Measured (smoke preset, 2 CPU cores): encoding, BM25, FAISS and LLaRA pretraining give
-# bit-identical results in every process, local or Slurm. LoRA fine-tuning does not: its
-# first step's loss is identical, later steps differ in the 3rd-4th digit from run to run
-# even locally (two local runs of base-ft: step-2 loss 2.3143 and 2.3115; under Slurm
-# 2.3089), and after 3 steps that moves the fine-tuned systems' nDCG@10 on the 4-query DL19
-# subset by up to 0.02. So: exact equality for every other system (tables and per-query
-# metrics), 0.05 for the fine-tuned systems' cells, identical first-step fine-tuning loss.
+# Measured (smoke preset, 2 CPU cores): encoding, BM25, FAISS, LLaRA pretraining and, since
+# the LoRA matrices are initialised from the training seed, LoRA fine-tuning give identical
+# results in every process, local or Slurm (CI run of stop 10: identical training losses,
+# tables and per-query metrics for every row). Before that fix the fine-tuned rows moved by
+# up to 0.02 nDCG@10 from run to run. The LoRA rows keep a 0.05 margin because a training
+# job's float sums may still differ with its thread count (once seen for LLaRA: step-1 loss
+# 47.84552 vs 47.84579); every other row must match exactly.
 FINETUNED_ATOL = 0.05
 
 
@@ -174,8 +179,9 @@ def _assert_same_results(local_dir: Path, workdir: Path) -> None:
     for name in ("beir_table.csv", "msmarco_table.csv"):
         local = pd.read_csv(local_dir / "results" / name).set_index("system")
         slurm = pd.read_csv(workdir / "results" / name).set_index("system")
-        assert list(slurm.index) == SLURM_SYSTEMS and list(slurm.columns) == list(local.columns), name
-        local = local.loc[SLURM_SYSTEMS, [c for c in local.columns if c != "avg"]]
+        rows = SLURM_SYSTEMS or list(local.index)
+        assert list(slurm.index) == rows and list(slurm.columns) == list(local.columns), name
+        local = local.loc[rows, [c for c in local.columns if c != "avg"]]
         slurm = slurm[[c for c in slurm.columns if c != "avg"]]
         exact = [s for s in local.index if s not in finetuned]
         pd.testing.assert_frame_equal(slurm.loc[exact], local.loc[exact], check_exact=True, obj=name)
@@ -185,7 +191,10 @@ def _assert_same_results(local_dir: Path, workdir: Path) -> None:
             f"{name}: fine-tuned rows differ by more than {FINETUNED_ATOL}:\n{slurm.loc[ft]}\n{local.loc[ft]}"
         )
     metrics = sorted(p.relative_to(workdir) for p in (workdir / "results" / "metrics").rglob("*.json"))
-    assert {rel.parts[2] for rel in metrics} == set(SLURM_SYSTEMS) and len(metrics) == 2 * len(SLURM_SYSTEMS)
+    if SLURM_SYSTEMS:
+        assert {rel.parts[2] for rel in metrics} == set(SLURM_SYSTEMS) and len(metrics) == 2 * len(SLURM_SYSTEMS)
+    else:
+        assert metrics == sorted(p.relative_to(local_dir) for p in (local_dir / "results" / "metrics").rglob("*.json"))
     for rel in metrics:
         if rel.parts[2] in finetuned:
             continue
@@ -276,8 +285,7 @@ def test_smoke_preset_through_slurm_matches_local_run(smoke_run, slurm_cluster, 
         "5",
         "--verbose",
         # the tables only (targets before --configfile, which takes every argument after it)
-        "results/beir_table.csv",
-        "results/msmarco_table.csv",
+        *(["all"] if FULL_SMOKE else ["results/beir_table.csv", "results/msmarco_table.csv"]),
         "--configfile",
         str(SMOKE),
         str(overlay),

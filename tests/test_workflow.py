@@ -18,10 +18,14 @@ from conftest import ROOT, SHARED_DATA, SMOKE, snakemake
 
 pytestmark = pytest.mark.integration
 
-SPARSE_SYSTEMS = ["csplade", "csplade-echo", "csplade-bi", "csplade-int8", "csplade-int8-dynamic", "csplade-int4"]
-# Mean cosine of each precision's corpus vectors to float32's (smoke model, SciFact subsample);
-# measured TBD.
-QUANT_COSINE_FLOOR = {"csplade-int8": 0.99, "csplade-int8-dynamic": 0.9, "csplade-int4": 0.9}
+SPARSE_SYSTEMS = ["csplade", "csplade-echo", "csplade-bi"]  # the table's sparse rows
+QUANTIZED = ["csplade-int8", "csplade-int8-dynamic", "csplade-int4"]  # SciFact, quantization table only
+# Mean cosine of each precision's SciFact corpus vectors to float32's. After 2 training steps
+# the vectors are nearly flat over all 49,152 terms, so keeping the top 128 (the preset's
+# top_k) amplifies small weight changes into different term sets. Measured (CI run of stop
+# 10, same model): int8 mean 0.963 (min 0.886), int4 0.438 (0.214), int8-dynamic 0.131
+# (0.025). Untruncated, all three are >= 0.996 (tests/test_sparse.py bounds the encoder).
+QUANT_COSINE_FLOOR = {"csplade-int8": 0.9, "csplade-int4": 0.3, "csplade-int8-dynamic": 0.07}
 
 
 def test_table_has_every_system_and_dataset(smoke_run):
@@ -367,8 +371,9 @@ def test_sparse_runs_index_sizes_and_quantization_table(smoke_run):
     from llmret import sparse_vectors
 
     table = pd.read_csv(workdir / "results" / "beir_table.csv").set_index("system")
-    for system in SPARSE_SYSTEMS:
-        assert 0 <= table.loc[system, "scifact"] <= 1
+    assert not set(QUANTIZED) & set(table.index)
+    assert not [p for s in QUANTIZED for p in (workdir / "results" / "runs" / s).glob("msmarco*")]
+    for system in SPARSE_SYSTEMS + QUANTIZED:
         lines = (workdir / "results" / "runs" / system / "scifact.trec").read_text().splitlines()
         header = json.loads(lines[0][13:])
         assert header["type"] == "sparse" and header["index"]["engine"] == "exact"
@@ -376,7 +381,8 @@ def test_sparse_runs_index_sizes_and_quantization_table(smoke_run):
             sparse_vectors.load_sparse(workdir / "results" / "sparse" / system / "scifact" / "corpus.safetensors").ids
         )
         stats = json.loads((workdir / "results" / "sparse" / system / "scifact" / "corpus.json").read_text())
-        assert stats["vocab_size"] == 49152 and 0 < stats["nnz_mean"] <= 49152 and stats["texts_per_second"] > 0
+        assert stats["vocab_size"] == 49152 and stats["texts_per_second"] > 0
+        assert 0 < stats["nnz_mean"] <= stats["nnz_max"] <= 128  # the preset's top_k
     sizes = pd.read_csv(workdir / "results" / "index_sizes.csv")
     learned = [s for s in table.index if s != "bm25"]
     assert sorted(set(sizes["system"])) == sorted(learned)
@@ -387,6 +393,7 @@ def test_sparse_runs_index_sizes_and_quantization_table(smoke_run):
     assert ((dense["index_mb"] * 1e6 - dense["documents"] * dense["dim_or_nnz_per_doc"] * 4).abs() < 1000).all()
     sparse_rows = sizes[sizes["type"] == "sparse"]
     assert len(sparse_rows) == 2 * len(SPARSE_SYSTEMS) and (sparse_rows["engine"] == "exact").all()
+    assert (sparse_rows["dim_or_nnz_per_doc"] <= 128).all()
 
     quant = pd.read_csv(workdir / "results" / "quantization_table.csv")
     assert list(quant["system"]) == ["csplade", "csplade-int8", "csplade-int8-dynamic", "csplade-int4"]
@@ -398,8 +405,8 @@ def test_sparse_runs_index_sizes_and_quantization_table(smoke_run):
 
 
 def test_quantized_sparse_encoders_stay_close_to_full_precision(smoke_run):
-    """The same trained model at lower precision: corpus vectors keep most of their mass on
-    the same terms (weighted cosine over the full vocabulary)."""
+    """The same trained model at lower precision: corpus vectors keep their mass on the same
+    terms, int8 (weight-only) closely, int4 and int8-dynamic less (see QUANT_COSINE_FLOOR)."""
     workdir, _ = smoke_run
     from llmret import sparse_vectors
 
