@@ -24,10 +24,10 @@ QUANT_COLUMNS = ["system", "precision", "weights_mb", "encode_texts_per_s", "dev
 
 def path_bytes(path: str | Path) -> int:
     """Bytes of a file, or of every file under a folder."""
+    from .sparse_index import index_size_bytes
+
     path = Path(path)
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return path.stat().st_size
+    return index_size_bytes(path) if path.is_dir() else path.stat().st_size
 
 
 def index_entry(system: str, kind: str, dataset: str, index_path: str | Path) -> dict:
