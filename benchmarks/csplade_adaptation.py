@@ -75,10 +75,10 @@ def ndcg10(run: dict, qrels: dict) -> float | None:
     return float(evaluate(Qrels(qrels), Run(run), "ndcg@10"))
 
 
-def evaluate_model(model_dir: Path, test: beir.Dataset, device: str, out: Path, tag: str) -> dict:
+def evaluate_model(model_dir: Path, test: beir.Dataset, device: str, out: Path, tag: str, length: int) -> dict:
     from transformers import AutoTokenizer
 
-    spec = SparseEncoderSpec.from_config({"max_passage_length": 256, "batch_tokens": 16384})
+    spec = SparseEncoderSpec.from_config({"max_passage_length": length, "batch_tokens": 16384})
     model = load_sparse_model(str(model_dir), dtype="float32", device=device)
     tok = AutoTokenizer.from_pretrained(model_dir)
     start = time.perf_counter()
@@ -107,6 +107,11 @@ def main() -> None:
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--adapt-steps", type=int, default=100)
     ap.add_argument("--adapt-lr", type=float, default=1e-4)
+    ap.add_argument("--adapt-length", type=int, default=128, help="adaptation max_length")
+    ap.add_argument("--bow-weight", type=float, default=1.0, help="adaptation keep-alive weight")
+    ap.add_argument("--scale-weight", type=float, default=0.0, help="adaptation logit-scale weight")
+    ap.add_argument("--scale-target", type=float, default=6.0)
+    ap.add_argument("--eval-length", type=int, default=256, help="max_passage_length when evaluating")
     ap.add_argument("--train-steps", type=int, default=200)
     ap.add_argument("--lrs", type=float, nargs="+", default=[1e-4])
     ap.add_argument("--batch", type=int, default=16)
@@ -133,13 +138,19 @@ def main() -> None:
     write_groups(train_ds, groups, negatives=args.group_size - 1)
     lora = {"r": 16, "alpha": 32}
     keys = ("loss", "loss_contrastive", "loss_flops_d", "dead_fraction", "nnz_d", "nnz_q", "loss_bow", "loss_ntp")
+    keys += ("loss_scale", "own_alive")
 
     adapted = out / "adapted"
     t0 = time.perf_counter()
     csplade.adapt(
         str(args.model),
         str(args.beir / "corpus.jsonl"),
-        {"max_length": 128},
+        {
+            "max_length": args.adapt_length,
+            "bow_weight": args.bow_weight,
+            "scale_weight": args.scale_weight,
+            "scale_target": args.scale_target,
+        },
         lora,
         training(ds_config, args.adapt_steps, args.batch, args.adapt_lr),
         str(adapted),
@@ -155,8 +166,8 @@ def main() -> None:
         "arms": {},
     }
     if not args.skip_zero_shot:
-        report["zero_shot_base"] = evaluate_model(args.model, test, device, out, "base-untrained")
-        report["zero_shot_adapted"] = evaluate_model(adapted, test, device, out, "adapted-untrained")
+        report["zero_shot_base"] = evaluate_model(args.model, test, device, out, "base-untrained", args.eval_length)
+        report["zero_shot_adapted"] = evaluate_model(adapted, test, device, out, "adapted-untrained", args.eval_length)
     for lr in args.lrs:
         for arm, start in (("base", args.model), ("adapted", adapted)):
             if arm not in args.arms:
@@ -180,7 +191,11 @@ def main() -> None:
             )
             secs = time.perf_counter() - t0
             log = summary(read_log(out / f"{tag}-ckpt" / "train_log.jsonl"), keys)
-            report["arms"][tag] = {"seconds": secs, "log": log, **evaluate_model(out / tag, test, device, out, tag)}
+            report["arms"][tag] = {
+                "seconds": secs,
+                "log": log,
+                **evaluate_model(out / tag, test, device, out, tag, args.eval_length),
+            }
             print(json.dumps({tag: {k: v for k, v in report["arms"][tag].items() if k != "log"}}), flush=True)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=1))

@@ -141,7 +141,13 @@ def test_training_sections_share_one_schema_with_defaults(tmp_path, monkeypatch)
     adapt, sp = c["adaptation"]["adapt-smollm2"], c["csplade"]["csplade-smollm2"]
     assert adapt["lora"] == sp["lora"] == c["finetuning"]["base-ft-smollm2"]["lora"]
     assert adapt["training"]["deepspeed_config"] == sp["training"]["deepspeed_config"] == "config/deepspeed/cpu.json"
-    assert sp["temperature"] == 1.0 and sp["lambda_q"] == 1e-3 and adapt["bow_weight"] == 1.0
+    assert (
+        sp["temperature"] == 1.0
+        and sp["lambda_q"] == 1e-3
+        and (adapt["bow_weight"], adapt["scale_weight"]) == (1.0, 0.0)
+    )
+    bi = c["adaptation"]["adapt-bi-smollm2"]  # schema defaults: the logit-scale objective
+    assert (bi["bow_weight"], bi["scale_weight"], bi["scale_target"]) == (0.0, 0.3, 6.0)
     assert c["systems"]["csplade"]["sparse_index"] == {"engine": "exact"}
     # relative DeepSpeed paths resolve against the workflow for runs in another directory
     monkeypatch.chdir(tmp_path)

@@ -32,6 +32,8 @@ from llmret.training import (
     build_deepspeed_config,
     epoch_batches,
     lr_factor,
+    recipe,
+    recipe_changes,
     safe_torch_load,
     save_llara,
     train,
@@ -292,6 +294,49 @@ def test_regressor_learns_logs_and_checkpoints(tmp_path):
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         train(Regressor(), Pairs(), collate, regressor_args(tmp_path), save_fn=save_regressor)
     assert not (tmp_path / "tripped").exists()
+
+
+def test_changed_settings_train_afresh_instead_of_resuming_a_stale_checkpoint(tmp_path):
+    """Rerunning a stage after a setting changed (here the learning rate) must give the model of
+    the new settings, not resume the old run's final checkpoint; logging and saving cadence
+    are not settings of the model, so changing them still resumes."""
+    from safetensors.torch import load_file
+
+    def run(root: Path, **over) -> dict:
+        torch.manual_seed(0)  # the same initial weights in every run
+        args = regressor_args(root, **{"max_steps": 6, "save_every": 3, **over})
+        return train(Regressor(), Pairs(), collate, args, save_fn=save_regressor)
+
+    run(tmp_path / "a")
+    changed = run(tmp_path / "a", learning_rate=1e-2)
+    assert changed["resumed_from_step"] is None and changed["steps"] == 6
+    run(tmp_path / "fresh", learning_rate=1e-2)
+    got, fresh = (load_file(tmp_path / d / "final" / "model.safetensors") for d in ("a", "fresh"))
+    assert all(torch.equal(got[k], fresh[k]) for k in fresh)
+    state = json.loads((tmp_path / "a" / "ckpt" / "step6" / "trainer_state.json").read_text())
+    assert state["recipe"]["learning_rate"] == 1e-2
+    assert run(tmp_path / "a", learning_rate=1e-2, save_every=2, log_every=3)["resumed_from_step"] == 6
+
+
+def test_recipe_holds_the_models_settings():
+    from llmret.csplade import AdaptationSpec
+
+    class Staged(nn.Module):
+        def __init__(self, spec):
+            super().__init__()
+            self.spec = spec
+
+    args = regressor_args(Path("/unused"))
+    a, b = recipe(args, Staged(AdaptationSpec())), recipe(args, Staged(AdaptationSpec(scale_weight=0.5)))
+    assert a["spec"]["scale_weight"] == 0.3 and a["learning_rate"] == args.learning_rate
+    assert set(recipe_changes(a, b)) == {"spec"}
+    assert recipe_changes(None, b) == {}  # a checkpoint from before recipes were recorded resumes
+    constant = regressor_args(Path("/unused"), lr_scheduler="constant")
+    assert "max_steps" not in recipe(constant, Regressor())  # extending a constant-rate run resumes
+    assert recipe(args, Regressor()) == {
+        k: getattr(args, k)
+        for k in ("max_steps", "learning_rate", "warmup_steps", "weight_decay", "lr_scheduler", "max_grad_norm")
+    }
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):

@@ -90,7 +90,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -633,9 +633,15 @@ def train(
             optimizer, lambda s: lr_factor(s, args.lr_scheduler, args.warmup_steps, args.max_steps)
         )
 
-    # Checked before DeepSpeed starts: a resume that would change the batch order is refused.
+    # Checked before DeepSpeed starts. A checkpoint of other settings (a changed learning rate,
+    # loss weight, LoRA rank...) is not this run's: training starts afresh, and the first save
+    # prunes the stale tags. Same settings with another batch order cannot resume: refused.
+    run_recipe = recipe(args, model)
     tag = latest_checkpoint(ckpt_dir) if ckpt_dir.is_dir() else None
     saved = json.loads((ckpt_dir / tag / TRAINER_STATE).read_text()) if tag else None
+    if saved is not None and (stale := recipe_changes(saved.get("recipe"), run_recipe)):
+        log.warning("not resuming %s: trained with other settings (saved, now): %s", ckpt_dir / tag, stale)
+        tag, saved = None, None
     if saved is not None:
         changed = {k: (saved["order"].get(k), v) for k, v in order.items() if saved["order"].get(k) != v}
         if changed:
@@ -723,6 +729,7 @@ def train(
                 state = {
                     "step": step,
                     "order": order,
+                    "recipe": run_recipe,
                     "data": {"micro_batches_consumed": consumed, "epoch": epoch, "batch_in_epoch": index},
                     "elapsed_s": elapsed0 + time.perf_counter() - t0,
                     "last_log": last_log,
@@ -753,6 +760,34 @@ def train(
         return result
     finally:
         engine.destroy()
+
+
+# Optimisation settings a checkpoint must share with the run that resumes it (the batch order
+# is checked apart, as ``order``); logging and saving cadence may change between attempts.
+RECIPE_ARGS = ("max_steps", "learning_rate", "warmup_steps", "weight_decay", "lr_scheduler", "max_grad_norm")
+
+
+def recipe(args: TrainingArgs, model: nn.Module) -> dict:
+    """What makes a checkpoint this run's: :data:`RECIPE_ARGS` and the model's own settings
+    (its ``spec``, ``lora`` and ``objective`` dataclasses), as JSON values. Under a constant
+    learning rate ``max_steps`` changes no step's update, so a run may be extended: it is
+    left out there."""
+    out: dict[str, Any] = {k: getattr(args, k) for k in RECIPE_ARGS}
+    if args.lr_scheduler == "constant":
+        del out["max_steps"]
+    for name in ("spec", "lora", "objective"):
+        value = getattr(model, name, None)
+        if is_dataclass(value) and not isinstance(value, type):
+            out[name] = asdict(value)
+    return json.loads(json.dumps(out, sort_keys=True, default=str))
+
+
+def recipe_changes(saved_recipe: dict | None, now: dict) -> dict:
+    """{setting: (saved, now)} for every difference; a checkpoint without a recipe (written
+    before recipes were recorded) matches."""
+    if saved_recipe is None:
+        return {}
+    return {k: (saved_recipe.get(k), v) for k, v in now.items() if saved_recipe.get(k) != v}
 
 
 def _has_frozen(module: nn.Module) -> bool:
