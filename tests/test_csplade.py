@@ -35,6 +35,7 @@ from llmret.csplade import (
     load_causal_lora,
     logit_scale_loss,
     max_pool_logits,
+    pooled_logsumexp,
     save_csplade,
     train,
 )
@@ -113,7 +114,7 @@ def test_logit_scale_loss_hand_computation_and_relu_threshold():
     logits = torch.tensor([[[2.0, 0.0], [-1.0, -1.0], [50.0, 50.0]]], requires_grad=True)
     mask = torch.tensor([[1, 1, 0]])
     lse0, lse1 = math.log(math.exp(2) + 1), math.log(2 * math.exp(-1))
-    loss = logit_scale_loss(logits, mask, target=1.0)
+    loss = logit_scale_loss(pooled_logsumexp(logits, mask), target=1.0)
     # each half is a mean over both pooled positions (zero where the position is on the other side)
     assert loss.item() == pytest.approx(((lse0 - 1) ** 2 + 0.1 * (1 - lse1) ** 2) / 2, rel=1e-5)
     loss.backward()
@@ -121,7 +122,8 @@ def test_logit_scale_loss_hand_computation_and_relu_threshold():
     # at the target, logit - target = log p: the ReLU keeps the terms with p > exp(-target)
     z = torch.log_softmax(torch.tensor([3.0, 1.0, -2.0, 0.5]), -1) + 2.0
     assert torch.logsumexp(z, -1).item() == pytest.approx(2.0)
-    assert logit_scale_loss(z[None, None], torch.ones(1, 1), 2.0).item() == pytest.approx(0.0, abs=1e-10)
+    at_target = pooled_logsumexp(z[None, None], torch.ones(1, 1))
+    assert logit_scale_loss(at_target, 2.0).item() == pytest.approx(0.0, abs=1e-10)
     p = torch.softmax(torch.tensor([3.0, 1.0, -2.0, 0.5]), -1)
     assert ((z > 0) == (p > math.exp(-2.0))).all()
 

@@ -222,19 +222,15 @@ def pooled_logsumexp(logits: torch.Tensor, pool_mask: torch.Tensor) -> torch.Ten
     return torch.logsumexp(logits.float(), -1)[pool_mask.bool()]
 
 
-def logit_scale_loss(
-    logits: torch.Tensor, pool_mask: torch.Tensor, target: float, below: float = 0.1, lse: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Pulls each pooled position's ``logsumexp`` of logits towards ``target``.
+def logit_scale_loss(lse: torch.Tensor, target: float, below: float = 0.1) -> torch.Tensor:
+    """Pulls each pooled position's ``logsumexp`` of logits (``lse``, :func:`pooled_logsumexp`)
+    towards ``target``.
 
     ``mean_t relu(lse_t - target)^2 + below * mean_t relu(target - lse_t)^2`` over the pooled
     positions. With the next-token loss keeping the log-probabilities, ``lse_t = target`` makes
     ``logit = log p + target``: the ReLU then keeps exactly the terms predicted with
     ``p > exp(-target)``. Positions above the target widen the max-pooled union of live terms,
-    so they cost ``1 / below`` times more than positions below it. ``lse``: the
-    :func:`pooled_logsumexp` when the caller has it already."""
-    if lse is None:
-        lse = pooled_logsumexp(logits, pool_mask)
+    so they cost ``1 / below`` times more than positions below it."""
     return (torch.relu(lse - target) ** 2).mean() + below * (torch.relu(target - lse) ** 2).mean()
 
 
@@ -308,7 +304,7 @@ class AdaptationModel(nn.Module):
         z = max_pool_logits(logits, batch.inputs.pool_mask)
         bow = keep_alive_loss(z, batch.targets, self.spec.neg_weight)
         lse = pooled_logsumexp(logits, batch.inputs.pool_mask)
-        scale = logit_scale_loss(logits, batch.inputs.pool_mask, self.spec.scale_target, lse=lse)
+        scale = logit_scale_loss(lse, self.spec.scale_target)
         loss = self.spec.ntp_weight * ntp + self.spec.bow_weight * bow + self.spec.scale_weight * scale
         with torch.no_grad():
             w = torch.log1p(torch.relu(z))
