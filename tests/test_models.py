@@ -3,6 +3,7 @@ import json
 import pytest
 
 from llmret import models
+from llmret.io import file_sha256
 
 
 def test_source_needs_exactly_one_location():
@@ -36,7 +37,7 @@ def test_imported_gguf_is_a_plain_safetensors_checkpoint(smollm2_dir):
     assert getattr(config, "quantization_config", None) is None
     info = json.loads((smollm2_dir / "import.json").read_text())
     assert info["architecture"] == "LlamaForCausalLM"
-    assert info["sha256"]["model.safetensors"] == models.sha256(smollm2_dir / "model.safetensors")
+    assert info["sha256"]["model.safetensors"] == file_sha256(smollm2_dir / "model.safetensors")
     assert not [p for p in smollm2_dir.parent.iterdir() if p.name.startswith(".")]  # no temp folders left
 
 

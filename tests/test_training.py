@@ -9,6 +9,7 @@ This file doubles as the training script of the kill/resume test:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -31,6 +32,7 @@ from llmret.training import (
     TrainingArgs,
     build_deepspeed_config,
     epoch_batches,
+    input_digest,
     lr_factor,
     recipe,
     recipe_changes,
@@ -302,10 +304,10 @@ def test_changed_settings_train_afresh_instead_of_resuming_a_stale_checkpoint(tm
     are not settings of the model, so changing them still resumes."""
     from safetensors.torch import load_file
 
-    def run(root: Path, **over) -> dict:
+    def run(root: Path, inputs=(), **over) -> dict:
         torch.manual_seed(0)  # the same initial weights in every run
         args = regressor_args(root, **{"max_steps": 6, "save_every": 3, **over})
-        return train(Regressor(), Pairs(), collate, args, save_fn=save_regressor)
+        return train(Regressor(), Pairs(), collate, args, save_fn=save_regressor, inputs=inputs)
 
     run(tmp_path / "a")
     changed = run(tmp_path / "a", learning_rate=1e-2)
@@ -316,6 +318,34 @@ def test_changed_settings_train_afresh_instead_of_resuming_a_stale_checkpoint(tm
     state = json.loads((tmp_path / "a" / "ckpt" / "step6" / "trainer_state.json").read_text())
     assert state["recipe"]["learning_rate"] == 1e-2
     assert run(tmp_path / "a", learning_rate=1e-2, save_every=2, log_every=3)["resumed_from_step"] == 6
+
+    # The inputs (base model, training data) are part of the recipe, by content: the same
+    # negatives elsewhere resume, re-mined negatives of the same length start afresh.
+    data, moved = tmp_path / "negatives.jsonl", tmp_path / "elsewhere" / "negatives.jsonl"
+    data.write_text('{"query_id": "1"}\n')
+    moved.parent.mkdir()
+    moved.write_text(data.read_text())
+    assert run(tmp_path / "b", inputs=(data,))["resumed_from_step"] is None
+    assert run(tmp_path / "b", inputs=(moved,))["resumed_from_step"] == 6
+    data.write_text('{"query_id": "2"}\n')
+    assert run(tmp_path / "b", inputs=(data,))["resumed_from_step"] is None
+
+
+def test_input_digest_is_by_content_and_names_within_a_folder(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for root in (a, b):
+        (root / "sub").mkdir(parents=True)
+        (root / "config.json").write_text("{}")
+        (root / "sub" / "model.safetensors").write_bytes(b"weights")
+    assert input_digest(a) == input_digest(b) != input_digest(a / "config.json")
+    assert input_digest(a / "config.json") == hashlib.sha256(b"{}").hexdigest()
+    (b / "sub" / "model.safetensors").write_bytes(b"weightz")
+    assert input_digest(a) != input_digest(b)
+    (b / "sub" / "model.safetensors").write_bytes(b"weights")
+    (b / "sub" / "model.safetensors").rename(b / "sub" / "other.safetensors")
+    assert input_digest(a) != input_digest(b)
+    with pytest.raises(FileNotFoundError, match="missing"):
+        input_digest(tmp_path / "missing")
 
 
 def test_recipe_holds_the_models_settings():
@@ -331,6 +361,10 @@ def test_recipe_holds_the_models_settings():
     assert a["spec"]["scale_weight"] == 0.3 and a["learning_rate"] == args.learning_rate
     assert set(recipe_changes(a, b)) == {"spec"}
     assert recipe_changes(None, b) == {}  # a checkpoint from before recipes were recorded resumes
+    assert recipe_changes(a, {**a, "inputs": ["0" * 64]}) == {}  # nor before inputs were
+    assert recipe_changes({**a, "inputs": ["0" * 64]}, {**a, "inputs": ["1" * 64]}) == {
+        "inputs": (["0" * 64], ["1" * 64])
+    }
     constant = regressor_args(Path("/unused"), lr_scheduler="constant")
     assert "max_steps" not in recipe(constant, Regressor())  # extending a constant-rate run resumes
     assert recipe(args, Regressor()) == {

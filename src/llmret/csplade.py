@@ -389,6 +389,7 @@ def adapt(
         tokenizer=tokenizer,
         save_fn=save_adapted,
         count_tokens=lambda b: b.inputs.tokens(),
+        inputs=(model_dir, corpus_path),
     )
 
 
@@ -506,4 +507,5 @@ def train(
         tokenizer=tokenizer,
         save_fn=save_csplade,
         count_tokens=count_sparse_tokens,
+        inputs=(model_dir, negatives_path),
     )

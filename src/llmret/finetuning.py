@@ -470,6 +470,7 @@ def finetune(
         tokenizer=tokenizer,
         save_fn=save_finetuned,
         count_tokens=count_tokens,
+        inputs=(model_dir, negatives_path),
     )
 
 
@@ -484,16 +485,20 @@ def train_lora_stage(
     tokenizer: Any,
     save_fn: Any,
     count_tokens: Any,
+    inputs: Sequence = (),
 ) -> dict:
     """:func:`llmret.training.train` for a LoRA stage whose ``save_fn`` leaves the adapter in
     ``out_dir/adapter``; rank 0 then moves it to ``adapter_dir``. ``training`` is the config
-    mapping of :class:`llmret.training.TrainingArgs` without the two folders."""
+    mapping of :class:`llmret.training.TrainingArgs` without the two folders; ``inputs``
+    (base model, data) join the checkpoint recipe."""
     import torch.distributed as dist
 
     from .training import TrainingArgs, train
 
     args = settings(TrainingArgs, {**training, "output_dir": out_dir, "checkpoint_dir": checkpoint_dir}, "training")
-    result = train(model, dataset, collator, args, tokenizer=tokenizer, save_fn=save_fn, count_tokens=count_tokens)
+    result = train(
+        model, dataset, collator, args, tokenizer=tokenizer, save_fn=save_fn, count_tokens=count_tokens, inputs=inputs
+    )
     if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
         publish_adapter(Path(out_dir) / ADAPTER, Path(adapter_dir))
     return result

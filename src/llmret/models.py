@@ -8,7 +8,6 @@ a folder shipped inside a Python package, or a GGUF file shipped inside a Python
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -19,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .config import settings
+from .io import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -112,11 +112,6 @@ def load_model_and_tokenizer(source: ModelSource):
     return model, tok
 
 
-def sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def import_model(source: ModelSource, out_dir: str | Path) -> Path:
     """Write a safetensors HF checkpoint plus ``import.json`` (source and weight hashes).
 
@@ -140,7 +135,7 @@ def import_model(source: ModelSource, out_dir: str | Path) -> Path:
             "source": {k: v for k, v in asdict(source).items() if v is not None},
             "architecture": type(model).__name__,
             "parameters": sum(p.numel() for p in model.parameters()),
-            "sha256": {w.name: sha256(w) for w in weights},
+            "sha256": {w.name: file_sha256(w) for w in weights},
         }
         (tmp / "import.json").write_text(json.dumps(info, indent=2) + "\n")
         if out_dir.exists():

@@ -43,6 +43,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from . import beir
+from .io import file_sha256
 from .llara import JointBatch, LlaraObjective, build_training_batch, split_pairs
 
 PathLike = str | os.PathLike[str]
@@ -229,7 +230,7 @@ def fetch_dpr_prefix(source: str, out_path: PathLike, max_passages: int, timeout
     return {
         "source": source,
         "passages": max_passages,
-        "sha256": _file_sha256(Path(out_path)),
+        "sha256": file_sha256(Path(out_path)),
         "note": "first passages streamed; the whole file's checksum does not apply to a prefix",
     }
 
@@ -498,11 +499,6 @@ def load_shard(path: PathLike) -> TokenShard:
 # --------------------------------------------------------------------------- manifest
 
 
-def _file_sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 SHARED_SETTINGS = ("num_shards", "seed", "tokenizer_vocab_sha256", "max_text_length", "format")
 
 
@@ -546,7 +542,7 @@ def write_manifest(
                 "text_tokens": int(shard.text_offsets[-1]),
                 "next_tokens": int(shard.next_offsets[-1]),
                 "ids_sha256": meta["ids_sha256"],
-                "sha256": _file_sha256(path),
+                "sha256": file_sha256(path),
             }
         )
     assert settings is not None

@@ -164,6 +164,8 @@ def pretrain(
         save_fn=save_llara,
         # Segments, not the pad id, tell padding apart: SmolLM2 pads with its EOS token.
         count_tokens=lambda batch: int((batch.segments != PAD).sum()),
+        # The manifest holds every shard's sha256.
+        inputs=(model_dir, manifest),
     )
 
 

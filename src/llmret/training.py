@@ -78,6 +78,7 @@ Log (``log_path``, JSONL, rank 0)
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import logging
@@ -89,7 +90,7 @@ import shutil
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -98,7 +99,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .io import atomic_write_text
+from .io import atomic_write_text, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -594,12 +595,15 @@ def train(
     tokenizer: Any = None,
     save_fn: Callable[[nn.Module, Path], None] | None = None,
     count_tokens: Callable[[Any], int] | None = None,
+    inputs: Sequence[str | os.PathLike] = (),
 ) -> dict:
     """Train ``model`` for ``args.max_steps`` optimizer steps, resuming from ``checkpoint_dir``.
 
     ``save_fn(model, folder)`` replaces the default ``model.save_pretrained(folder)`` for the
-    final save (e.g. :func:`save_llara`); it must write safetensors/JSON only. Returns the
-    ``training_state.json`` content (on every rank).
+    final save (e.g. :func:`save_llara`); it must write safetensors/JSON only. ``inputs``
+    are the files and folders the run starts from (base model, training data): their
+    digests join the recipe, so a checkpoint trained on other data is not resumed. Returns
+    the ``training_state.json`` content (on every rank).
     """
     wall0 = time.time()
     if args.deterministic:
@@ -636,7 +640,7 @@ def train(
     # Checked before DeepSpeed starts. A checkpoint of other settings (a changed learning rate,
     # loss weight, LoRA rank...) is not this run's: training starts afresh, and the first save
     # prunes the stale tags. Same settings with another batch order cannot resume: refused.
-    run_recipe = recipe(args, model)
+    run_recipe = recipe(args, model, inputs)
     tag = latest_checkpoint(ckpt_dir) if ckpt_dir.is_dir() else None
     saved = json.loads((ckpt_dir / tag / TRAINER_STATE).read_text()) if tag else None
     if saved is not None and (stale := recipe_changes(saved.get("recipe"), run_recipe)):
@@ -767,11 +771,11 @@ def train(
 RECIPE_ARGS = ("max_steps", "learning_rate", "warmup_steps", "weight_decay", "lr_scheduler", "max_grad_norm")
 
 
-def recipe(args: TrainingArgs, model: nn.Module) -> dict:
-    """What makes a checkpoint this run's: :data:`RECIPE_ARGS` and the model's own settings
-    (its ``spec``, ``lora`` and ``objective`` dataclasses), as JSON values. Under a constant
-    learning rate ``max_steps`` changes no step's update, so a run may be extended: it is
-    left out there."""
+def recipe(args: TrainingArgs, model: nn.Module, inputs: Sequence[str | os.PathLike] = ()) -> dict:
+    """What makes a checkpoint this run's: :data:`RECIPE_ARGS`, the model's own settings (its
+    ``spec``, ``lora`` and ``objective`` dataclasses) and the digests of ``inputs`` (see
+    :func:`input_digest`), as JSON values. Under a constant learning rate ``max_steps``
+    changes no step's update, so a run may be extended: it is left out there."""
     out: dict[str, Any] = {k: getattr(args, k) for k in RECIPE_ARGS}
     if args.lr_scheduler == "constant":
         del out["max_steps"]
@@ -779,15 +783,34 @@ def recipe(args: TrainingArgs, model: nn.Module) -> dict:
         value = getattr(model, name, None)
         if is_dataclass(value) and not isinstance(value, type):
             out[name] = asdict(value)
+    if inputs:
+        out["inputs"] = [input_digest(p) for p in inputs]
     return json.loads(json.dumps(out, sort_keys=True, default=str))
 
 
+def input_digest(path: str | os.PathLike) -> str:
+    """sha256 of a file, or of a folder's files (relative names and contents), so the same
+    content in another place gives the same digest: a stage rerun from a new base model or
+    new negatives does not resume the old run's checkpoint (the batch-order check only sees
+    the dataset's length)."""
+    path = Path(path)
+    if path.is_file():
+        return file_sha256(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"training input {path} does not exist")
+    h = hashlib.sha256()
+    for file in sorted(f for f in path.rglob("*") if f.is_file()):
+        h.update(f"{file.relative_to(path).as_posix()}\0{input_digest(file)}\n".encode())
+    return h.hexdigest()
+
+
 def recipe_changes(saved_recipe: dict | None, now: dict) -> dict:
-    """{setting: (saved, now)} for every difference; a checkpoint without a recipe (written
-    before recipes were recorded) matches."""
+    """{setting: (saved, now)} for every difference. What the saved recipe does not record
+    matches: a checkpoint written before recipes (or one of their parts) were recorded
+    resumes."""
     if saved_recipe is None:
         return {}
-    return {k: (saved_recipe.get(k), v) for k, v in now.items() if saved_recipe.get(k) != v}
+    return {k: (saved_recipe[k], v) for k, v in now.items() if k in saved_recipe and saved_recipe[k] != v}
 
 
 def _has_frozen(module: nn.Module) -> bool:
