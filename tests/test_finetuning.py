@@ -33,9 +33,11 @@ from llmret.finetuning import (
     groups_from_records,
     info_nce,
     load_adapter_model,
+    mean_pairwise_cosine,
     publish_adapter,
     sample_group,
     save_finetuned,
+    top1_accuracy,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread", "clean_process_state")
@@ -163,6 +165,19 @@ def _toy_problem() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     w = torch.randn(3, 3, generator=g).requires_grad_()
     return w, torch.randn(4, 3, generator=g), torch.randn(8, 3, generator=g)
+
+
+def test_collapse_diagnostics_match_hand_computation():
+    x = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 3.0]])
+    # cosines: (1,2) 0, (1,3) 1/sqrt2, (2,3) 1/sqrt2 -> mean over the 3 pairs
+    assert mean_pairwise_cosine(x) == pytest.approx((2 / math.sqrt(2)) / 3)
+    assert mean_pairwise_cosine(torch.tensor([[1.0, 1.0], [2.0, 2.0], [0.5, 0.5]])) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="two rows"):
+        mean_pairwise_cosine(x[:1])
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    p = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [1.0, 0.0]])  # groups of 2, positive first
+    assert top1_accuracy(q, p, 2) == 0.5  # query 1's positive (row 2) ties row 1, which argmax takes
+    assert top1_accuracy(q, p[[0, 3, 2, 1]], 2) == 1.0
 
 
 def test_two_ranks_give_the_single_process_loss_and_gradient(tmp_path):
@@ -440,6 +455,8 @@ def test_finetune_end_to_end_with_deepspeed(tmp_path, smollm2_dir):
     assert result["steps"] == 2 and math.isfinite(result["final_loss"])
     log = [json.loads(line) for line in (tmp_path / "ckpt" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if r["event"] == "step"] == [1, 2] and log[-1]["tokens_per_s"] > 0
+    for r in (r for r in log if r["event"] == "step"):  # collapse diagnostics in every step record
+        assert -1 <= r["p_cos"] <= 1 and 0 <= r["top1"] <= 1
 
     names = {p.name for p in out_dir.iterdir()}
     assert {"model.safetensors", "config.json", "tokenizer.json", FINETUNE_JSON, "training_state.json"} <= names

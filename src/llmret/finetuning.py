@@ -280,6 +280,26 @@ def info_nce(
     return F.cross_entropy(scores, target)
 
 
+def mean_pairwise_cosine(x: torch.Tensor) -> float:
+    """Mean cosine between distinct rows of ``x`` (n >= 2). Near 1 when the embeddings have
+    collapsed onto one direction: at temperature 0.01 InfoNCE can fall from a confidently
+    wrong start to ln(candidates) that way, a loss that alone looks like learning."""
+    n = x.shape[0]
+    if n < 2:
+        raise ValueError("mean_pairwise_cosine needs at least two rows")
+    x = F.normalize(x.detach().float(), dim=-1)
+    total = (x.sum(0) ** 2).sum() - (x * x).sum()  # sum over i != j of x_i . x_j
+    return float(total / (n * (n - 1)))
+
+
+def top1_accuracy(q: torch.Tensor, p: torch.Tensor, group_size: int) -> float:
+    """Fraction of the local queries whose positive (row ``i * group_size`` of the local
+    passages) outscores every local passage: the in-batch retrieval the loss trains."""
+    scores = q.detach().float() @ p.detach().float().T
+    target = torch.arange(q.shape[0], device=q.device) * group_size
+    return float((scores.argmax(1) == target).float().mean())
+
+
 def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(rows of ``x`` from all ranks, concatenated in rank order; this rank's first row).
 
@@ -376,12 +396,16 @@ class ContrastiveModel(nn.Module):
         need = q.shape[0] * self.spec.group_size
         if p.shape[0] != need:
             raise ValueError(f"{q.shape[0]} queries need {need} passages, got {p.shape[0]}")
+        # Logged per step: the passages' mean pairwise cosine (-> 1 on collapse) and in-batch top-1.
+        log = {"top1": top1_accuracy(q, p, self.spec.group_size)}
+        if p.shape[0] > 1:
+            log["p_cos"] = mean_pairwise_cosine(p)
         offset = 0
         if self.spec.in_batch_negatives:  # without them a query's candidates are all local
             p, first_row = gather_with_grad(p)
             offset = first_row // self.spec.group_size
         loss = info_nce(q, p, self.spec.temperature, self.spec.group_size, self.spec.in_batch_negatives, offset)
-        return {"loss": loss}
+        return {"loss": loss, "log": log}
 
 
 # --------------------------------------------------------------------------- save / load
