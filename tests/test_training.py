@@ -30,6 +30,7 @@ from llmret.training import (
     LATEST,
     ResumableBatchSampler,
     TrainingArgs,
+    _prune,
     build_deepspeed_config,
     epoch_batches,
     input_digest,
@@ -272,7 +273,8 @@ def test_regressor_learns_logs_and_checkpoints(tmp_path):
 
     ckpt = tmp_path / "ckpt"
     assert (ckpt / LATEST).read_text() == "step20"
-    assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == ["step15", "step20"]
+    # The last save keeps only itself: step 15 served only while step 20 was not yet written.
+    assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == ["step20"]
     assert json.loads((ckpt / "step20" / "trainer_state.json").read_text())["data"]["micro_batches_consumed"] == 40
     for f in (ckpt / "step20").glob("*.pt"):  # our pickles load with weights_only=True
         assert "module" in safe_torch_load(f, map_location="cpu")
@@ -312,12 +314,19 @@ def test_changed_settings_train_afresh_instead_of_resuming_a_stale_checkpoint(tm
     run(tmp_path / "a")
     changed = run(tmp_path / "a", learning_rate=1e-2)
     assert changed["resumed_from_step"] is None and changed["steps"] == 6
+    # The fresh start begins a new log: the old run's six steps are not this run's.
+    records = _records(tmp_path / "a" / "ckpt" / "train_log.jsonl")
+    assert [(r["event"], r["step"]) for r in records if r["event"] != "step"] == [("start", 0)]
+    assert [r["step"] for r in records if r["event"] == "step"] == list(range(1, 7))
+    assert max(r["lr"] for r in records if r["event"] == "step") == pytest.approx(1e-2)
     run(tmp_path / "fresh", learning_rate=1e-2)
     got, fresh = (load_file(tmp_path / d / "final" / "model.safetensors") for d in ("a", "fresh"))
     assert all(torch.equal(got[k], fresh[k]) for k in fresh)
     state = json.loads((tmp_path / "a" / "ckpt" / "step6" / "trainer_state.json").read_text())
     assert state["recipe"]["learning_rate"] == 1e-2
     assert run(tmp_path / "a", learning_rate=1e-2, save_every=2, log_every=3)["resumed_from_step"] == 6
+    events = [r for r in _records(tmp_path / "a" / "ckpt" / "train_log.jsonl") if r["event"] != "step"]
+    assert [(r["event"], r["step"]) for r in events] == [("start", 0), ("resume", 6)]  # a resume appends
 
     # The inputs (base model, training data) are part of the recipe, by content: the same
     # negatives elsewhere resume, re-mined negatives of the same length start afresh.
@@ -329,6 +338,18 @@ def test_changed_settings_train_afresh_instead_of_resuming_a_stale_checkpoint(tm
     assert run(tmp_path / "b", inputs=(moved,))["resumed_from_step"] == 6
     data.write_text('{"query_id": "2"}\n')
     assert run(tmp_path / "b", inputs=(data,))["resumed_from_step"] is None
+
+
+def test_prune_keeps_the_newest_tags_up_to_latest(tmp_path):
+    """During training the tag before ``latest`` stays as a fallback; tags above ``latest``
+    (a save killed before its marker) and older ones go; the last save keeps only itself."""
+    for s in (5, 10, 15, 20):
+        (tmp_path / f"step{s}").mkdir()
+    (tmp_path / "notes").mkdir()
+    _prune(tmp_path, "step15")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes", "step10", "step15"]
+    _prune(tmp_path, "step15", keep_last=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes", "step15"]
 
 
 def test_input_digest_is_by_content_and_names_within_a_folder(tmp_path):
@@ -410,7 +431,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     assert [r["step"] for r in records[records.index(events[1]) :] if r.get("event") == "step"] == list(range(11, 21))
     state = json.loads((killed / "final" / "training_state.json").read_text())
     assert state["resumed_from_step"] == 10 and state["steps"] == 20
-    assert sorted(p.name for p in (killed / "ckpt").iterdir() if p.is_dir()) == ["step15", "step20"]
+    assert sorted(p.name for p in (killed / "ckpt").iterdir() if p.is_dir()) == ["step20"]
 
     # Same losses step by step, and the same weights bit for bit.
     a, b = _steps(records), _steps(_records(clean / "ckpt" / "train_log.jsonl"))
@@ -492,7 +513,7 @@ def test_tiny_llama_with_hf_save_and_gradient_checkpointing(tmp_path):
     saved = load_file(final / "model.safetensors")
     live = model.state_dict()
     assert all(torch.equal(saved[k], live[k]) for k in saved)
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir() if p.is_dir()) == ["step12", "step8"]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir() if p.is_dir()) == ["step12"]
 
     # Rerunning a finished run loads step 12, trains nothing and rewrites the same model.
     again = train(_tiny_llama(seed=1), Tokens(), collate_lm, args, count_tokens=nonpad_token_counter(0))

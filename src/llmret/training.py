@@ -46,8 +46,11 @@ Resumable checkpoints (``checkpoint_dir``)
     ``step<N>/trainer_state.json`` (step, data position, log values, the arguments that fix
     the batch order). Then the ``latest`` marker is replaced atomically (written to a
     temporary file and ``os.replace``d; DeepSpeed's own marker is not atomic, so it is
-    disabled) and all tags but the newest two are deleted. A checkpoint exists only once
-    ``latest`` names it, so a kill during a save leaves the previous one in force.
+    disabled) and all tags but the newest two are deleted; the last step's save keeps only
+    itself (the final model is written next, and an earlier tag then serves nothing, while a
+    full-parameter checkpoint holds 16 bytes a parameter). A checkpoint exists only once
+    ``latest`` names it, so a kill during a save leaves the previous one in force. A fresh
+    start (nothing resumed) begins a new train log.
 
     DeepSpeed checkpoints are torch pickles (DeepSpeed offers no other format). They are our
     own files in an undeclared working folder, never downloaded nor published. Still, the
@@ -465,13 +468,13 @@ def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> str | None:
     return tag
 
 
-def _prune(checkpoint_dir: Path, latest: str) -> None:
-    """Keep ``latest`` and the newest tag before it; remove every other ``step<N>`` folder,
-    including partial ones left above ``latest`` by a killed save."""
+def _prune(checkpoint_dir: Path, latest: str, keep_last: int = KEEP_CHECKPOINTS) -> None:
+    """Keep ``latest`` and the newest ``keep_last - 1`` tags before it; remove every other
+    ``step<N>`` folder, including partial ones left above ``latest`` by a killed save."""
     newest = _tag_step(latest)
     steps = sorted(s for p in checkpoint_dir.iterdir() if p.is_dir() and (s := _tag_step(p.name)) is not None)
     keep = {s for s in steps if s <= newest}
-    keep = set(sorted(keep)[-KEEP_CHECKPOINTS:])
+    keep = set(sorted(keep)[-keep_last:])
     for s in steps:
         if s not in keep:
             shutil.rmtree(checkpoint_dir / f"step{s}", ignore_errors=True)
@@ -578,6 +581,12 @@ class _JsonlLog:
         if enabled:
             path.parent.mkdir(parents=True, exist_ok=True)
 
+    def restart(self) -> None:
+        """A fresh start (no checkpoint resumed) begins a new log: records of an earlier run
+        with other settings or inputs would otherwise read as this run's first steps."""
+        if self.enabled:
+            self.path.unlink(missing_ok=True)
+
     def write(self, record: dict) -> None:
         if self.enabled:
             with open(self.path, "a", encoding="utf-8") as f:
@@ -662,6 +671,8 @@ def train(
     )
     init_s = time.perf_counter() - t_init
     safe = _use_safe_loading(engine)
+    if saved is None:
+        jlog.restart()
     try:
         # ---- resume
         start_step, elapsed0, last_log = 0, 0.0, None
@@ -739,7 +750,7 @@ def train(
                     "last_log": last_log,
                     "args": asdict(args),
                 }
-                _save_checkpoint(engine, ckpt_dir, f"step{step}", state, rank)
+                _save_checkpoint(engine, ckpt_dir, f"step{step}", state, rank, final=step == args.max_steps)
         bar.close()
         del batches  # stops DataLoader workers, if any
         train_s = elapsed0 + time.perf_counter() - t0
@@ -817,7 +828,7 @@ def _has_frozen(module: nn.Module) -> bool:
     return any(not p.requires_grad for p in module.parameters())
 
 
-def _save_checkpoint(engine, ckpt_dir: Path, tag: str, state: dict, rank: int) -> None:
+def _save_checkpoint(engine, ckpt_dir: Path, tag: str, state: dict, rank: int, final: bool = False) -> None:
     import deepspeed.comm as dist
 
     # LoRA stages freeze the base model: its weights come back from the model folder on a
@@ -828,7 +839,7 @@ def _save_checkpoint(engine, ckpt_dir: Path, tag: str, state: dict, rank: int) -
     if rank == 0:
         atomic_write_text(ckpt_dir / tag / TRAINER_STATE, json.dumps(state, indent=2))
         atomic_write_text(ckpt_dir / LATEST, tag)
-        _prune(ckpt_dir, tag)
+        _prune(ckpt_dir, tag, keep_last=1 if final else KEEP_CHECKPOINTS)
     dist.barrier()
 
 
