@@ -26,13 +26,8 @@ rule all:
     input:
         "results/beir_table.csv",
         "results/plots/beir_table.png",
-        expand(
-            "results/plots/{run}_loss.png",
-            run=cfgcheck.runs_used(
-                config,
-                TABLE_SYSTEMS + MSMARCO_SYSTEMS + (QUANT or {}).get("systems", []),
-            ),
-        ),
+        expand("results/plots/{run}_loss.png", run=USED_RUNS),
+        ["results/training_table.csv"] if USED_RUNS else [],
         ["results/msmarco_table.csv"] if config.get("msmarco_table") else [],
         ["results/expected_check.tsv"] if EXPECTED else [],
         ["results/index_sizes.csv"] if INDEXED_SYSTEMS else [],

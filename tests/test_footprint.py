@@ -1,4 +1,4 @@
-"""Index-size and quantization table rows from the files the workflow writes."""
+"""Index-size, quantization and training table rows from the files the workflow writes."""
 
 import json
 
@@ -60,3 +60,51 @@ def test_quantization_rows_and_missing_metric(tmp_path):
     assert (tmp_path / "plot.png").stat().st_size > 1000
     json.dumps(row)  # plain values only (written as CSV and JSON)
     assert isinstance(table, pd.DataFrame)
+
+
+def test_training_rows_from_training_state(tmp_path):
+    gpu, cpu, broken = tmp_path / "gpu-run", tmp_path / "old-run", tmp_path / "broken"
+    for d in (gpu, cpu, broken):
+        d.mkdir()
+    (gpu / "training_state.json").write_text(
+        json.dumps(
+            {
+                "steps": 100,
+                "train_time_s": 250.04,
+                "final_loss": 0.123456,
+                "world_size": 2,
+                "device": "cuda:0",
+                "resumed_from_step": 50,
+                "peak_memory_mb": {"host_rss_mb": 3456.78, "device_allocated_mb": 12345.67, "device_reserved_mb": 1e4},
+            }
+        )
+    )
+    # Written before the loop recorded memory and device: those cells stay empty.
+    (cpu / "training_state.json").write_text(json.dumps({"steps": 3, "train_time_s": 9.0, "final_loss": None}))
+    (broken / "training_state.json").write_text(json.dumps({"steps": 3}))
+    rows = [
+        footprint.training_entry("ft", "finetuning", "llara", gpu),
+        footprint.training_entry("pt", "pretraining", "smollm2", cpu),
+    ]
+    table = footprint.training_table(rows)
+    assert list(table.columns) == footprint.TRAINING_COLUMNS
+    assert rows[0] == {
+        "run": "ft",
+        "stage": "finetuning",
+        "base_model": "llara",
+        "steps": 100,
+        "world_size": 2,
+        "device": "cuda:0",
+        "train_time_s": 250.0,
+        "s_per_step": 2.5,
+        "peak_host_rss_mb": 3456.8,
+        "peak_device_mb": 12345.7,
+        "final_loss": 0.1235,
+        "resumed_from_step": 50,
+    }
+    assert rows[1]["s_per_step"] == 3.0
+    assert (rows[1]["peak_host_rss_mb"], rows[1]["peak_device_mb"], rows[1]["device"]) == (None, None, None)
+    with pytest.raises(ValueError, match=r"broken/training_state.json: not a training state \(KeyError"):
+        footprint.training_entry("b", "finetuning", "x", broken)
+    with pytest.raises(FileNotFoundError, match=r"nope: .*missing/training_state.json is missing"):
+        footprint.training_entry("nope", "finetuning", "x", tmp_path / "missing")

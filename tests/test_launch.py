@@ -81,6 +81,7 @@ def test_two_ranks_under_torchrun_train_one_model(tmp_path, tiny_llara_inputs, m
     )
     state = json.loads((out / "training_state.json").read_text())
     assert state["world_size"] == 2 and state["steps"] == 2
+    assert state["peak_memory_mb"]["host_rss_mb"] > 100  # the max over ranks; each imports torch and transformers
     # two ranks x 2 sequences per step: the global batch the DeepSpeed config was given
     assert state["deepspeed_config"]["train_batch_size"] == 4
     assert (out / "model.safetensors").is_file()

@@ -252,8 +252,17 @@ def test_deepspeed_config_is_filled_from_args(tmp_path):
 # --------------------------------------------------------------------------- DeepSpeed runs
 
 
+def _proc_status_mb(field: str) -> float:
+    """A ``/proc/self/status`` memory field (kB) in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024 / 1e6
+    raise KeyError(field)
+
+
 def test_regressor_learns_logs_and_checkpoints(tmp_path):
     torch.manual_seed(0)
+    rss_before = _proc_status_mb("VmRSS")
     result = train(
         Regressor(), Pairs(), collate, regressor_args(tmp_path), save_fn=save_regressor, count_tokens=count_rows
     )
@@ -286,6 +295,11 @@ def test_regressor_learns_logs_and_checkpoints(tmp_path):
     assert state["args"]["seed"] == 7 and state["deepspeed_config"]["train_batch_size"] == 8
     assert result["final_loss"] == state["final_loss"]
     assert not list(tmp_path.glob(".final.*"))  # no temp folders left
+    # Peak memory is the process's high-water mark, in MB: at least what it held before
+    # training, at most the kernel's high-water mark now; no device figures on CPU.
+    peak = state["peak_memory_mb"]
+    assert state["device"] == "cpu" and set(peak) == {"host_rss_mb"}
+    assert rss_before * 0.99 <= peak["host_rss_mb"] <= _proc_status_mb("VmHWM") * 1.01
 
     with pytest.raises(ValueError, match="batch order changed"):  # refused before DeepSpeed starts
         train(Regressor(), Pairs(), collate, regressor_args(tmp_path, per_device_batch_size=8), save_fn=save_regressor)

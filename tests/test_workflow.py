@@ -120,6 +120,21 @@ def test_mined_negatives_and_finetuned_models(smoke_run):
         assert row["DL19 nDCG@10"] == pytest.approx(beir_dl19[row["system"]], abs=1e-3)
 
 
+def test_training_table_lists_every_run_with_time_and_memory(smoke_run):
+    workdir, _ = smoke_run
+    table = pd.read_csv(workdir / "results" / "training_table.csv")
+    stages = dict(zip(table["run"], table["stage"], strict=True))
+    assert stages["llara-smollm2"] == "pretraining"
+    assert stages["base-ft-smollm2"] == stages["llara-ft-smollm2"] == "finetuning"
+    assert {"adaptation", "csplade"} <= set(stages.values())
+    for _, row in table.iterrows():
+        state = json.loads((workdir / "results" / "models" / row["run"] / "training_state.json").read_text())
+        assert row["steps"] == state["steps"] and row["train_time_s"] == pytest.approx(state["train_time_s"], abs=0.05)
+        assert row["device"] == "cpu" and pd.isna(row["peak_device_mb"])
+        # Every run holds SmolLM2-135M's fp32 weights (538 MB) in memory; a wrong unit is off by 1000x.
+        assert 540 < row["peak_host_rss_mb"] < 24_000, row.to_dict()
+
+
 def test_expected_scores_hold_on_the_smoke_preset(smoke_run):
     """config/expected/smoke.yaml: every cell within tolerance (the run itself would have
     failed otherwise), and the report lists every cell of the file."""
@@ -134,7 +149,7 @@ def test_finetuning_change_retrains_without_remining(smoke_run, tmp_path):
         smoke_run, tmp_path, "finetuning:\n  llara-ft-smollm2:\n    training:\n      learning_rate: 2.0e-4\n"
     )
     rules = {r for r, _ in jobs}
-    assert {"finetune", "encode", "evaluate", "beir_table", "msmarco_table"} <= rules
+    assert {"finetune", "encode", "evaluate", "beir_table", "msmarco_table", "training_table"} <= rules
     assert not rules & {"mine_negatives", "dense_search_train", "prepare_train_split", "llara_pretrain", "llara_shard"}
     for rule, wc in jobs:
         if rule in ("finetune", "encode", "faiss_index", "dense_search", "evaluate"):

@@ -395,6 +395,18 @@ def runs_used(config: Mapping, systems: Iterable[str]) -> list[str]:
     return [r for r in runs if r in used]
 
 
+def run_stages(config: Mapping, runs: Iterable[str]) -> list[tuple[str, str, str]]:
+    """``(run, section, base model)`` of each named training run, in config order: the rows
+    of the training table."""
+    wanted = set(runs)
+    return [
+        (r, section, c["model"])
+        for section in TRAINING_SECTIONS
+        for r, c in (config.get(section) or {}).items()
+        if r in wanted
+    ]
+
+
 def table_systems(config: Mapping) -> list[str]:
     return list((config.get("table") or {}).get("systems") or config["systems"])
 

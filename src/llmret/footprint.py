@@ -1,12 +1,14 @@
-"""What retrieval costs in bytes and seconds: the index-size and quantization tables.
+"""What retrieval costs in bytes and seconds: the index-size, quantization and training tables.
 
 ``results/index_sizes.csv`` puts each learned system's index next to the others (CSPLADE's
 inverted index beside the dense systems' FAISS indexes, as the CSPLADE paper compares
 them); ``results/quantization_table.csv`` lists, per system (one encoder at several
 precisions), the precision, the encoder's weight size, the corpus encoding throughput, the
-index size and a retrieval metric. Inputs are files the workflow already writes: the index
-(a FAISS file or a sparse-index folder), the encoding job's statistics JSON and the run's
-metrics JSON.
+index size and a retrieval metric; ``results/training_table.csv`` lists each training run
+(pretraining, fine-tuning, adaptation, CSPLADE) with its steps, training time and peak
+memory. Inputs are files the workflow already writes: the index (a FAISS file or a
+sparse-index folder), the encoding job's statistics JSON, the run's metrics JSON and a
+trained model's ``training_state.json``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,20 @@ import pandas as pd
 
 MB = 1e6
 INDEX_COLUMNS = ["system", "type", "dataset", "engine", "documents", "dim_or_nnz_per_doc", "index_mb"]
+TRAINING_COLUMNS = [
+    "run",
+    "stage",
+    "base_model",
+    "steps",
+    "world_size",
+    "device",
+    "train_time_s",
+    "s_per_step",
+    "peak_host_rss_mb",
+    "peak_device_mb",
+    "final_loss",
+    "resumed_from_step",
+]
 QUANT_COLUMNS = ["system", "precision", "weights_mb", "encode_texts_per_s", "device", "index_mb", "dataset"]
 
 
@@ -105,3 +121,44 @@ def tradeoff_plot(table: pd.DataFrame, path: str | Path, metric: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def training_entry(run: str, stage: str, base_model: str, model_dir: str | Path) -> dict:
+    """One row of the training table from a trained model folder's ``training_state.json``
+    (:data:`llmret.training.TRAINING_STATE`). Peak memory is the largest rank's: host RSS, and
+    PyTorch's peak allocation on the accelerator (empty on CPU, and for models trained before
+    the loop recorded memory)."""
+    from .training import TRAINING_STATE
+
+    path = Path(model_dir) / TRAINING_STATE
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+        steps, train_s = int(state["steps"]), float(state["train_time_s"])
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{run}: {path} is missing (not a trained model folder?)") from None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{path}: not a training state ({type(err).__name__}: {err})") from None
+    peak = state.get("peak_memory_mb") or {}
+    loss = state.get("final_loss")
+    return {
+        "run": run,
+        "stage": stage,
+        "base_model": base_model,
+        "steps": steps,
+        "world_size": state.get("world_size"),
+        "device": state.get("device"),
+        "train_time_s": round(train_s, 1),
+        "s_per_step": round(train_s / max(1, steps), 3),
+        "peak_host_rss_mb": _rounded(peak.get("host_rss_mb")),
+        "peak_device_mb": _rounded(peak.get("device_allocated_mb")),
+        "final_loss": None if loss is None else round(float(loss), 4),
+        "resumed_from_step": state.get("resumed_from_step"),
+    }
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(float(value), 1)
+
+
+def training_table(rows: Sequence[Mapping]) -> pd.DataFrame:
+    return pd.DataFrame(list(rows), columns=TRAINING_COLUMNS)

@@ -58,6 +58,10 @@ Resumable checkpoints (``checkpoint_dir``)
     DeepSpeed data classes the ZeRO optimizer state holds (:data:`DS_SAFE_GLOBALS`); any other
     class fails the load (``pickle.UnpicklingError``) instead of being instantiated. Final artifacts
     (``output_dir``) are safetensors only; the loop refuses to finish with a pickle there.
+    ``output_dir/training_state.json`` records the run: steps, final loss, training and wall
+    time, the device and the peak memory (host RSS, and on CUDA PyTorch's allocated and
+    reserved peaks; the largest rank's), which ``llmret.footprint`` turns into the training
+    table.
 
 Deterministic data order and resumption
     Epoch ``e`` shuffles the dataset with ``torch.randperm`` seeded by ``seed + e``, drops the
@@ -544,6 +548,33 @@ def _save_final(model, out_dir: Path, tokenizer, save_fn, state: dict) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def peak_memory_mb(device: torch.device) -> dict[str, float]:
+    """This process's peak memory in MB (1e6 bytes): ``host_rss_mb``, the resident set over the
+    process's life (model loading included: what a machine's RAM must hold) and, on CUDA,
+    ``device_allocated_mb`` / ``device_reserved_mb``, PyTorch's peaks on the device (what must
+    fit in GPU memory)."""
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    out = {"host_rss_mb": rss / 1e6 if sys.platform == "darwin" else rss * 1024 / 1e6}
+    if device.type == "cuda":
+        out["device_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 1e6
+        out["device_reserved_mb"] = torch.cuda.max_memory_reserved(device) / 1e6
+    return out
+
+
+def _max_over_ranks(values: dict[str, float], device, world_size: int) -> dict[str, float]:
+    """Per-rank figures reduced to the largest rank's (memory is a per-process limit)."""
+    if world_size == 1:
+        return values
+    import torch.distributed as tdist
+
+    keys = sorted(values)
+    vec = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    tdist.all_reduce(vec, op=tdist.ReduceOp.MAX)
+    return dict(zip(keys, vec.tolist(), strict=True))
+
+
 class _Window:
     """Sums of the loss values, micro-batches and tokens since the last log line."""
 
@@ -754,6 +785,7 @@ def train(
         bar.close()
         del batches  # stops DataLoader workers, if any
         train_s = elapsed0 + time.perf_counter() - t0
+        peak = _max_over_ranks(peak_memory_mb(engine.device), engine.device, world_size)
 
         # ---- final model
         result = {
@@ -765,6 +797,8 @@ def train(
             "wall_time_s": time.time() - wall0,  # this process
             "deepspeed_init_s": init_s,
             "world_size": world_size,
+            "device": str(engine.device),
+            "peak_memory_mb": peak,  # this process (the largest rank), see peak_memory_mb
             "args": asdict(args),
             "deepspeed_config": ds_config,
             "versions": _versions(),

@@ -43,6 +43,10 @@ INDEXED_CORPORA = list(
 QUANT = config.get("quantization_table")
 if QUANT:
     QUANT.setdefault("dataset", TABLE_DATASETS[0])
+# Training runs behind what `all` builds: their loss plots and the training table.
+USED_RUNS = cfgcheck.runs_used(
+    config, TABLE_SYSTEMS + MSMARCO_SYSTEMS + (QUANT or {}).get("systems", [])
+)
 cfgcheck.resolve_paths(config, workflow.basedir)
 EXPECTED = cfgcheck.expected_cells(config)
 

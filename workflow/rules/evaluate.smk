@@ -178,6 +178,31 @@ if INDEXED_SYSTEMS:
             "../scripts/index_sizes.py"
 
 
+if USED_RUNS:
+
+    localrules:
+        training_table,
+
+    rule training_table:
+        """Steps, training time and peak memory of every training run behind the tables."""
+        input:
+            models=[f"results/models/{r}" for r in USED_RUNS],
+        output:
+            report(
+                "results/training_table.csv",
+                category="Tables",
+                caption="../report/training_table.rst",
+            ),
+        log:
+            "logs/training_table.log",
+        conda:
+            "../../envs/evaluation.yaml"
+        params:
+            entries=cfgcheck.run_stages(config, USED_RUNS),
+        script:
+            "../scripts/training_table.py"
+
+
 if QUANT:
 
     localrules:
