@@ -563,16 +563,22 @@ def peak_memory_mb(device: torch.device) -> dict[str, float]:
     return out
 
 
-def _max_over_ranks(values: dict[str, float], device, world_size: int) -> dict[str, float]:
-    """Per-rank figures reduced to the largest rank's (memory is a per-process limit)."""
+def _all_reduce_floats(values: list[float], device, world_size: int, op: str = "SUM") -> list[float]:
+    """``values`` reduced over all ranks (``op``: a ``deepspeed.comm.ReduceOp`` name)."""
     if world_size == 1:
         return values
-    import torch.distributed as tdist
+    import deepspeed.comm as dist
 
+    vec = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(vec, op=getattr(dist.ReduceOp, op))
+    return vec.tolist()
+
+
+def _max_over_ranks(values: dict[str, float], device, world_size: int) -> dict[str, float]:
+    """Per-rank figures reduced to the largest rank's (memory is a per-process limit)."""
     keys = sorted(values)
-    vec = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
-    tdist.all_reduce(vec, op=tdist.ReduceOp.MAX)
-    return dict(zip(keys, vec.tolist(), strict=True))
+    reduced = _all_reduce_floats([values[k] for k in keys], device, world_size, op="MAX")
+    return dict(zip(keys, reduced, strict=True))
 
 
 class _Window:
@@ -593,14 +599,9 @@ class _Window:
 
     def reduce(self, device, world_size: int) -> tuple[dict[str, float], float]:
         """(mean of each loss over the window's micro-batches on all ranks, tokens per second)."""
-        import deepspeed.comm as dist
-
         keys = sorted(self.sums)
         vals = [float(self.sums[k]) for k in keys] + [float(self.micro), float(self.tokens)]
-        if world_size > 1:
-            vec = torch.tensor(vals, dtype=torch.float64, device=device)
-            dist.all_reduce(vec)
-            vals = vec.tolist()
+        vals = _all_reduce_floats(vals, device, world_size)
         micro, tokens = vals[-2], vals[-1]
         dt = max(time.perf_counter() - self.t0, 1e-9)
         return {k: vals[i] / micro for i, k in enumerate(keys)}, tokens / dt

@@ -186,7 +186,7 @@ if USED_RUNS:
     rule training_table:
         """Steps, training time and peak memory of every training run behind the tables."""
         input:
-            models=[f"results/models/{r}" for r in USED_RUNS],
+            models=[model_dir(r) for r in USED_RUNS],
         output:
             report(
                 "results/training_table.csv",
