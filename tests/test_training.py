@@ -28,6 +28,7 @@ from torch.utils.data import Dataset
 
 from llmret.training import (
     LATEST,
+    TRAINER_STATE,
     ResumableBatchSampler,
     TrainingArgs,
     _prune,
@@ -35,6 +36,7 @@ from llmret.training import (
     epoch_batches,
     input_digest,
     lr_factor,
+    merge_peaks,
     recipe,
     recipe_changes,
     safe_torch_load,
@@ -200,6 +202,16 @@ def _wait(proc: subprocess.Popen, out_root: Path, timeout: float = 300) -> None:
 
 
 # --------------------------------------------------------------------------- pure functions
+
+
+def test_peak_memory_is_the_max_over_attempts():
+    assert merge_peaks({"host_rss_mb": 500.0}, None) == {"host_rss_mb": 500.0}
+    # a resume that trains nothing keeps the first attempt's peak; a larger new peak wins
+    assert merge_peaks({"host_rss_mb": 500.0}, {"host_rss_mb": 1800.0}) == {"host_rss_mb": 1800.0}
+    assert merge_peaks({"host_rss_mb": 2000.0, "device_allocated_mb": 3.0}, {"host_rss_mb": 1800.0}) == {
+        "host_rss_mb": 2000.0,
+        "device_allocated_mb": 3.0,
+    }
 
 
 def test_lr_schedules():
@@ -433,6 +445,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     finally:
         if first.poll() is None:
             first.kill()
+    killed_peak = json.loads((killed / "ckpt" / "step10" / TRAINER_STATE).read_text())["peak_memory_mb"]
     second = _launch(killed)  # the same command and environment
     _wait(second, killed)
     _wait(reference, clean)
@@ -445,6 +458,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     assert [r["step"] for r in records[records.index(events[1]) :] if r.get("event") == "step"] == list(range(11, 21))
     state = json.loads((killed / "final" / "training_state.json").read_text())
     assert state["resumed_from_step"] == 10 and state["steps"] == 20
+    assert state["peak_memory_mb"]["host_rss_mb"] >= killed_peak["host_rss_mb"] > 0  # over both attempts
     assert sorted(p.name for p in (killed / "ckpt").iterdir() if p.is_dir()) == ["step20"]
 
     # Same losses step by step, and the same weights bit for bit.

@@ -60,7 +60,7 @@ Resumable checkpoints (``checkpoint_dir``)
     (``output_dir``) are safetensors only; the loop refuses to finish with a pickle there.
     ``output_dir/training_state.json`` records the run: steps, final loss, training and wall
     time, the device and the peak memory (host RSS, and on CUDA PyTorch's allocated and
-    reserved peaks; the largest rank's), which ``llmret.footprint`` turns into the training
+    reserved peaks; the largest rank's, over resumed attempts too), which ``llmret.footprint`` turns into the training
     table.
 
 Deterministic data order and resumption
@@ -574,6 +574,13 @@ def _all_reduce_floats(values: list[float], device, world_size: int, op: str = "
     return vec.tolist()
 
 
+def merge_peaks(now: Mapping[str, float], earlier: Mapping[str, float] | None) -> dict[str, float]:
+    """Peak memory over a run's attempts: a resumed run's figures are the larger of this
+    process's and those its checkpoint recorded (as training time is summed over them)."""
+    earlier = earlier or {}
+    return {k: max(float(v), float(earlier.get(k, 0.0))) for k, v in now.items()}
+
+
 def _max_over_ranks(values: dict[str, float], device, world_size: int) -> dict[str, float]:
     """Per-rank figures reduced to the largest rank's (memory is a per-process limit)."""
     keys = sorted(values)
@@ -707,7 +714,7 @@ def train(
         jlog.restart()
     try:
         # ---- resume
-        start_step, elapsed0, last_log = 0, 0.0, None
+        start_step, elapsed0, last_log, peak0 = 0, 0.0, None, None
         if saved is not None:
             load_path, _ = engine.load_checkpoint(
                 str(ckpt_dir), tag=tag, load_module_strict=not _has_frozen(engine.module)
@@ -715,6 +722,7 @@ def train(
             if load_path is None:
                 raise RuntimeError(f"DeepSpeed could not load {ckpt_dir / tag}")
             start_step, elapsed0, last_log = saved["step"], saved["elapsed_s"], saved.get("last_log")
+            peak0 = saved.get("peak_memory_mb")
             if engine.global_steps != start_step:
                 raise RuntimeError(f"checkpoint {tag}: engine at step {engine.global_steps}, state says {start_step}")
             log.info("resumed from %s (step %d)", ckpt_dir / tag, start_step)
@@ -780,13 +788,16 @@ def train(
                     "data": {"micro_batches_consumed": consumed, "epoch": epoch, "batch_in_epoch": index},
                     "elapsed_s": elapsed0 + time.perf_counter() - t0,
                     "last_log": last_log,
+                    "peak_memory_mb": merge_peaks(
+                        _max_over_ranks(peak_memory_mb(engine.device), engine.device, world_size), peak0
+                    ),
                     "args": asdict(args),
                 }
                 _save_checkpoint(engine, ckpt_dir, f"step{step}", state, rank, final=step == args.max_steps)
         bar.close()
         del batches  # stops DataLoader workers, if any
         train_s = elapsed0 + time.perf_counter() - t0
-        peak = _max_over_ranks(peak_memory_mb(engine.device), engine.device, world_size)
+        peak = merge_peaks(_max_over_ranks(peak_memory_mb(engine.device), engine.device, world_size), peak0)
 
         # ---- final model
         result = {
@@ -799,7 +810,7 @@ def train(
             "deepspeed_init_s": init_s,
             "world_size": world_size,
             "device": str(engine.device),
-            "peak_memory_mb": peak,  # this process (the largest rank), see peak_memory_mb
+            "peak_memory_mb": peak,  # the largest rank, over resumed attempts too (merge_peaks)
             "args": asdict(args),
             "deepspeed_config": ds_config,
             "versions": _versions(),
