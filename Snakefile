@@ -1,6 +1,6 @@
 # Rebuild LLM-retriever papers' tables (LLaRA, CSPLADE) end to end.
 #   snakemake --cores all results/beir_table.csv
-# See README.md; the design is in ../shared/DESIGN.md.
+# See README.md; the design is in docs/design.md.
 
 
 import os
@@ -8,6 +8,9 @@ import os
 
 # The embedded default; presets and --config are merged on top of it.
 configfile: os.path.join(workflow.basedir, "config", "config.yaml")
+
+
+report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"
@@ -24,15 +27,4 @@ include: "workflow/rules/evaluate.smk"
 
 rule all:
     input:
-        "results/beir_table.csv",
-        "results/plots/beir_table.png",
-        expand("results/plots/{run}_loss.png", run=USED_RUNS),
-        ["results/training_table.csv"] if USED_RUNS else [],
-        ["results/msmarco_table.csv"] if config.get("msmarco_table") else [],
-        ["results/expected_check.tsv"] if EXPECTED else [],
-        ["results/index_sizes.csv"] if INDEXED_SYSTEMS else [],
-        (
-            ["results/quantization_table.csv", "results/plots/quantization_table.png"]
-            if QUANT
-            else []
-        ),
+        all_targets(),

@@ -31,8 +31,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from llmret import beir  # noqa: E402
-from llmret.encoding import EncoderSpec, TextEncoder  # noqa: E402
+from llmret.data import beir  # noqa: E402
+from llmret.retrieval.encoder import EncoderSpec, TextEncoder  # noqa: E402
 
 
 def materialise(model_dir: Path, out: Path, random_init: bool) -> Path:
@@ -137,14 +137,14 @@ def train_row(stage: str, device: str, steps: int, result: dict, secs: float, lo
 
 
 def bench_pretrain(model: Path, corpus: Path, out: Path, device: str, ds_config: str, steps: int, batch: int) -> dict:
-    from llmret import pretrain_data
-    from llmret.pretraining import PretrainSpec, make_shard, pretrain
+    from llmret.llara import shards
+    from llmret.llara.pretraining import PretrainSpec, make_shard, pretrain
 
     spec = PretrainSpec.from_config({"shards": 1, "max_text_length": 128})
     shard = out / "shards" / "shard-0.safetensors"
     shard.parent.mkdir(parents=True, exist_ok=True)
     make_shard([str(corpus)], str(model), 0, spec, str(shard))
-    pretrain_data.write_manifest([shard], out / "shards" / "manifest.json")
+    shards.write_manifest([shard], out / "shards" / "manifest.json")
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -161,7 +161,7 @@ def bench_pretrain(model: Path, corpus: Path, out: Path, device: str, ds_config:
 
 
 def bench_finetune(model: Path, groups: Path, out: Path, device: str, ds_config: str, steps: int, batch: int) -> dict:
-    from llmret.finetuning import finetune
+    from llmret.repllama.finetuning import finetune
 
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()

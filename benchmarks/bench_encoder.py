@@ -21,9 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from llmret import beir  # noqa: E402
-from llmret.encoding import EncoderSpec, TextEncoder  # noqa: E402
-from llmret.pooling import pool  # noqa: E402
+from llmret.data import beir  # noqa: E402
+from llmret.retrieval.encoder import EncoderSpec, TextEncoder  # noqa: E402
+from llmret.retrieval.pooling import pool  # noqa: E402
 
 
 def reference_encode(enc: TextEncoder, texts: list[str], batch_size: int) -> np.ndarray:

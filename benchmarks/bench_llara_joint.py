@@ -21,8 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from llmret import llara  # noqa: E402
-from llmret.pretrain_data import pairs_from_beir  # noqa: E402
+from llmret.llara.modeling import LlaraModel, bow_loss  # noqa: E402
+from llmret.llara.objective import LlaraObjective, build_training_batch  # noqa: E402
+from llmret.llara.pairs import pairs_from_beir  # noqa: E402
 
 
 def separate_batch(tokenizer, texts: list[list[int]], prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,14 +54,14 @@ def main() -> None:
 
     tok = AutoTokenizer.from_pretrained(args.model)
     lm = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation=args.attn)
-    objective = llara.LlaraObjective(max_text_length=args.max_text_length)
-    model = llara.LlaraModel(lm, objective).train()
+    objective = LlaraObjective(max_text_length=args.max_text_length)
+    model = LlaraModel(lm, objective).train()
     pairs = []
     for p in pairs_from_beir([args.corpus]):
         pairs.append(p)
         if len(pairs) == args.batch:
             break
-    batch = llara.build_training_batch(
+    batch = build_training_batch(
         tok, [p.text for p in pairs], [p.next_text for p in pairs], lm.config.vocab_size, objective
     )
     texts = batch.text_ids
@@ -77,7 +78,7 @@ def main() -> None:
             ids, mask = separate_batch(tok, texts, prompt)
             hidden = model.decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
             emb = hidden[torch.arange(len(texts)), mask.sum(1) - 1]
-            total = total + llara.bow_loss(model.projection(emb), targets)
+            total = total + bow_loss(model.projection(emb), targets)
         total.backward()
 
     times: dict[str, list[float]] = {"joint": [], "separate": []}

@@ -33,8 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_devices import write_groups  # noqa: E402
 
-from llmret import beir, csplade  # noqa: E402
-from llmret.sparse import SparseEncoderSpec, encode_sparse, load_sparse_model  # noqa: E402
+from llmret.csplade import adaptation, sparse_training  # noqa: E402
+from llmret.data import beir  # noqa: E402
+from llmret.retrieval.sparse_encoder import SparseEncoderSpec, encode_sparse, load_sparse_model  # noqa: E402
 
 
 def training(ds_config: str, steps: int, batch: int, lr: float) -> dict:
@@ -142,7 +143,7 @@ def main() -> None:
 
     adapted = out / "adapted"
     t0 = time.perf_counter()
-    csplade.adapt(
+    adaptation.adapt(
         str(args.model),
         str(args.beir / "corpus.jsonl"),
         {
@@ -174,7 +175,7 @@ def main() -> None:
                 continue
             tag = f"{arm}-lr{lr:g}"
             t0 = time.perf_counter()
-            csplade.train(
+            sparse_training.train(
                 str(start),
                 str(groups),
                 {

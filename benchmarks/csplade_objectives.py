@@ -1,7 +1,7 @@
 """Which adaptation objective makes a causal LM's SPLADE vectors retrieve: a fast CPU probe.
 
 A plain PyTorch loop (AdamW, LoRA, no DeepSpeed: ``benchmarks/csplade_adaptation.py`` runs the
-real stages) over :class:`llmret.csplade.AdaptationModel`, so every objective is the library's.
+real stages) over :class:`llmret.csplade.adaptation.AdaptationModel`, so every objective is the library's.
 It prints JSON lines:
 
 * ``bow``: bag-of-words references on the same sample (the LM's token ids; binary queries,
@@ -40,9 +40,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_devices import write_groups  # noqa: E402
 from csplade_adaptation import exact_run, ndcg10  # noqa: E402
 
-from llmret import beir, csplade, sparse  # noqa: E402
-from llmret.finetuning import LoraSpec, apply_lora, load_groups  # noqa: E402
-from llmret.sparse import SparseEncoderSpec, encode_sparse  # noqa: E402
+from llmret.csplade import adaptation, sparse_training  # noqa: E402
+from llmret.data import beir  # noqa: E402
+from llmret.retrieval import sparse_encoder  # noqa: E402
+from llmret.retrieval.sparse_encoder import SparseEncoderSpec, encode_sparse  # noqa: E402
+from llmret.training.contrastive import load_groups  # noqa: E402
+from llmret.training.lora import LoraSpec, apply_lora  # noqa: E402
 
 
 def emit(**record) -> None:
@@ -94,12 +97,12 @@ def evaluate(model, tok, test: beir.Dataset, spec: SparseEncoderSpec) -> dict:
 
 def probe_normalised(model, tok, test, spec: SparseEncoderSpec, shift: float) -> dict:
     """The base LM with its logits normalised per position (``log_softmax + shift``)."""
-    plain = sparse.splade_activations
-    sparse.splade_activations = lambda z: plain(torch.log_softmax(z.float(), -1) + shift)
+    plain = sparse_encoder.splade_activations
+    sparse_encoder.splade_activations = lambda z: plain(torch.log_softmax(z.float(), -1) + shift)
     try:
         return evaluate(model, tok, test, spec)
     finally:
-        sparse.splade_activations = plain
+        sparse_encoder.splade_activations = plain
 
 
 def optimise(model, lr: float, steps: int, loss_at, warmup: int = 10):
@@ -157,16 +160,16 @@ def main() -> None:
     if args.probe_shift:
         emit(probe=f"log_softmax + {args.probe_shift:g}", **probe_normalised(model, tok, test, spec, args.probe_shift))
 
-    aspec = csplade.AdaptationSpec(
+    aspec = adaptation.AdaptationSpec(
         max_length=args.length,
         bow_weight=args.bow_weight,
         neg_weight=args.neg_weight,
         scale_weight=args.scale_weight,
         scale_target=args.scale_target,
     )
-    adapter = csplade.AdaptationModel(model, aspec, lora)
-    collate = csplade.AdaptationCollator(tok, aspec, len(tok), rng=random.Random(0))
-    texts = csplade.corpus_texts(args.beir / "corpus.jsonl")
+    adapter = adaptation.AdaptationModel(model, aspec, lora)
+    collate = adaptation.AdaptationCollator(tok, aspec, len(tok), rng=random.Random(0))
+    texts = adaptation.corpus_texts(args.beir / "corpus.jsonl")
     rng = random.Random(0)
     start = time.perf_counter()
     adapt_steps = optimise(
@@ -188,15 +191,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         write_groups(beir.load_dataset(args.beir, "train"), Path(tmp) / "groups.jsonl", negatives=7)
         groups = load_groups(Path(tmp) / "groups.jsonl")
-    cspec = csplade.CspladeSpec(
+    cspec = sparse_training.CspladeSpec(
         group_size=args.group_size,
         max_passage_length=args.length,
         lambda_q=args.lambda_flops,
         lambda_d=args.lambda_flops,
         flops_warmup_steps=args.train_steps // 3,
     )
-    trainer = csplade.SparseModel(model, cspec, lora)
-    collate_groups = csplade.SparseGroupCollator(tok, cspec, rng=random.Random(1))
+    trainer = sparse_training.SparseModel(model, cspec, lora)
+    collate_groups = sparse_training.SparseGroupCollator(tok, cspec, rng=random.Random(1))
 
     def contrastive(step: int) -> dict:
         trainer.set_step(step)

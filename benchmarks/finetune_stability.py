@@ -1,7 +1,7 @@
 """Does contrastive fine-tuning learn or collapse? A fast CPU probe of the fine-tuning recipe.
 
 A plain PyTorch loop (AdamW, the stage's warm-up + linear decay, LoRA; no DeepSpeed: the
-``finetune`` rule runs the real stage) over :class:`llmret.finetuning.ContrastiveModel` on a
+``finetune`` rule runs the real stage) over :class:`llmret.repllama.finetuning.ContrastiveModel` on a
 Tevatron negatives file, so the loss and the batches are the library's. Each step prints a
 JSON line with the InfoNCE loss next to ``ln(candidates)`` (what identical embeddings
 score), the passages' mean pairwise cosine (``p_cos``, -> 1 on collapse) and in-batch top-1.
@@ -34,20 +34,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from llmret.beir import Dataset, load_dataset  # noqa: E402
-from llmret.encoding import token_batches  # noqa: E402
-from llmret.finetuning import (  # noqa: E402
-    ContrastiveModel,
-    ContrastiveSpec,
-    GroupCollator,
-    LoraSpec,
-    load_groups,
-    mean_pairwise_cosine,
-    pad_rows,
-    top1_accuracy,
-)
-from llmret.training import lr_factor  # noqa: E402
-from llmret.trec import write_run  # noqa: E402
+from llmret.data.beir import Dataset, load_dataset  # noqa: E402
+from llmret.data.trec import write_run  # noqa: E402
+from llmret.repllama.finetuning import ContrastiveModel, ContrastiveSpec  # noqa: E402
+from llmret.retrieval.tokenization import token_batches  # noqa: E402
+from llmret.training.arguments import lr_factor  # noqa: E402
+from llmret.training.contrastive import GroupCollator, load_groups, mean_pairwise_cosine, pad_rows, top1_accuracy  # noqa: E402
+from llmret.training.lora import LoraSpec  # noqa: E402
 
 
 def emit(**record) -> None:
@@ -94,7 +87,7 @@ def retrieve(model, collate, data: Dataset, depth: int, device) -> dict[str, lis
 
 
 def score_run(data: Dataset, run) -> dict:
-    from llmret.evaluation import evaluate
+    from llmret.results.evaluation import evaluate
 
     try:
         metrics = evaluate(data.qrels, run, ["ndcg@10", "recall@100"])["metrics"]

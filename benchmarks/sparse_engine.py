@@ -118,7 +118,7 @@ def main() -> None:
     args = ap.parse_args()
     os.environ["RAYON_NUM_THREADS"] = str(args.threads)  # before Seismic starts its pool
 
-    from llmret import sparse_index as si  # noqa: E402 -- after RAYON_NUM_THREADS is set
+    from llmret.retrieval import sparse_index as si  # noqa: E402 -- after RAYON_NUM_THREADS is set
 
     docs, queries = synthetic(args.docs, args.queries, args.vocab, args.seed, args.topics)
     doc_ids = [f"d{i}" for i in range(docs.shape[0])]

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from llmret import beir
+from llmret.data import beir
 
 
 def test_load_valid_dataset_keeps_only_judged_queries(beir_folder):

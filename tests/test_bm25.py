@@ -7,16 +7,8 @@ import math
 
 import pytest
 
-from llmret.bm25 import (
-    LUCENE_ENGLISH_STOPWORDS,
-    BM25Index,
-    BM25Params,
-    LuceneAnalyzer,
-    byte4_to_int,
-    document_text,
-    int_to_byte4,
-    lucene_porter_stem,
-)
+from llmret.retrieval.analysis import LUCENE_ENGLISH_STOPWORDS, LuceneAnalyzer, document_text, lucene_porter_stem
+from llmret.retrieval.bm25 import BM25Index, BM25Params, byte4_to_int, int_to_byte4
 
 # ----------------------------------------------------------------------------- analysis
 

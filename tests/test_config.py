@@ -4,6 +4,7 @@ import pytest
 import yaml
 
 from llmret import config as cfg
+from llmret import specs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,7 +45,7 @@ def test_known_beir_dataset_is_one_line():
 def test_unknown_dataset_needs_url_and_md5():
     c = {"datasets": {"mine": {"url": "http://x/mine.zip"}}, "systems": {"bm25": {"type": "bm25"}}}
     cfg.complete(c)
-    with pytest.raises(cfg.ConfigError, match=r"datasets\.mine\.md5: not set"):
+    with pytest.raises(specs.ConfigError, match=r"datasets\.mine\.md5: not set"):
         cfg.check(c)
 
 
@@ -117,7 +118,7 @@ def test_cross_check_errors_name_the_setting(edit, message):
     c = validated("smoke.yaml")
     cfg.complete(c)
     edit(c)
-    with pytest.raises(cfg.ConfigError, match=message):
+    with pytest.raises(specs.ConfigError, match=message):
         cfg.check(c)
 
 
@@ -156,6 +157,6 @@ def test_training_sections_share_one_schema_with_defaults(tmp_path, monkeypatch)
 
 
 def test_sparse_keys_checked_against_training_are_what_a_trained_model_fixes():
-    from llmret.sparse import MODEL_KEYS
+    from llmret.retrieval.sparse_encoder import MODEL_KEYS
 
     assert set(cfg.SPARSE_KEYS_FROM_TRAINING) == set(MODEL_KEYS) - {"max_query_length", "max_passage_length"}

@@ -19,28 +19,34 @@ import torch.nn.functional as F
 from conftest import tiny_llama_config
 from test_finetuning import RECORDS
 
-from llmret.csplade import (
+from llmret.csplade.adaptation import (
     ADAPTATION_JSON,
-    CSPLADE_JSON,
     AdaptationCollator,
     AdaptationModel,
     AdaptationSpec,
-    CspladeSpec,
-    SparseGroupCollator,
-    SparseModel,
     adapt,
-    bow_targets,
-    count_sparse_tokens,
-    keep_alive_loss,
     load_causal_lora,
+)
+from llmret.csplade.losses import (
+    bow_targets,
+    keep_alive_loss,
     logit_scale_loss,
     max_pool_logits,
     pooled_logsumexp,
+    quadratic_warmup,
+)
+from llmret.csplade.sparse_training import (
+    CSPLADE_JSON,
+    CspladeSpec,
+    SparseGroupCollator,
+    SparseModel,
+    count_sparse_tokens,
     save_csplade,
     train,
 )
-from llmret.finetuning import ADAPTER, LoraSpec, groups_from_records
-from llmret.sparse import SparseEncoderSpec, encode_sparse, load_sparse_model, quadratic_warmup
+from llmret.retrieval.sparse_encoder import SparseEncoderSpec, encode_sparse, load_sparse_model
+from llmret.training.contrastive import groups_from_records
+from llmret.training.lora import ADAPTER, LoraSpec
 
 pytestmark = pytest.mark.usefixtures("one_thread", "clean_process_state")
 
@@ -316,7 +322,8 @@ def test_adapt_stage_on_a_corpus(tiny_dir, tmp_path):
 def _adapt_smollm2(smollm2_dir, tok, spec: AdaptationSpec, steps: int = 6):
     """(model, probe batch, stats before, stats after, losses): ``steps`` AdamW steps (lr 2e-3,
     LoRA r 8) of the adaptation objective on batches of 4 real passages."""
-    from llmret.sparse import dead_fraction, flops, sparse_logits
+    from llmret.csplade.losses import dead_fraction, flops
+    from llmret.retrieval.sparse_encoder import sparse_logits
 
     lora = LoraSpec(r=8, alpha=16, dropout=0.0)
     collate = AdaptationCollator(tok, spec, len(tok), rng=random.Random(0))

@@ -20,8 +20,8 @@ from types import SimpleNamespace
 
 import pytest
 
-import llmret.download as dl
-from llmret.download import (
+import llmret.data.download as dl
+from llmret.data.download import (
     ArchiveError,
     ChecksumError,
     DownloadError,
@@ -224,7 +224,7 @@ def test_fetch_accepts_md5_list(server: SimpleNamespace, out: Path) -> None:
 
 def test_fetch_without_md5_warns(server: SimpleNamespace, out: Path, caplog: pytest.LogCaptureFixture) -> None:
     (server.root / "a.bin").write_bytes(PAYLOAD)
-    with caplog.at_level(logging.INFO, logger="llmret.download"):
+    with caplog.at_level(logging.INFO, logger="llmret.data.download"):
         fetch(server.url("/a.bin"), out / "a.bin", None, progress=False)
     assert (out / "a.bin").read_bytes() == PAYLOAD
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from llmret.encoding import EncoderSpec, TextEncoder
+from llmret.retrieval.encoder import EncoderSpec, TextEncoder
 
 LLARA = EncoderSpec(
     pooling="last",
@@ -100,7 +100,7 @@ def test_max_length_too_small_is_named(llm):
 def test_device_for_gpus(monkeypatch):
     import torch
 
-    from llmret.encoding import device_for
+    from llmret.retrieval.encoder import device_for
 
     assert device_for(0) == "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -116,7 +116,7 @@ def test_quantized_dense_encoder_stays_close_and_reports_its_precision(llm, smol
     name the precision and count fewer weight bytes."""
     from dataclasses import replace
 
-    from llmret.encoding import encode_stats
+    from llmret.retrieval.encoder import encode_stats
 
     ref = llm.encode(TEXTS, "passage", show_progress=False)
     full = encode_stats(len(TEXTS), 1.0, llm.spec, llm.model, "cpu")

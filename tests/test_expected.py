@@ -8,7 +8,7 @@ import yaml
 from conftest import ROOT
 
 from llmret import config as cfg
-from llmret import expected
+from llmret.results import expected
 
 GOOD = """\
 description: toy

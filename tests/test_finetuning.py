@@ -16,29 +16,21 @@ import pytest
 import torch
 from conftest import tiny_llama_config
 
-from llmret.encoding import EncoderSpec, TextEncoder
-from llmret.finetuning import (
-    ADAPTER,
-    FINETUNE_JSON,
-    ContrastiveModel,
-    ContrastiveSpec,
+from llmret.repllama.finetuning import FINETUNE_JSON, ContrastiveModel, ContrastiveSpec, finetune, save_finetuned
+from llmret.retrieval.encoder import EncoderSpec, TextEncoder
+from llmret.training.contrastive import (
     GroupCollator,
-    LoraSpec,
     TrainGroup,
-    apply_lora,
     check_negatives,
     count_tokens,
-    finetune,
     gather_with_grad,
     groups_from_records,
     info_nce,
-    load_adapter_model,
     mean_pairwise_cosine,
-    publish_adapter,
     sample_group,
-    save_finetuned,
     top1_accuracy,
 )
+from llmret.training.lora import ADAPTER, LoraSpec, apply_lora, load_adapter_model, publish_adapter
 
 pytestmark = pytest.mark.usefixtures("one_thread", "clean_process_state")
 
@@ -296,7 +288,7 @@ def test_lora_only_on_named_targets_and_base_frozen():
 
 
 def test_gradient_checkpointing_reaches_the_hf_model_and_keeps_lora_gradients():
-    from llmret.training import _enable_gradient_checkpointing
+    from llmret.training.loop import _enable_gradient_checkpointing
 
     spec = ContrastiveSpec(group_size=2, temperature=0.1)
     model = ContrastiveModel(apply_lora(_tiny_llama_model(), LoraSpec(r=4, dropout=0.0)), spec, LoraSpec())
@@ -328,8 +320,8 @@ def test_llara_checkpoint_loads_as_base(tmp_path):
     takes the LM's transformer and ignores the rest."""
     from transformers import LlamaForCausalLM
 
-    from llmret.llara import LlaraModel
-    from llmret.training import save_llara
+    from llmret.llara.modeling import LlaraModel
+    from llmret.llara.pretraining import save_llara
 
     lm = LlamaForCausalLM(_tiny_llama_model().config)
     save_llara(LlaraModel(lm, head="copy"), tmp_path)

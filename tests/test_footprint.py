@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from llmret import footprint, indexing, sparse_index
+from llmret.results import footprint
+from llmret.retrieval import faiss_index, sparse_index
 
 
 def test_sparse_index_entry_counts_every_file_and_terms_per_document(tmp_path):
@@ -29,7 +30,7 @@ def test_sparse_index_entry_counts_every_file_and_terms_per_document(tmp_path):
 
 def test_dense_index_entry_reads_faiss_header(tmp_path):
     vectors = np.random.default_rng(0).standard_normal((50, 16)).astype(np.float32)
-    indexing.write_index(indexing.build_index(vectors, indexing.IndexSpec()), tmp_path / "faiss.index")
+    faiss_index.write_index(faiss_index.build_index(vectors, faiss_index.IndexSpec()), tmp_path / "faiss.index")
     row = footprint.index_entry("d", "dense", "scifact", tmp_path / "faiss.index")
     assert (row["engine"], row["documents"], row["dim_or_nnz_per_doc"]) == ("faiss IndexFlatIP", 50, 16.0)
     assert row["index_mb"] == round((tmp_path / "faiss.index").stat().st_size / 1e6, 3)

@@ -6,8 +6,9 @@ import os
 import pytest
 from conftest import tiny_llama_config
 
-from llmret import launch, pretraining
-from llmret.pretrain_data import write_manifest
+from llmret import launch
+from llmret.llara import pretraining
+from llmret.llara.shards import write_manifest
 
 SENTENCES = [
     "Cats purr when they are happy and warm. Dogs bark at the postman every single morning.",

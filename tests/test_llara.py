@@ -6,27 +6,24 @@ import torch
 from conftest import tiny_llama_config
 from torch import nn
 
-from llmret.llara import (
+from llmret.llara.modeling import LlaraModel, bow_loss, embeddings_from_hidden, summary_logits
+from llmret.llara.objective import (
     IGNORE,
     NEXT,
     PAD,
     SELF,
     TEXT,
-    LlaraModel,
     LlaraObjective,
     add_summary_tokens,
-    additive_mask,
-    bow_loss,
     bow_targets,
     build_joint_inputs,
     build_training_batch,
-    embeddings_from_hidden,
     encoder_settings,
     fit_embeddings,
     joint_allowed,
-    split_pairs,
-    summary_logits,
 )
+from llmret.llara.pairs import split_pairs
+from llmret.retrieval.masks import additive_mask
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -459,8 +456,8 @@ def test_fit_embeddings_only_grows(flag_tok):
 def test_flag_encoder_pools_the_trained_summary_tokens(tmp_path, flag_tok):
     """The dense-system settings written to llara.json feed the encoder the ids training used
     (prefix + text + SELF or NEXT segment) and pool the mean of the summary-token states."""
-    from llmret.encoding import EncoderSpec, TextEncoder
-    from llmret.training import save_llara
+    from llmret.llara.pretraining import save_llara
+    from llmret.retrieval.encoder import EncoderSpec, TextEncoder
 
     lm = _tiny_lm(len(flag_tok))
     model = LlaraModel(lm, FLAG, head="tie")

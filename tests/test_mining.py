@@ -5,8 +5,10 @@ import faiss
 import numpy as np
 import pytest
 
-from llmret import indexing, mining, trec
-from llmret.mining import MiningSpec
+from llmret.data import trec
+from llmret.retrieval import faiss_index
+from llmret.training import mining
+from llmret.training.mining import MiningSpec
 
 
 def by_rank(n: int) -> list[tuple[str, float]]:
@@ -131,8 +133,8 @@ def test_mine_through_a_faiss_index_matches_brute_force():
     before = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
     try:
-        index = indexing.build_index(docs, indexing.IndexSpec(type="flat", use_gpu=False))
-        run = indexing.search(index, doc_ids, queries, qids, k=30, show_progress=False)
+        index = faiss_index.build_index(docs, faiss_index.IndexSpec(type="flat", use_gpu=False))
+        run = faiss_index.search(index, doc_ids, queries, qids, k=30, show_progress=False)
     finally:
         faiss.omp_set_num_threads(before)
 

@@ -1,6 +1,6 @@
 import torch
 
-from llmret import pooling
+from llmret.retrieval import pooling
 
 
 def test_last_token_handles_right_and_left_padding():

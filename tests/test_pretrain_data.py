@@ -13,15 +13,14 @@ import torch
 from conftest import SHARED_DATA  # noqa: E402
 from safetensors.numpy import load_file, save_file
 
-from llmret import beir
-from llmret.llara import NEXT, SELF, LlaraModel, LlaraObjective, build_training_batch, split_pairs
-from llmret.pretrain_data import (
-    Pair,
+from llmret.data import beir
+from llmret.llara.modeling import LlaraModel
+from llmret.llara.objective import NEXT, SELF, LlaraObjective, build_training_batch
+from llmret.llara.pairs import Pair, pairs_from_beir, pairs_from_dpr_wiki, split_pairs
+from llmret.llara.shards import (
     ShardDataset,
     collate,
     load_shard,
-    pairs_from_beir,
-    pairs_from_dpr_wiki,
     read_manifest,
     shard_of,
     tokenize_shard,
@@ -138,7 +137,7 @@ def dpr_server(dpr_gz):
 def test_dpr_prefix_streamed_over_http_reparses_identically(dpr_gz, dpr_server, tmp_path):
     import hashlib
 
-    from llmret.pretrain_data import fetch_dpr_prefix, iter_dpr_passages
+    from llmret.data.dpr import fetch_dpr_prefix, iter_dpr_passages
 
     out = tmp_path / "first3.tsv"
     info = fetch_dpr_prefix(f"{dpr_server}/{dpr_gz.name}", out, 3)
@@ -152,8 +151,8 @@ def test_dpr_prefix_streamed_over_http_reparses_identically(dpr_gz, dpr_server, 
 
 
 def test_dpr_prefix_failures_leave_nothing(dpr_gz, dpr_server, tmp_path):
-    from llmret.download import DownloadError
-    from llmret.pretrain_data import fetch_dpr_prefix
+    from llmret.data.download import DownloadError
+    from llmret.data.dpr import fetch_dpr_prefix
 
     with pytest.raises(ValueError, match="holds 6 passages, fewer than max_passages=7"):
         fetch_dpr_prefix(str(dpr_gz), tmp_path / "x.tsv", 7)

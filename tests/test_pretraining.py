@@ -4,7 +4,9 @@ from pathlib import Path
 import pytest
 
 from llmret import config as cfg
-from llmret import pretraining
+from llmret import specs
+from llmret.llara import pretraining
+from llmret.results import plots
 
 SCHEMA = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
 # What workflow/rules/common.smk::pretrain_spec leaves out of a run's settings.
@@ -39,13 +41,13 @@ def test_plot_keeps_the_last_line_of_replayed_steps(tmp_path, monkeypatch):
         return real_plot(self, x, y, *a, label=label, **k)
 
     monkeypatch.setattr(matplotlib.axes.Axes, "plot", spy)
-    pretraining.plot_training_log(log, tmp_path / "loss.png")
+    plots.plot_training_log(log, tmp_path / "loss.png")
     assert plotted["loss"] == ([1, 2], [9.0, 8.0])
     assert set(plotted) == {"loss", "loss_ebae", "loss_ebar"}
     assert (tmp_path / "loss.png").stat().st_size > 0
     log.write_text(json.dumps({"event": "start", "step": 0}) + "\n")
     with pytest.raises(ValueError, match="no training steps logged"):
-        pretraining.plot_training_log(log, tmp_path / "x.png")
+        plots.plot_training_log(log, tmp_path / "x.png")
 
 
 def base_config():
@@ -71,7 +73,7 @@ def test_pretraining_cross_checks(edit, message):
     cfg.complete(c)
     cfg.check(c)  # the unedited config is fine: a dense system may name a pretraining run
     edit(c)
-    with pytest.raises(cfg.ConfigError, match=message):
+    with pytest.raises(specs.ConfigError, match=message):
         cfg.check(c)
 
 
@@ -85,7 +87,8 @@ def test_deepspeed_config_resolved_against_the_workflow(tmp_path, monkeypatch):
 def test_shards_take_beir_documents_and_dpr_passages(tmp_path, smollm2_dir):
     import gzip
 
-    from llmret.pretrain_data import load_shard, pairs_from_beir, pairs_from_dpr_wiki
+    from llmret.llara.pairs import pairs_from_beir, pairs_from_dpr_wiki
+    from llmret.llara.shards import load_shard
 
     corpus = tmp_path / "toy" / "corpus.jsonl"
     corpus.parent.mkdir()
@@ -109,7 +112,7 @@ def test_a_run_needs_a_source_of_text():
     c = base_config()
     c["pretraining"]["run"]["corpora"] = []
     cfg.complete(c)
-    with pytest.raises(cfg.ConfigError, match=r"pretraining\.run: no source of text"):
+    with pytest.raises(specs.ConfigError, match=r"pretraining\.run: no source of text"):
         cfg.check(c)
     c["pretraining"]["run"]["dpr_wiki"] = {"max_passages": 1000}
     cfg.check(c)
@@ -132,7 +135,7 @@ def _spec(c: dict) -> pretraining.PretrainSpec:
 def test_variant_settings_from_schema_to_objective():
     from snakemake.exceptions import WorkflowError
 
-    from llmret.llara import LlaraObjective
+    from llmret.llara.objective import LlaraObjective
 
     paper = _spec(_validated({}))  # a run written before the variant existed
     assert paper.head == "copy" and paper.objective() == LlaraObjective(max_text_length=64)
@@ -171,26 +174,26 @@ def test_variant_settings_from_schema_to_objective():
 
 
 def test_a_flag_run_must_be_encoded_as_trained():
-    from llmret.llara import encoder_settings
+    from llmret.llara.objective import encoder_settings
 
     c = _validated({"variant": "flagembedding"})
     cfg.complete(c)
-    with pytest.raises(cfg.ConfigError, match=r"systems\.llara\.query_template: '\{text\}', but pretraining\.run"):
+    with pytest.raises(specs.ConfigError, match=r"systems\.llara\.query_template: '\{text\}', but pretraining\.run"):
         cfg.check(c)
     want = encoder_settings(_spec(c).objective())
     assert want["pooling"] == "mean_last_8" and want["append_eos"] is False
     c["systems"]["llara"].update(want)
     cfg.check(c)
     c["systems"]["llara"]["pooling"] = "last"
-    with pytest.raises(cfg.ConfigError, match=r"systems\.llara\.pooling: 'last'.*'mean_last_8'"):
+    with pytest.raises(specs.ConfigError, match=r"systems\.llara\.pooling: 'last'.*'mean_last_8'"):
         cfg.check(c)
 
 
 def test_flag_shards_are_tokenised_with_the_summary_tokens(tmp_path, smollm2_dir):
     from transformers import AutoTokenizer
 
-    from llmret.llara import add_summary_tokens
-    from llmret.pretrain_data import ShardDataset, load_shard, tokenizer_fingerprint
+    from llmret.llara.objective import add_summary_tokens
+    from llmret.llara.shards import ShardDataset, load_shard, tokenizer_fingerprint
 
     corpus = tmp_path / "toy" / "corpus.jsonl"
     corpus.parent.mkdir()
@@ -220,8 +223,8 @@ def test_flag_pretraining_end_to_end(tmp_path, smollm2_dir):
     from conftest import tiny_llama_config
     from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
 
-    from llmret.encoding import EncoderSpec, TextEncoder
-    from llmret.pretrain_data import write_manifest
+    from llmret.llara.shards import write_manifest
+    from llmret.retrieval.encoder import EncoderSpec, TextEncoder
 
     base = tmp_path / "base"
     tok = AutoTokenizer.from_pretrained(smollm2_dir)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmret.quantization import (
+from llmret.retrieval.quantization import (
     PRECISIONS,
     QuantSpec,
     WeightOnlyLinear,
@@ -114,7 +114,7 @@ def test_all_zero_group_gets_zero_codes():
 
 def test_layers_not_divisible_by_group_stay_float_and_are_logged(caplog):
     model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 48), nn.Linear(48, 8))
-    with caplog.at_level(logging.INFO, logger="llmret.quantization"):
+    with caplog.at_level(logging.INFO, logger="llmret.retrieval.quantization"):
         quantize_weight_only(model, bits=4, group_size=32)
     assert isinstance(model[0], WeightOnlyLinear) and isinstance(model[2], WeightOnlyLinear)
     assert type(model[3]) is nn.Linear

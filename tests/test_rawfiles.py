@@ -13,9 +13,10 @@ import pytest
 import yaml
 from conftest import ROOT
 
-from llmret import beir, rawfiles
 from llmret import config as cfg
-from llmret.beir import BeirFormatError
+from llmret import specs
+from llmret.data import beir, rawfiles
+from llmret.data.beir import BeirFormatError
 
 COLLECTION = "0\tThe cat sat on the mat.\n1\tDogs bark at night.\n2\tBirds sing at dawn.\n3\tFish swim.\n"
 DEV_QUERIES = "100\twhat do cats sit on\n101\twhen do birds sing\n"
@@ -169,7 +170,9 @@ def test_one_download_per_url_and_conflicts_named(raw):
     assert sorted(files) == ["2019qrels-pass.txt", "collectionandqueries.tar.gz", "test2019-queries.tsv.gz"]
     assert files["2019qrels-pass.txt"]["mirror_path"] == "files/2019qrels-pass.txt"
     datasets["toy-dl19"]["files"]["corpus"]["md5"] = "0" * 32
-    with pytest.raises(cfg.ConfigError, match=r"datasets.toy-dl19.files.corpus: 'collectionandqueries.tar.gz' is also"):
+    with pytest.raises(
+        specs.ConfigError, match=r"datasets.toy-dl19.files.corpus: 'collectionandqueries.tar.gz' is also"
+    ):
         cfg.raw_files({"datasets": datasets})
 
 
@@ -182,10 +185,10 @@ def test_corpus_from_must_share_the_download(raw):
         ({"subsample": {"max_docs": 10}}, "datasets.toy-dl19.subsample.max_docs would make the two corpora differ"),
     ]:
         broken = {**datasets, "toy-dl19": {**datasets["toy-dl19"], **change}}
-        with pytest.raises(cfg.ConfigError, match=__import__("re").escape(message)):
+        with pytest.raises(specs.ConfigError, match=__import__("re").escape(message)):
             cfg._check_shared_corpora(broken)
     other = {**datasets["toy-dl19"]["files"], "corpus": {"url": "https://x/c.tsv", "md5": "1" * 32}}
-    with pytest.raises(cfg.ConfigError, match="do not download the same corpus"):
+    with pytest.raises(specs.ConfigError, match="do not download the same corpus"):
         cfg._check_shared_corpora({**datasets, "toy-dl19": {**datasets["toy-dl19"], "files": other}})
 
 

@@ -15,17 +15,15 @@ import pytest
 import torch
 from conftest import tiny_llama_config
 
-from llmret.sparse import (
+from llmret.csplade.losses import dead_fraction, flops, quadratic_warmup
+from llmret.retrieval.masks import bidirectional_mask
+from llmret.retrieval.sparse_encoder import (
     SparseEncoderSpec,
-    bidirectional_mask,
     build_batch,
-    dead_fraction,
     echo_batch,
     encode_sparse,
-    flops,
     hidden_states,
     prune,
-    quadratic_warmup,
     sparse_vectors,
     splade_pool,
     to_csr,
@@ -146,7 +144,7 @@ def test_echo_second_copy_sees_the_whole_text_first_copy_does_not():
 
 
 def test_bidirectional_lets_an_earlier_position_see_a_later_token(smollm2_dir, tok):
-    from llmret.sparse import load_sparse_model
+    from llmret.retrieval.sparse_encoder import load_sparse_model
 
     lm = load_sparse_model(str(smollm2_dir))
     a = tok("the cat sat on the mat", add_special_tokens=False)["input_ids"]
@@ -191,7 +189,7 @@ TEXTS = ["Cats purr when they are happy.", "Dogs bark.", "The river floods the v
 
 
 def test_encode_sparse_order_batching_pruning_and_templates(tmp_path, tok):
-    from llmret.sparse import load_sparse_model, tokenize_sparse
+    from llmret.retrieval.sparse_encoder import load_sparse_model, tokenize_sparse
 
     model_dir = _save_tiny(tmp_path, tok)
     lm = load_sparse_model(str(model_dir))
@@ -224,7 +222,7 @@ def test_encode_sparse_order_batching_pruning_and_templates(tmp_path, tok):
 
 
 def test_bf16_encoding_stays_close_to_fp32(smollm2_dir, tok):
-    from llmret.sparse import load_sparse_model
+    from llmret.retrieval.sparse_encoder import load_sparse_model
 
     texts = ["what do cats eat", "Mount Everest is 8849 metres high."]
     spec = SparseEncoderSpec(max_query_length=16)
@@ -248,7 +246,7 @@ QUANTIZED_SPARSE_BOUNDS = {"int8": (0.02, 8), "int8-dynamic": (0.25, 0), "int4":
 
 
 def test_quantized_sparse_encoders_stay_close_to_float32(smollm2_dir, tok):
-    from llmret.sparse import load_sparse_encoder
+    from llmret.retrieval.sparse_encoder import load_sparse_encoder
 
     texts = ["what do cats eat", "Mount Everest is 8849 metres high.", "the capital of France is Paris"]
     vecs = {}

@@ -8,9 +8,9 @@ import pytest
 import scipy.sparse as sp
 from safetensors.numpy import save_file
 
-from llmret import sparse_index as si
-from llmret.sparse_index import SparseIndexSpec
-from llmret.sparse_vectors import load_sparse, save_sparse
+from llmret.retrieval import sparse_index as si
+from llmret.retrieval.sparse_index import SparseIndexSpec
+from llmret.retrieval.sparse_vectors import load_sparse, save_sparse
 
 # float16 rounds a weight by at most 2**-11 relative; all terms are non-negative, so a
 # Seismic score is within that of the exact one (float32 summation adds ~1e-7).

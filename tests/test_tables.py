@@ -1,6 +1,6 @@
 import pandas as pd
 
-from llmret import tables
+from llmret.results import tables
 
 
 def metrics(**values):

@@ -1,7 +1,7 @@
 """The DeepSpeed training loop on CPU: learning, logs, checkpoints, and resumption after SIGKILL.
 
 Tiny models only: a dropout MLP regressor (``forward(batch)`` with a dataclass batch, like
-:class:`llmret.llara.JointBatch`) and a 2-layer ``LlamaForCausalLM`` (dict batches, HF save).
+:class:`llmret.llara.objective.JointBatch`) and a 2-layer ``LlamaForCausalLM`` (dict batches, HF save).
 
 This file doubles as the training script of the kill/resume test:
 ``python tests/test_training.py OUT_DIR`` trains the regressor into ``OUT_DIR``.
@@ -26,23 +26,19 @@ from conftest import LAUNCHER_VARS, tiny_llama_config
 from torch import nn
 from torch.utils.data import Dataset
 
-from llmret.training import (
-    LATEST,
-    TRAINER_STATE,
-    ResumableBatchSampler,
+from llmret.llara.pretraining import save_llara
+from llmret.training.arguments import (
     TrainingArgs,
-    _prune,
     build_deepspeed_config,
-    epoch_batches,
     input_digest,
     lr_factor,
-    merge_peaks,
     recipe,
     recipe_changes,
-    safe_torch_load,
-    save_llara,
-    train,
 )
+from llmret.training.checkpointing import LATEST, TRAINER_STATE, _prune, safe_torch_load
+from llmret.training.distributed import merge_peaks
+from llmret.training.loop import train
+from llmret.training.sampling import ResumableBatchSampler, epoch_batches
 
 pytestmark = pytest.mark.usefixtures("one_thread", "clean_process_state")
 
@@ -396,7 +392,7 @@ def test_input_digest_is_by_content_and_names_within_a_folder(tmp_path):
 
 
 def test_recipe_holds_the_models_settings():
-    from llmret.csplade import AdaptationSpec
+    from llmret.csplade.adaptation import AdaptationSpec
 
     class Staged(nn.Module):
         def __init__(self, spec):
@@ -514,7 +510,7 @@ class StubTokenizer:
 def test_tiny_llama_with_hf_save_and_gradient_checkpointing(tmp_path):
     from safetensors.torch import load_file
 
-    from llmret.training import nonpad_token_counter
+    from llmret.training.loop import nonpad_token_counter
 
     model = _tiny_llama()
     args = TrainingArgs(
@@ -553,7 +549,7 @@ def test_tiny_llama_with_hf_save_and_gradient_checkpointing(tmp_path):
 def test_save_llara_writes_lm_and_head_as_safetensors(tmp_path):
     from safetensors.torch import load_file
 
-    from llmret.llara import LlaraModel
+    from llmret.llara.modeling import LlaraModel
 
     model = LlaraModel(_tiny_llama(), head="copy")
     with torch.no_grad():
@@ -578,7 +574,8 @@ def test_llara_model_trains_end_to_end(tmp_path, smollm2_dir):
     LM + head saved by save_llara with the tokenizer."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from llmret.llara import PAD, LlaraModel, LlaraObjective, build_training_batch
+    from llmret.llara.modeling import LlaraModel
+    from llmret.llara.objective import PAD, LlaraObjective, build_training_batch
 
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
     torch.manual_seed(0)

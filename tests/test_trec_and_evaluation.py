@@ -2,7 +2,8 @@ import math
 
 import pytest
 
-from llmret import evaluation, trec
+from llmret.data import trec
+from llmret.results import evaluation
 
 
 def test_run_roundtrip_with_header_and_tie_order(tmp_path):

@@ -94,7 +94,8 @@ def test_llara_pretraining_outputs(smoke_run):
 
 def test_mined_negatives_and_finetuned_models(smoke_run):
     workdir, _ = smoke_run
-    from llmret import beir, mining
+    from llmret.data import beir
+    from llmret.training import mining
 
     qrels = beir.load_qrels(workdir / "results" / "data" / "scifact" / "train" / "qrels.tsv")
     records = mining.read_tevatron(workdir / "results" / "mining" / "scifact-minilm" / "negatives.jsonl")
@@ -235,7 +236,7 @@ def test_corrupt_corpus_line_fails_with_file_and_line(tmp_path, mirror_url):
                 lines[41] = lines[41][:30]
                 data = b"\n".join(lines)
             dst.writestr(item, data)
-    from llmret.download import md5sum
+    from llmret.data.download import md5sum
 
     config = tmp_path / "broken.yaml"
     config.write_text(
@@ -396,7 +397,7 @@ def test_csplade_training_logs_and_models(smoke_run):
 
 def test_sparse_runs_index_sizes_and_quantization_table(smoke_run):
     workdir, _ = smoke_run
-    from llmret import sparse_vectors
+    from llmret.retrieval import sparse_vectors
 
     table = pd.read_csv(workdir / "results" / "beir_table.csv").set_index("system")
     assert not set(QUANTIZED) & set(table.index)
@@ -436,7 +437,7 @@ def test_quantized_sparse_encoders_stay_close_to_full_precision(smoke_run):
     """The same trained model at lower precision: corpus vectors keep their mass on the same
     terms, int8 (weight-only) closely, int4 and int8-dynamic less (see QUANT_COSINE_FLOOR)."""
     workdir, _ = smoke_run
-    from llmret import sparse_vectors
+    from llmret.retrieval import sparse_vectors
 
     def vectors(system):
         return sparse_vectors.load_sparse(workdir / "results" / "sparse" / system / "scifact" / "corpus.safetensors")

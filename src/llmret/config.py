@@ -10,23 +10,48 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import fields
-from typing import TypeVar
 
-T = TypeVar("T")
+from llmret.specs import ConfigError, own_settings
 
 MIRROR_ENV = "LLMRET_MIRROR"
 SYSTEM_TYPES = ("bm25", "dense", "sparse")
 # Settings a dense system must share with the fine-tuning run whose model it encodes with.
 ENCODER_KEYS_FROM_TRAINING = ("query_template", "passage_template", "append_eos", "pooling", "normalize")
-# ... and a sparse system with the CSPLADE run it encodes with (llmret.sparse.MODEL_KEYS less
+# ... and a sparse system with the CSPLADE run it encodes with (llmret.retrieval.sparse_encoder.MODEL_KEYS less
 # the max lengths, which a system may choose, as a dense one may).
 SPARSE_KEYS_FROM_TRAINING = ("query_template", "passage_template", "append_eos", "echo", "bidirectional")
 TRAINING_SECTIONS = ("pretraining", "finetuning", "adaptation", "csplade")
 
+# The dataclass behind each config entry: the schema's keys for it are its fields plus the
+# workflow's wiring (tests/test_schema_specs.py checks keys, defaults and bounds agree).
+SPEC_CLASSES = {
+    "systems.bm25": "llmret.retrieval.bm25:BM25Params",
+    "systems.dense": "llmret.retrieval.encoder:EncoderSpec",
+    "systems.sparse": "llmret.retrieval.sparse_encoder:SparseEncoderSpec",
+    "systems.dense.index": "llmret.retrieval.faiss_index:IndexSpec",
+    "systems.sparse.sparse_index": "llmret.retrieval.sparse_index:SparseIndexSpec",
+    "models": "llmret.retrieval.checkpoints:ModelSource",
+    "pretraining": "llmret.llara.pretraining:PretrainSpec",
+    "mining": "llmret.training.mining:MiningSpec",
+    "finetuning": "llmret.repllama.finetuning:ContrastiveSpec",
+    "adaptation": "llmret.csplade.adaptation:AdaptationSpec",
+    "csplade": "llmret.csplade.sparse_training:CspladeSpec",
+    "lora": "llmret.training.lora:LoraSpec",
+    "training": "llmret.training.arguments:TrainingArgs",
+}
 
-class ConfigError(ValueError):
-    """A setting is wrong; the message names it as ``section.key``."""
+
+def spec_class(entry: str) -> type:
+    """The dataclass of a config entry (a key of :data:`SPEC_CLASSES`), imported on demand."""
+    import importlib
+
+    module, _, name = SPEC_CLASSES[entry].partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def entry_settings(entry: str, mapping: Mapping) -> dict:
+    """The settings of a config entry that its dataclass holds (what a job's params carry)."""
+    return own_settings(spec_class(entry), mapping)
 
 
 def prefill(config: dict) -> None:
@@ -42,7 +67,7 @@ def prefill(config: dict) -> None:
 
 def complete(config: dict) -> None:
     """Fill what the schema cannot: registry URLs, checksums and splits of BEIR datasets."""
-    from .registry import complete_dataset
+    from llmret.data.registry import complete_dataset
 
     for name, ds in (config.get("datasets") or {}).items():
         config["datasets"][name] = complete_dataset(name, ds)
@@ -249,8 +274,8 @@ def _check_flag_encoders(config: Mapping) -> None:
         return
     from dataclasses import fields
 
-    from .llara import encoder_settings
-    from .pretraining import PretrainSpec
+    from llmret.llara.objective import encoder_settings
+    from llmret.llara.pretraining import PretrainSpec
 
     names = {f.name for f in fields(PretrainSpec)}
     for name, sys_cfg in (config.get("systems") or {}).items():
@@ -287,7 +312,7 @@ def resolve_paths(config: dict, basedir: str) -> None:
 def expected_cells(config: Mapping) -> list:
     """The expected-scores cells of ``expected.file`` (none when unset), each naming a
     configured system and dataset and an evaluated metric (errors give file:line)."""
-    from . import expected
+    from llmret.results import expected
 
     spec = config.get("expected")
     if not spec:
@@ -432,12 +457,3 @@ def prepare_environment(src_dir: str, cache_dir: str = ".cache") -> None:
     paths = [src_dir] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != src_dir]
     os.environ["PYTHONPATH"] = os.pathsep.join(paths)
     os.environ.setdefault("NUMBA_CACHE_DIR", os.path.abspath(os.path.join(cache_dir, "numba")))
-
-
-def settings(cls: type[T], mapping: Mapping, what: str) -> T:
-    """Build a settings dataclass from a config mapping; an unknown key is an error naming
-    ``what`` (a typo must not silently fall back to a default)."""
-    unknown = set(mapping) - {f.name for f in fields(cls)}
-    if unknown:
-        raise ValueError(f"unknown {what}: {sorted(unknown)}")
-    return cls(**dict(mapping))

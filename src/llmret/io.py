@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
@@ -33,3 +34,29 @@ def file_sha256(path: str | os.PathLike) -> str:
     """Hex sha256 of a file's bytes, read in chunks."""
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def atomic_publish(write: Callable[[Path], None], out_path: str | os.PathLike) -> None:
+    """Write through ``write(tmp)`` into a sibling temp file, fsync, then rename onto
+    ``out_path``: a crash never leaves a file that looks complete."""
+    out_path = Path(out_path)
+    tmp = atomic_tmp_path(out_path)
+    try:
+        write(tmp)
+        fsync_file(tmp)
+        os.replace(tmp, out_path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_tmp_path(out_path: Path) -> Path:
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())

@@ -5,7 +5,7 @@ scripts call :func:`run`, which either calls the stage directly (N <= 1, or alre
 a launcher) or starts ``python -m torch.distributed.run --standalone --nproc-per-node N
 -m llmret.launch TASK ARGS.json`` as an argument list (no shell, nothing from the config
 pasted into a command line). Every process reads the same JSON arguments; the training
-loop (:func:`llmret.training.init_distributed`) picks up the ranks torchrun sets.
+loop (:func:`llmret.training.distributed.init_distributed`) picks up the ranks torchrun sets.
 
 Which GPUs a job uses: under Slurm (or any launcher that sets ``CUDA_VISIBLE_DEVICES``)
 the ones it was given. A local Snakemake run gives jobs no devices of their own
@@ -46,10 +46,10 @@ log = logging.getLogger(__name__)
 
 # The stages a launch may run: a fixed table, so an arguments file cannot name arbitrary code.
 TASKS = {
-    "pretrain": "llmret.pretraining:pretrain",
-    "finetune": "llmret.finetuning:finetune",
-    "adapt": "llmret.csplade:adapt",
-    "csplade": "llmret.csplade:train",
+    "pretrain": "llmret.llara.pretraining:pretrain",
+    "finetune": "llmret.repllama.finetuning:finetune",
+    "adapt": "llmret.csplade.adaptation:adapt",
+    "csplade": "llmret.csplade.sparse_training:train",
 }
 LAUNCHER_ENV = ("LOCAL_RANK", "TORCHELASTIC_RUN_ID")
 LOCK_DIR_ENV = "LLMRET_GPU_LOCK_DIR"

@@ -40,15 +40,39 @@ INDEXED_SYSTEMS = [s for s in TABLE_SYSTEMS if s in DENSE_SYSTEMS + SPARSE_SYSTE
 INDEXED_CORPORA = list(
     dict.fromkeys(config["datasets"][d].get("corpus_from") or d for d in TABLE_DATASETS)
 )
-QUANT = config.get("quantization_table")
-if QUANT:
-    QUANT.setdefault("dataset", TABLE_DATASETS[0])
+MSMARCO_COLUMNS = (config.get("msmarco_table") or {}).get("columns", [])
+QUANT = config.get("quantization_table") or {}
+QUANT_SYSTEMS = QUANT.get("systems", [])
+QUANT_DATASET = QUANT.get("dataset") or TABLE_DATASETS[0]
+QUANT_METRIC = QUANT.get("metric", config["table"]["metric"])
 # Training runs behind what `all` builds: their loss plots and the training table.
-USED_RUNS = cfgcheck.runs_used(
-    config, TABLE_SYSTEMS + MSMARCO_SYSTEMS + (QUANT or {}).get("systems", [])
-)
+USED_RUNS = cfgcheck.runs_used(config, TABLE_SYSTEMS + MSMARCO_SYSTEMS + QUANT_SYSTEMS)
 cfgcheck.resolve_paths(config, workflow.basedir)
 EXPECTED = cfgcheck.expected_cells(config)
+EXPECTED_FILE = (config.get("expected") or {}).get("file", [])
+# (system, dataset) pairs with an expected cell, in the order of check_expected's input.
+EXPECTED_RUNS = sorted({(c.system, c.dataset) for c in EXPECTED})
+
+
+def all_targets():
+    """The targets of `all`, what a plain `snakemake` builds: the tables, their plots, the training runs'
+    loss plots and table, and the optional tables and checks the config asks for."""
+    targets = ["results/beir_table.csv", "results/plots/beir_table.png"]
+    targets += expand("results/plots/{run}_loss.png", run=USED_RUNS)
+    if USED_RUNS:
+        targets.append("results/training_table.csv")
+    if config.get("msmarco_table"):
+        targets.append("results/msmarco_table.csv")
+    if EXPECTED:
+        targets.append("results/expected_check.tsv")
+    if INDEXED_SYSTEMS:
+        targets.append("results/index_sizes.csv")
+    if QUANT:
+        targets += [
+            "results/quantization_table.csv",
+            "results/plots/quantization_table.png",
+        ]
+    return targets
 
 
 def one_of(names):
@@ -69,6 +93,24 @@ def dataset_file_names(dataset):
     for pair in layout["splits"].values():
         names += [pair["queries"]["file"], pair["qrels"]["file"]]
     return names
+
+
+def model_of(section, wildcard):
+    """Input function: the checkpoint folder of the model a config entry names (the entry
+    of ``section`` that the job's ``wildcard`` selects)."""
+    return lambda wc: model_dir(config[section][getattr(wc, wildcard)]["model"])
+
+
+def negatives_of(section):
+    """Input function: the hard negatives file a training run of ``section`` reads."""
+    return (
+        lambda wc: f"results/mining/{config[section][wc.run]['negatives']}/negatives.jsonl"
+    )
+
+
+def mining_dataset(wildcards):
+    """The dataset whose training split a mining entry mines."""
+    return config["mining"][wildcards.mining]["dataset"]
 
 
 def model_dir(name):
@@ -93,34 +135,26 @@ def dpr_wiki_input(run):
 def pretrain_spec(run):
     """A run's shard and objective settings (what PretrainSpec holds), defaults resolved,
     so only a change of what the run does reruns it."""
-    from llmret.pretraining import PretrainSpec
-
-    skip = ("model", "corpora", "dpr_wiki", "training", "gpus")
-    raw = {k: v for k, v in config["pretraining"][run].items() if k not in skip}
-    return PretrainSpec.from_config(raw).effective(order=list(raw))
+    raw = cfgcheck.entry_settings("pretraining", config["pretraining"][run])
+    return (
+        cfgcheck.spec_class("pretraining").from_config(raw).effective(order=list(raw))
+    )
 
 
 def system_settings(wildcards):
     """A system's encoder/scorer settings (not its type, index or GPUs): they reach scripts
     through params, so changing the index type does not re-encode."""
-    skip = (
-        "type",
-        "index",
-        "sparse_index",
-        "gpus",
-    )  # where it runs is no result setting
-    return {
-        k: v for k, v in config["systems"][wildcards.system].items() if k not in skip
-    }
+    system = config["systems"][wildcards.system]
+    return cfgcheck.entry_settings(f"systems.{system['type']}", system)
 
 
 def index_settings(wildcards):
-    """A dense system's FAISS index settings (llmret.indexing.IndexSpec); {} = exact."""
+    """A dense system's FAISS index settings (llmret.retrieval.faiss_index.IndexSpec); {} = exact."""
     return dict(config["systems"][wildcards.system].get("index") or {})
 
 
 def sparse_index_settings(wildcards):
-    """A sparse system's index settings (llmret.sparse_index.SparseIndexSpec); {} = exact."""
+    """A sparse system's index settings (llmret.retrieval.sparse_index.SparseIndexSpec); {} = exact."""
     return dict(config["systems"][wildcards.system].get("sparse_index") or {})
 
 
@@ -141,11 +175,8 @@ def mining_depth(wildcards):
 
 
 def mining_settings(wildcards):
-    """What llmret.mining.MiningSpec takes (everything but the dataset and retriever)."""
-    skip = ("dataset", "retriever", "file")
-    return {
-        k: v for k, v in config["mining"][wildcards.mining].items() if k not in skip
-    }
+    """What llmret.training.mining.MiningSpec takes (everything but the dataset and retriever)."""
+    return cfgcheck.entry_settings("mining", config["mining"][wildcards.mining])
 
 
 def mined_run(wildcards):
@@ -160,11 +191,10 @@ def training_settings(section, run):
     return {k: v for k, v in training.items() if k != "deepspeed_config"}
 
 
-def run_spec(section, run, data_keys):
+def run_spec(section, run):
     """A LoRA run's own settings (what ContrastiveSpec, AdaptationSpec or CspladeSpec hold):
     not its base model, data, LoRA, training or GPUs, which reach the job otherwise."""
-    skip = ("model", "lora", "training", "gpus", *data_keys)
-    return {k: v for k, v in config[section][run].items() if k not in skip}
+    return cfgcheck.entry_settings(section, config[section][run])
 
 
 def corpus_of(dataset):

@@ -6,11 +6,13 @@
 
 rule csplade_adapt:
     input:
-        model=lambda wc: model_dir(config["adaptation"][wc.run]["model"]),
-        data=lambda wc: prepared(config["adaptation"][wc.run]["corpus"], "corpus"),
-        deepspeed=lambda wc: config["adaptation"][wc.run]["training"][
-            "deepspeed_config"
-        ],
+        model=model_of("adaptation", "run"),
+        data=lambda wc: prepared(
+            lookup(dpath=f"adaptation/{wc.run}/corpus", within=config), "corpus"
+        ),
+        deepspeed=lookup(
+            dpath="adaptation/{run}/training/deepspeed_config", within=config
+        ),
     output:
         model=protected(directory("results/models/{run}")),
         adapter=directory("results/adapters/{run}"),
@@ -26,12 +28,12 @@ rule csplade_adapt:
     threads: 8
     resources:
         mem_mb=16000,
-        gpu=lambda wc: config["adaptation"][wc.run]["gpus"],
+        gpu=lookup(dpath="adaptation/{run}/gpus", within=config),
     params:
         task="adapt",
         data_arg="corpus_path",
-        spec=lambda wc: run_spec("adaptation", wc.run, ("corpus",)),
-        lora=lambda wc: config["adaptation"][wc.run]["lora"],
+        spec=lambda wc: run_spec("adaptation", wc.run),
+        lora=lookup(dpath="adaptation/{run}/lora", within=config),
         training=lambda wc: training_settings("adaptation", wc.run),
         checkpoint_dir=lambda wc: f"results/checkpoints/{wc.run}",
     script:
@@ -40,9 +42,9 @@ rule csplade_adapt:
 
 rule csplade_train:
     input:
-        model=lambda wc: model_dir(config["csplade"][wc.run]["model"]),
-        data=lambda wc: f"results/mining/{config['csplade'][wc.run]['negatives']}/negatives.jsonl",
-        deepspeed=lambda wc: config["csplade"][wc.run]["training"]["deepspeed_config"],
+        model=model_of("csplade", "run"),
+        data=negatives_of("csplade"),
+        deepspeed=lookup(dpath="csplade/{run}/training/deepspeed_config", within=config),
     output:
         model=protected(directory("results/models/{run}")),
         adapter=directory("results/adapters/{run}"),
@@ -58,12 +60,12 @@ rule csplade_train:
     threads: 8
     resources:
         mem_mb=16000,
-        gpu=lambda wc: config["csplade"][wc.run]["gpus"],
+        gpu=lookup(dpath="csplade/{run}/gpus", within=config),
     params:
         task="csplade",
         data_arg="negatives_path",
-        spec=lambda wc: run_spec("csplade", wc.run, ("negatives",)),
-        lora=lambda wc: config["csplade"][wc.run]["lora"],
+        spec=lambda wc: run_spec("csplade", wc.run),
+        lora=lookup(dpath="csplade/{run}/lora", within=config),
         training=lambda wc: training_settings("csplade", wc.run),
         checkpoint_dir=lambda wc: f"results/checkpoints/{wc.run}",
     script:

@@ -20,8 +20,8 @@ rule download_dataset:
     resources:
         downloads=1,
     params:
-        url=lambda wc: config["datasets"][wc.dataset]["url"],
-        md5=lambda wc: config["datasets"][wc.dataset]["md5"],
+        url=lookup(dpath="datasets/{dataset}/url", within=config),
+        md5=lookup(dpath="datasets/{dataset}/md5", within=config),
         mirror_path=lambda wc: config["datasets"][wc.dataset].get(
             "mirror_path", f"beir/{wc.dataset}.zip"
         ),
@@ -104,8 +104,8 @@ rule prepare_dataset:
     conda:
         "../../envs/retrieval.yaml"
     params:
-        split=lambda wc: config["datasets"][wc.dataset]["split"],
-        on_unknown=lambda wc: config["datasets"][wc.dataset]["on_unknown_qrels"],
-        subsample=lambda wc: config["datasets"][wc.dataset]["subsample"],
+        split=lookup(dpath="datasets/{dataset}/split", within=config),
+        on_unknown=lookup(dpath="datasets/{dataset}/on_unknown_qrels", within=config),
+        subsample=lookup(dpath="datasets/{dataset}/subsample", within=config),
     script:
         "../scripts/prepare_dataset.py"

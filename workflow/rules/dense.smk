@@ -5,7 +5,7 @@ rule encode:
     """One rule for every side: the corpus, the evaluation queries, or the training
     queries (train-queries) that hard-negative mining retrieves for."""
     input:
-        model=lambda wc: model_dir(config["systems"][wc.system]["model"]),
+        model=model_of("systems", "system"),
         texts=lambda wc: prepared(wc.dataset, wc.side),
     output:
         vectors="results/embeddings/{system}/{dataset}/{side}.npy",
@@ -23,7 +23,7 @@ rule encode:
     threads: 8
     resources:
         mem_mb=6000,
-        gpu=lambda wc: config["systems"][wc.system]["gpus"],
+        gpu=lookup(dpath="systems/{system}/gpus", within=config),
     params:
         settings=system_settings,
     script:

@@ -20,7 +20,9 @@ rule evaluate:
         "../../envs/evaluation.yaml"
     params:
         metrics=config["evaluation"]["metrics"],
-        relevance_level=lambda wc: config["datasets"][wc.dataset]["relevance_level"],
+        relevance_level=lookup(
+            dpath="datasets/{dataset}/relevance_level", within=config
+        ),
     script:
         "../scripts/evaluate.py"
 
@@ -88,154 +90,142 @@ rule plot_table:
         "../scripts/plot_table.py"
 
 
-if config.get("msmarco_table"):
-
-    localrules:
-        msmarco_table,
-
-    rule msmarco_table:
-        """The MS MARCO-style table: each column its own (dataset, metric), e.g. dev
-        MRR@10, dev Recall@1000 and TREC DL19 nDCG@10."""
-        input:
-            metrics=[
-                f"results/metrics/{s}/{c['dataset']}.json"
-                for s in MSMARCO_SYSTEMS
-                for c in config["msmarco_table"]["columns"]
-            ],
-        output:
-            table=report(
-                "results/msmarco_table.csv",
-                category="Tables",
-                caption="../report/msmarco_table.rst",
-            ),
-        log:
-            "logs/msmarco_table.log",
-        conda:
-            "../../envs/evaluation.yaml"
-        params:
-            systems=MSMARCO_SYSTEMS,
-            columns=config["msmarco_table"]["columns"],
-        script:
-            "../scripts/column_table.py"
+localrules:
+    msmarco_table,
 
 
-if EXPECTED:
-    # (system, dataset) pairs with an expected cell, in the order of the rule's input.
-    EXPECTED_RUNS = sorted({(c.system, c.dataset) for c in EXPECTED})
-
-    localrules:
-        check_expected,
-
-    rule check_expected:
-        """Each expected (system, dataset, metric) cell against this run's metrics: a TSV
-        with expected, measured, delta and ok / drift-up / drift-down; with on_drift
-        error the job fails and its log names every drifting cell."""
-        input:
-            expected=config["expected"]["file"],
-            metrics=[f"results/metrics/{s}/{d}.json" for s, d in EXPECTED_RUNS],
-        output:
-            "results/expected_check.tsv",
-        log:
-            "logs/check_expected.log",
-        conda:
-            "../../envs/evaluation.yaml"
-        params:
-            runs=EXPECTED_RUNS,
-            on_drift=config["expected"]["on_drift"],
-        script:
-            "../scripts/check_expected.py"
-
-
-if INDEXED_SYSTEMS:
-
-    localrules:
-        index_sizes,
-
-    rule index_sizes:
-        """Index size on disk of every learned system of the table, sparse inverted indexes
-        next to FAISS indexes."""
-        input:
-            indexes=[
-                system_index(s, d) for s in INDEXED_SYSTEMS for d in INDEXED_CORPORA
-            ],
-        output:
-            report(
-                "results/index_sizes.csv",
-                category="Tables",
-                caption="../report/index_sizes.rst",
-            ),
-        log:
-            "logs/index_sizes.log",
-        conda:
-            "../../envs/retrieval.yaml"
-        params:
-            entries=[
-                (s, config["systems"][s]["type"], d)
-                for s in INDEXED_SYSTEMS
-                for d in INDEXED_CORPORA
-            ],
-        script:
-            "../scripts/index_sizes.py"
+rule msmarco_table:
+    """The MS MARCO-style table: each column its own (dataset, metric), e.g. dev
+    MRR@10, dev Recall@1000 and TREC DL19 nDCG@10."""
+    input:
+        metrics=[
+            f"results/metrics/{s}/{c['dataset']}.json"
+            for s in MSMARCO_SYSTEMS
+            for c in MSMARCO_COLUMNS
+        ],
+    output:
+        table=report(
+            "results/msmarco_table.csv",
+            category="Tables",
+            caption="../report/msmarco_table.rst",
+        ),
+    log:
+        "logs/msmarco_table.log",
+    conda:
+        "../../envs/evaluation.yaml"
+    params:
+        systems=MSMARCO_SYSTEMS,
+        columns=MSMARCO_COLUMNS,
+    script:
+        "../scripts/column_table.py"
 
 
-if USED_RUNS:
-
-    localrules:
-        training_table,
-
-    rule training_table:
-        """Steps, training time and peak memory of every training run behind the tables."""
-        input:
-            models=[model_dir(r) for r in USED_RUNS],
-        output:
-            report(
-                "results/training_table.csv",
-                category="Tables",
-                caption="../report/training_table.rst",
-            ),
-        log:
-            "logs/training_table.log",
-        conda:
-            "../../envs/evaluation.yaml"
-        params:
-            entries=cfgcheck.run_stages(config, USED_RUNS),
-        script:
-            "../scripts/training_table.py"
+localrules:
+    check_expected,
 
 
-if QUANT:
+rule check_expected:
+    """Each expected (system, dataset, metric) cell against this run's metrics: a TSV
+    with expected, measured, delta and ok / drift-up / drift-down; with on_drift
+    error the job fails and its log names every drifting cell."""
+    input:
+        expected=EXPECTED_FILE,
+        metrics=[f"results/metrics/{s}/{d}.json" for s, d in EXPECTED_RUNS],
+    output:
+        "results/expected_check.tsv",
+    log:
+        "logs/check_expected.log",
+    conda:
+        "../../envs/evaluation.yaml"
+    params:
+        runs=EXPECTED_RUNS,
+        on_drift=lookup(dpath="expected/on_drift", within=config, default="error"),
+    script:
+        "../scripts/check_expected.py"
 
-    localrules:
-        quantization_table,
 
-    rule quantization_table:
-        """Precision, encoder weight size, corpus encoding throughput, index size and a
-        metric, per system: the CSPLADE paper's quantization trade-off."""
-        input:
-            stats=[corpus_stats(s, QUANT["dataset"]) for s in QUANT["systems"]],
-            indexes=[system_index(s, QUANT["dataset"]) for s in QUANT["systems"]],
-            metrics=[
-                f"results/metrics/{s}/{QUANT['dataset']}.json"
-                for s in QUANT["systems"]
-            ],
-        output:
-            table=report(
-                "results/quantization_table.csv",
-                category="Tables",
-                caption="../report/quantization_table.rst",
-            ),
-            plot=report(
-                "results/plots/quantization_table.png",
-                category="Plots",
-                caption="../report/quantization_plot.rst",
-            ),
-        log:
-            "logs/quantization_table.log",
-        conda:
-            "../../envs/evaluation.yaml"
-        params:
-            systems=QUANT["systems"],
-            dataset=QUANT["dataset"],
-            metric=QUANT["metric"],
-        script:
-            "../scripts/quantization_table.py"
+localrules:
+    index_sizes,
+
+
+rule index_sizes:
+    """Index size on disk of every learned system of the table, sparse inverted indexes
+    next to FAISS indexes."""
+    input:
+        indexes=[system_index(s, d) for s in INDEXED_SYSTEMS for d in INDEXED_CORPORA],
+    output:
+        report(
+            "results/index_sizes.csv",
+            category="Tables",
+            caption="../report/index_sizes.rst",
+        ),
+    log:
+        "logs/index_sizes.log",
+    conda:
+        "../../envs/retrieval.yaml"
+    params:
+        entries=[
+            (s, config["systems"][s]["type"], d)
+            for s in INDEXED_SYSTEMS
+            for d in INDEXED_CORPORA
+        ],
+    script:
+        "../scripts/index_sizes.py"
+
+
+localrules:
+    training_table,
+
+
+rule training_table:
+    """Steps, training time and peak memory of every training run behind the tables."""
+    input:
+        models=[model_dir(r) for r in USED_RUNS],
+    output:
+        report(
+            "results/training_table.csv",
+            category="Tables",
+            caption="../report/training_table.rst",
+        ),
+    log:
+        "logs/training_table.log",
+    conda:
+        "../../envs/evaluation.yaml"
+    params:
+        entries=cfgcheck.run_stages(config, USED_RUNS),
+    script:
+        "../scripts/training_table.py"
+
+
+localrules:
+    quantization_table,
+
+
+rule quantization_table:
+    """Precision, encoder weight size, corpus encoding throughput, index size and a
+    metric, per system: the CSPLADE paper's quantization trade-off."""
+    input:
+        stats=[corpus_stats(s, QUANT_DATASET) for s in QUANT_SYSTEMS],
+        indexes=[system_index(s, QUANT_DATASET) for s in QUANT_SYSTEMS],
+        metrics=[f"results/metrics/{s}/{QUANT_DATASET}.json" for s in QUANT_SYSTEMS],
+    output:
+        table=report(
+            "results/quantization_table.csv",
+            category="Tables",
+            caption="../report/quantization_table.rst",
+        ),
+        plot=report(
+            "results/plots/quantization_table.png",
+            category="Plots",
+            caption="../report/quantization_plot.rst",
+        ),
+    log:
+        "logs/quantization_table.log",
+    conda:
+        "../../envs/evaluation.yaml"
+    params:
+        systems=QUANT_SYSTEMS,
+        dataset=QUANT_DATASET,
+        metric=QUANT_METRIC,
+    script:
+        "../scripts/quantization_table.py"

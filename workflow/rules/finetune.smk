@@ -18,8 +18,8 @@ rule prepare_train_split:
     conda:
         "../../envs/retrieval.yaml"
     params:
-        train=lambda wc: config["datasets"][wc.dataset]["train"],
-        eval_split=lambda wc: config["datasets"][wc.dataset]["split"],
+        train=lookup(dpath="datasets/{dataset}/train", within=config),
+        eval_split=lookup(dpath="datasets/{dataset}/split", within=config),
     script:
         "../scripts/prepare_train_split.py"
 
@@ -59,11 +59,9 @@ use rule dense_search as dense_search_train with:
 rule mine_negatives:
     input:
         run=mined_run,
-        queries=lambda wc: prepared(
-            config["mining"][wc.mining]["dataset"], "train-queries"
-        ),
-        qrels=lambda wc: prepared(config["mining"][wc.mining]["dataset"], "train-qrels"),
-        corpus=lambda wc: f"resources/datasets/{config['mining'][wc.mining]['dataset']}",
+        queries=lambda wc: prepared(mining_dataset(wc), "train-queries"),
+        qrels=lambda wc: prepared(mining_dataset(wc), "train-qrels"),
+        corpus=lambda wc: f"resources/datasets/{mining_dataset(wc)}",
     output:
         negatives="results/mining/{mining}/negatives.jsonl",
         stats="results/mining/{mining}/stats.json",
@@ -98,8 +96,8 @@ rule download_negatives:
     resources:
         downloads=1,
     params:
-        url=lambda wc: config["mining"][wc.mining]["file"]["url"],
-        md5=lambda wc: config["mining"][wc.mining]["file"]["md5"],
+        url=lookup(dpath="mining/{mining}/file/url", within=config),
+        md5=lookup(dpath="mining/{mining}/file/md5", within=config),
         mirror_path=lambda wc: config["mining"][wc.mining]["file"].get(
             "mirror_path", f"negatives/{wc.mining}.jsonl.gz"
         ),
@@ -128,11 +126,11 @@ rule import_negatives:
 
 rule finetune:
     input:
-        model=lambda wc: model_dir(config["finetuning"][wc.run]["model"]),
-        data=lambda wc: f"results/mining/{config['finetuning'][wc.run]['negatives']}/negatives.jsonl",
-        deepspeed=lambda wc: config["finetuning"][wc.run]["training"][
-            "deepspeed_config"
-        ],
+        model=model_of("finetuning", "run"),
+        data=negatives_of("finetuning"),
+        deepspeed=lookup(
+            dpath="finetuning/{run}/training/deepspeed_config", within=config
+        ),
     output:
         model=protected(directory("results/models/{run}")),
         adapter=directory("results/adapters/{run}"),
@@ -148,12 +146,12 @@ rule finetune:
     threads: 8
     resources:
         mem_mb=16000,
-        gpu=lambda wc: config["finetuning"][wc.run]["gpus"],
+        gpu=lookup(dpath="finetuning/{run}/gpus", within=config),
     params:
         task="finetune",
         data_arg="negatives_path",
-        spec=lambda wc: run_spec("finetuning", wc.run, ("negatives",)),
-        lora=lambda wc: config["finetuning"][wc.run]["lora"],
+        spec=lambda wc: run_spec("finetuning", wc.run),
+        lora=lookup(dpath="finetuning/{run}/lora", within=config),
         training=lambda wc: training_settings("finetuning", wc.run),
         checkpoint_dir=lambda wc: f"results/checkpoints/{wc.run}",
     script:

@@ -58,7 +58,7 @@ rule stream_dpr_wiki:
 
 rule llara_shard:
     input:
-        model=lambda wc: model_dir(config["pretraining"][wc.run]["model"]),
+        model=model_of("pretraining", "run"),
         corpora=lambda wc: [
             prepared(d, "corpus") for d in config["pretraining"][wc.run]["corpora"]
         ],
@@ -101,11 +101,11 @@ rule llara_manifest:
 
 rule llara_pretrain:
     input:
-        model=lambda wc: model_dir(config["pretraining"][wc.run]["model"]),
+        model=model_of("pretraining", "run"),
         manifest="results/shards/{run}/manifest.json",
-        deepspeed=lambda wc: config["pretraining"][wc.run]["training"][
-            "deepspeed_config"
-        ],
+        deepspeed=lookup(
+            dpath="pretraining/{run}/training/deepspeed_config", within=config
+        ),
     output:
         model=protected(directory("results/models/{run}")),
         train_log="results/train_logs/{run}.jsonl",
@@ -120,7 +120,7 @@ rule llara_pretrain:
     threads: 8
     resources:
         mem_mb=16000,
-        gpu=lambda wc: config["pretraining"][wc.run]["gpus"],
+        gpu=lookup(dpath="pretraining/{run}/gpus", within=config),
     params:
         spec=lambda wc: pretrain_spec(wc.run),
         training=lambda wc: training_settings("pretraining", wc.run),

@@ -14,6 +14,6 @@ rule import_model:
     resources:
         mem_mb=4000,
     params:
-        source=lambda wc: config["models"][wc.model],
+        source=lookup(dpath="models/{model}", within=config),
     script:
         "../scripts/import_model.py"

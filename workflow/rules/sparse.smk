@@ -6,7 +6,7 @@ rule sparse_encode:
     """Corpus, evaluation queries or training queries as sparse vectors (safetensors CSR
     + ids) and the encoding's figures (throughput, weight size at its precision)."""
     input:
-        model=lambda wc: model_dir(config["systems"][wc.system]["model"]),
+        model=model_of("systems", "system"),
         texts=lambda wc: prepared(wc.dataset, wc.side),
     output:
         vectors="results/sparse/{system}/{dataset}/{side}.safetensors",
@@ -23,7 +23,7 @@ rule sparse_encode:
     threads: 8
     resources:
         mem_mb=8000,
-        gpu=lambda wc: config["systems"][wc.system]["gpus"],
+        gpu=lookup(dpath="systems/{system}/gpus", within=config),
     params:
         settings=system_settings,
     script:

@@ -3,7 +3,8 @@
 import logging
 from pathlib import Path
 
-from llmret import logs, rawfiles
+from llmret import logs
+from llmret.data import rawfiles
 
 sm = snakemake  # noqa: F821
 logs.to_file(sm.log[0])

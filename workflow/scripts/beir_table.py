@@ -2,7 +2,8 @@
 
 from itertools import product
 
-from llmret import logs, tables
+from llmret import logs
+from llmret.results import tables
 
 sm = snakemake  # noqa: F821
 logs.to_file(sm.log[0])

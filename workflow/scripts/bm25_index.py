@@ -1,6 +1,8 @@
 """Snakemake entry point: build a BM25 index over a prepared corpus."""
 
-from llmret import beir, bm25, logs
+from llmret import logs
+from llmret.data import beir
+from llmret.retrieval import bm25
 
 sm = snakemake  # noqa: F821
 logs.to_file(sm.log[0])

@@ -1,6 +1,8 @@
 """Snakemake entry point: BM25 top-k for every query, written as a TREC run."""
 
-from llmret import beir, bm25, logs, trec
+from llmret import logs
+from llmret.data import beir, trec
+from llmret.retrieval import bm25
 
 sm = snakemake  # noqa: F821
 logs.to_file(sm.log[0])

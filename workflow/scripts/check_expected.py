@@ -2,7 +2,8 @@
 
 import sys
 
-from llmret import expected, logs, tables
+from llmret import logs
+from llmret.results import expected, tables
 
 sm = snakemake  # noqa: F821
 logs.to_file(sm.log[0])

@@ -1,6 +1,7 @@
 """Snakemake entry point: a table whose columns each name a (dataset, metric) pair."""
 
-from llmret import logs, tables
+from llmret import logs
+from llmret.results import tables
 
 sm = snakemake  # noqa: F821
 logs.to_file(sm.log[0])

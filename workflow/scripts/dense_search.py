@@ -2,21 +2,23 @@
 
 from pathlib import Path
 
-from llmret import indexing, logs, trec
+from llmret import logs
+from llmret.data import trec
+from llmret.retrieval import faiss_index
 
 sm = snakemake  # noqa: F821
 logs.to_file(sm.log[0])
-spec = indexing.IndexSpec.from_config(sm.params.index)
-index = indexing.read_index(sm.input.index, spec)
+spec = faiss_index.IndexSpec.from_config(sm.params.index)
+index = faiss_index.read_index(sm.input.index, spec)
 doc_ids = Path(sm.input.doc_ids).read_text(encoding="utf-8").splitlines()
-qvecs, qids = indexing.load_embeddings(sm.input.queries, sm.input.query_ids)
-run = indexing.search(index, doc_ids, qvecs, qids, k=sm.params.top_k, spec=spec)
+qvecs, qids = faiss_index.load_embeddings(sm.input.queries, sm.input.query_ids)
+run = faiss_index.search(index, doc_ids, qvecs, qids, k=sm.params.top_k, spec=spec)
 header = {
     "system": sm.wildcards.system,
     "dataset": sm.wildcards.dataset,
     "type": "dense",
     "top_k": sm.params.top_k,
-    "index": indexing.describe_index(index),
+    "index": faiss_index.describe_index(index),
     "settings": dict(sm.params.settings),
 }
 trec.write_run(sm.output[0], run, tag=sm.wildcards.system, header=header)

@@ -1,6 +1,7 @@
 """Snakemake entry point: fetch one dataset zip (upstream or mirror), md5-verified."""
 
-from llmret import config, download, logs
+from llmret import config, logs
+from llmret.data import download
 
 sm = snakemake  # noqa: F821 - injected by Snakemake
 logs.to_file(sm.log[0])

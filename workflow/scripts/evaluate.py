@@ -1,6 +1,8 @@
 """Snakemake entry point: metrics of one run (mean and per query) as JSON."""
 
-from llmret import beir, evaluation, logs, tables, trec
+from llmret import logs
+from llmret.data import beir, trec
+from llmret.results import evaluation, tables
 
 sm = snakemake  # noqa: F821
 logs.to_file(sm.log[0])

@@ -3,9 +3,10 @@ default; IVF or HNSW per the system's index settings)."""
 
 import numpy as np
 
-from llmret import indexing, logs
+from llmret import logs
+from llmret.retrieval import faiss_index
 
 sm = snakemake  # noqa: F821
 logs.to_file(sm.log[0])
-spec = indexing.IndexSpec.from_config(sm.params.index)
-indexing.write_index(indexing.build_index(np.load(sm.input.vectors), spec), sm.output[0])
+spec = faiss_index.IndexSpec.from_config(sm.params.index)
+faiss_index.write_index(faiss_index.build_index(np.load(sm.input.vectors), spec), sm.output[0])

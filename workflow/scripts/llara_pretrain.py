@@ -3,7 +3,8 @@ one process per GPU (torchrun) when the job has several."""
 
 from pathlib import Path
 
-from llmret import launch, logs, pretraining
+from llmret import launch, logs
+from llmret.results import plots
 
 sm = snakemake  # noqa: F821
 logs.to_file(sm.log[0])
@@ -21,4 +22,4 @@ launch.run(
     },
     nproc=int(sm.resources.gpu),
 )
-pretraining.copy_log(training["log_path"], sm.output.train_log)
+plots.copy_log(training["log_path"], sm.output.train_log)

@@ -1,6 +1,7 @@
 """Snakemake entry point: tokenize one shard of LLaRA pretraining pairs."""
 
-from llmret import logs, pretraining
+from llmret import logs
+from llmret.llara import pretraining
 
 sm = snakemake  # noqa: F821
 logs.to_file(sm.log[0])

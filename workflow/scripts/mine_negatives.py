@@ -2,7 +2,8 @@
 
 from pathlib import Path
 
-from llmret import logs, mining
+from llmret import logs
+from llmret.training import mining
 
 sm = snakemake  # noqa: F821
 logs.to_file(sm.log[0])

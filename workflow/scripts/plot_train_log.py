@@ -1,7 +1,8 @@
 """Snakemake entry point: loss curves of a training run."""
 
-from llmret import logs, pretraining
+from llmret import logs
+from llmret.results import plots
 
 sm = snakemake  # noqa: F821
 logs.to_file(sm.log[0])
-pretraining.plot_training_log(sm.input[0], sm.output[0], title=sm.wildcards.run)
+plots.plot_training_log(sm.input[0], sm.output[0], title=sm.wildcards.run)

@@ -2,7 +2,8 @@
 
 from pathlib import Path
 
-from llmret import beir, logs
+from llmret import logs
+from llmret.data import beir
 
 sm = snakemake  # noqa: F821
 logs.to_file(sm.log[0])

@@ -2,18 +2,20 @@
 
 from transformers import AutoTokenizer
 
-from llmret import encoding, launch, logs, sparse, sparse_vectors, tables
+from llmret import launch, logs
+from llmret.results import tables
+from llmret.retrieval import encoder, sparse_encoder, sparse_vectors
 
 sm = snakemake  # noqa: F821
 logs.to_file(sm.log[0])
-spec = sparse.SparseEncoderSpec.from_config({k: v for k, v in sm.params.settings.items() if k != "model"})
-ids, texts, kind = encoding.read_side(sm.input.texts, sm.wildcards.side)
-encoding.set_threads(sm.threads)
+spec = sparse_encoder.SparseEncoderSpec.from_config({k: v for k, v in sm.params.settings.items() if k != "model"})
+ids, texts, kind = encoder.read_side(sm.input.texts, sm.wildcards.side)
+encoder.set_threads(sm.threads)
 tokenizer = AutoTokenizer.from_pretrained(sm.input.model)
 with launch.visible_devices(sm.resources.gpu):  # outside Slurm: claim free GPUs first
-    device = encoding.device_for(sm.resources.gpu)
-    model = sparse.load_sparse_encoder(sm.input.model, spec, device)
-    encode = lambda: sparse.encode_sparse(model, tokenizer, texts, kind, spec)  # noqa: E731
-    vectors, stats = encoding.timed_encode(encode, len(texts), spec, model, device)
+    device = encoder.device_for(sm.resources.gpu)
+    model = sparse_encoder.load_sparse_encoder(sm.input.model, spec, device)
+    encode = lambda: sparse_encoder.encode_sparse(model, tokenizer, texts, kind, spec)  # noqa: E731
+    vectors, stats = encoder.timed_encode(encode, len(texts), spec, model, device)
 sparse_vectors.save_sparse(sm.output.vectors, vectors, ids)
-tables.write_json({**stats.to_dict(), **sparse.vector_stats(vectors)}, sm.output.stats)
+tables.write_json({**stats.to_dict(), **sparse_encoder.vector_stats(vectors)}, sm.output.stats)

@@ -1,6 +1,7 @@
 """Snakemake entry point: an inverted index (exact scorer or Seismic) over a corpus's sparse vectors."""
 
-from llmret import logs, sparse_index, sparse_vectors
+from llmret import logs
+from llmret.retrieval import sparse_index, sparse_vectors
 
 sm = snakemake  # noqa: F821
 logs.to_file(sm.log[0])

@@ -1,6 +1,8 @@
 """Snakemake entry point: top-k sparse retrieval for every query, written as a TREC run."""
 
-from llmret import logs, sparse_index, sparse_vectors, trec
+from llmret import logs
+from llmret.data import trec
+from llmret.retrieval import sparse_index, sparse_vectors
 
 sm = snakemake  # noqa: F821
 logs.to_file(sm.log[0])

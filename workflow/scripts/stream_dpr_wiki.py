@@ -2,12 +2,13 @@
 
 import json
 
-from llmret import config, download, logs, pretrain_data
+from llmret import config, logs
+from llmret.data import download, dpr
 
 sm = snakemake  # noqa: F821
 logs.to_file(sm.log[0])
 p = sm.params
 source = download.resolve_source(p.url, config.mirror(sm.config), p.mirror_path)
-info = pretrain_data.fetch_dpr_prefix(source, sm.output.tsv, int(sm.wildcards.n), timeout=p.timeout)
+info = dpr.fetch_dpr_prefix(source, sm.output.tsv, int(sm.wildcards.n), timeout=p.timeout)
 with open(sm.output.info, "w", encoding="utf-8") as f:
     json.dump(info, f, indent=2)

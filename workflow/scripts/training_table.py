@@ -1,6 +1,7 @@
 """Snakemake entry point: the training table (steps, time, peak memory of each training run)."""
 
-from llmret import footprint, logs, tables
+from llmret import logs
+from llmret.results import footprint, tables
 
 sm = snakemake  # noqa: F821
 logs.to_file(sm.log[0])

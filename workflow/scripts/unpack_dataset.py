@@ -1,6 +1,7 @@
 """Snakemake entry point: unpack a BEIR zip (members checked, atomic) into its folder."""
 
-from llmret import download, logs
+from llmret import logs
+from llmret.data import download
 
 sm = snakemake  # noqa: F821
 logs.to_file(sm.log[0])

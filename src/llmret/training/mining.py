@@ -20,9 +20,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO
 
-from . import beir, trec
-from .config import settings
-from .io import atomic_write
+from llmret.data import beir, trec
+from llmret.io import atomic_write
+from llmret.specs import settings
 
 log = logging.getLogger(__name__)
 

@@ -40,7 +40,7 @@ QUANT_COLUMNS = ["system", "precision", "weights_mb", "encode_texts_per_s", "dev
 
 def path_bytes(path: str | Path) -> int:
     """Bytes of a file, or of every file under a folder."""
-    from .sparse_index import index_size_bytes
+    from llmret.retrieval.sparse_index import index_size_bytes
 
     path = Path(path)
     return index_size_bytes(path) if path.is_dir() else path.stat().st_size
@@ -54,7 +54,7 @@ def index_entry(system: str, kind: str, dataset: str, index_path: str | Path) ->
         index = faiss.read_index(str(index_path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
         engine, docs, width = f"faiss {type(index).__name__}", int(index.ntotal), float(index.d)
     elif kind == "sparse":
-        from .sparse_index import META_FILE
+        from llmret.retrieval.sparse_index import META_FILE
 
         meta = json.loads((Path(index_path) / META_FILE).read_text(encoding="utf-8"))
         docs = int(meta["n_docs"])
@@ -125,10 +125,10 @@ def tradeoff_plot(table: pd.DataFrame, path: str | Path, metric: str) -> None:
 
 def training_entry(run: str, stage: str, base_model: str, model_dir: str | Path) -> dict:
     """One row of the training table from a trained model folder's ``training_state.json``
-    (:data:`llmret.training.TRAINING_STATE`). Peak memory is the largest rank's: host RSS, and
+    (:data:`llmret.training.checkpointing.TRAINING_STATE`). Peak memory is the largest rank's: host RSS, and
     PyTorch's peak allocation on the accelerator (empty on CPU, and for models trained before
     the loop recorded memory)."""
-    from .training import TRAINING_STATE
+    from llmret.training.checkpointing import TRAINING_STATE
 
     path = Path(model_dir) / TRAINING_STATE
     try:

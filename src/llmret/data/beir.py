@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .io import atomic_write
+from llmret.io import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -14,14 +14,17 @@ import contextlib
 import gzip
 import io
 import json
+import logging
 import tarfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from .beir import BeirFormatError
-from .download import _remove_quietly, _swap_into_place, _unique_sibling
+from llmret.data.beir import BeirFormatError
+from llmret.data.download import _remove_quietly, _swap_into_place, _unique_sibling
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

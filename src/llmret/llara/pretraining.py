@@ -6,14 +6,44 @@ so each can be cached, rerun alone or sent to a different machine.
 
 from __future__ import annotations
 
+import json
 import logging
-import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .config import settings
-from .llara import LlaraObjective, add_summary_tokens
+from torch import nn
+
+from llmret.llara.objective import HEAD_MODES, LlaraObjective, add_summary_tokens
+from llmret.specs import check_at_least, check_choice, settings
+from llmret.training.checkpointing import _save_pretrained
+
+
+def save_llara(model: nn.Module, out_dir: Path) -> None:
+    """``save_fn`` for :class:`llmret.llara.modeling.LlaraModel`: the LM (or its PEFT adapter) with
+    ``save_pretrained``, the separate projection head as ``projection.safetensors`` (only for
+    ``head="copy"``; with ``"tie"`` it is the LM head already saved) and ``llara.json``, which
+    also names the dense-system settings that encode as the objective trained."""
+    from safetensors.torch import save_file
+
+    from llmret.llara.objective import encoder_settings
+
+    _save_pretrained(model.lm, out_dir)
+    if model.head == "copy":
+        save_file(
+            {"weight": model.projection.weight.detach().cpu().contiguous()}, str(out_dir / "projection.safetensors")
+        )
+    (out_dir / "llara.json").write_text(
+        json.dumps(
+            {
+                "head": model.head,
+                "objective": asdict(model.objective),
+                "encoder": encoder_settings(model.objective),
+            },
+            indent=2,
+        )
+    )
+
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +53,7 @@ class PretrainSpec:
     """What the shards and the objective are made of (the ``pretraining.{run}`` config).
 
     ``variant`` picks the paper's objective or the released FlagEmbedding one
-    (:class:`llmret.llara.LlaraObjective`); settings left at None take the variant's value,
+    (:class:`llmret.llara.objective.LlaraObjective`); settings left at None take the variant's value,
     ``head`` included: ``copy`` for the paper, ``tie`` for flagembedding (the release
     projects with the LM head itself).
     """
@@ -45,6 +75,9 @@ class PretrainSpec:
     def __post_init__(self) -> None:
         if self.head is None:
             object.__setattr__(self, "head", "tie" if self.variant == "flagembedding" else "copy")
+        check_at_least(self, 1, "shards", "min_words")
+        check_at_least(self, 4, "max_text_length")
+        check_choice(self, HEAD_MODES, "head")
         self.objective()  # a bad variant, prompt or weight fails here, not in a training job
 
     @classmethod
@@ -110,7 +143,8 @@ def make_shard(
 
     from transformers import AutoTokenizer
 
-    from .pretrain_data import pairs_from_beir, pairs_from_dpr_wiki, tokenize_shard
+    from llmret.llara.pairs import pairs_from_beir, pairs_from_dpr_wiki
+    from llmret.llara.shards import tokenize_shard
 
     if not corpus_paths and not dpr_paths:
         raise ValueError("no pretraining source: give corpora, DPR Wikipedia, or both")
@@ -140,9 +174,12 @@ def pretrain(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .llara import PAD, LlaraModel, fit_embeddings
-    from .pretrain_data import ShardDataset, collate
-    from .training import TrainingArgs, save_llara, train
+    from llmret.llara.modeling import LlaraModel
+    from llmret.llara.objective import PAD, fit_embeddings
+    from llmret.llara.pretraining import save_llara
+    from llmret.llara.shards import ShardDataset, collate
+    from llmret.training.arguments import TrainingArgs
+    from llmret.training.loop import train
 
     args = settings(TrainingArgs, {**training, "output_dir": out_dir, "checkpoint_dir": checkpoint_dir}, "training")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -167,42 +204,3 @@ def pretrain(
         # The manifest holds every shard's sha256.
         inputs=(model_dir, manifest),
     )
-
-
-def copy_log(src: str | Path, dest: str | Path) -> None:
-    """Publish the training log (kept next to the checkpoints while training, so a failed
-    job does not lose it) as the stage's declared output."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    shutil.copyfile(src, tmp)
-    tmp.replace(dest)
-
-
-def plot_training_log(log_path: str | Path, out_png: str | Path, title: str = "") -> None:
-    """Loss per task against step, from the JSONL training log."""
-    import json
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
-    # A resumed run logs the steps after its checkpoint again: the later line wins.
-    rows = sorted({r["step"]: r for r in rows if "step" in r and "loss" in r}.values(), key=lambda r: r["step"])
-    if not rows:
-        raise ValueError(f"{log_path}: no training steps logged")
-    keys = ["loss"] + sorted(k for k in rows[0] if k.startswith("loss_"))
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    for k in keys:
-        ax.plot([r["step"] for r in rows], [r[k] for r in rows], label=k)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(title)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=120)
-    plt.close(fig)

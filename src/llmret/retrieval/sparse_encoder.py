@@ -15,7 +15,7 @@ Bidirectional context (two options, either or both)
     * bidirectional attention (CSPLADE-bi): the causal mask is replaced by a 4-D float additive
       mask in which every non-padding query position sees every non-padding key. Transformers
       v5 adds a 4-D mask as given (a bool one would be silently wrong under eager attention),
-      hence :func:`llmret.llara.additive_mask`. Meant for a model adapted to it first
+      hence :func:`llmret.retrieval.masks.additive_mask`. Meant for a model adapted to it first
       (:mod:`llmret.csplade`).
 
 Regularisation and diagnostics
@@ -40,12 +40,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import settings
-from .encoding import KINDS, check_quantize, pad_id_of, special_frame, token_batches, tokenize_kind
+from llmret.retrieval.checkpoints import DTYPES
+from llmret.retrieval.encoder import check_quantize
+from llmret.retrieval.masks import bidirectional_mask
+from llmret.retrieval.tokenization import KINDS, pad_id_of, special_frame, token_batches, tokenize_kind
+from llmret.specs import check_at_least, settings
 
 log = logging.getLogger(__name__)
-
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 # --------------------------------------------------------------------------- settings
@@ -74,9 +75,8 @@ class SparseEncoderSpec:
         for name in ("query_template", "passage_template"):
             if getattr(self, name).count("{text}") != 1:
                 raise ValueError(f"{name} must contain '{{text}}' exactly once: {getattr(self, name)!r}")
-        for name in ("max_query_length", "max_passage_length", "batch_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_at_least(self, 2, "max_query_length", "max_passage_length")  # a token and EOS
+        check_at_least(self, 1, "batch_tokens")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 = keep all), got {self.top_k}")
         if self.min_weight < 0:
@@ -118,29 +118,6 @@ def splade_pool(logits: torch.Tensor, pool_mask: torch.Tensor) -> torch.Tensor:
         raise ValueError("a row has no pooled position")
     act = splade_activations(logits)
     return act.masked_fill(~keep[..., None], 0.0).amax(1)
-
-
-def flops(weights: torch.Tensor) -> torch.Tensor:
-    """FLOPS regulariser (Paria et al.): sum over the vocabulary of the squared mean weight
-    over the batch; small when few terms are used by many vectors at once."""
-    return weights.float().mean(0).pow(2).sum()
-
-
-def quadratic_warmup(weight: float, step: int, warmup_steps: int) -> float:
-    """``weight * min(1, step / warmup_steps) ** 2`` (SPLADE's schedule; no warm-up when
-    ``warmup_steps`` is 0). ``step`` counts optimizer steps from 1."""
-    if warmup_steps < 0 or step < 0:
-        raise ValueError(f"step and warmup_steps must be >= 0, got {step}, {warmup_steps}")
-    if warmup_steps == 0:
-        return float(weight)
-    return float(weight) * min(1.0, step / warmup_steps) ** 2
-
-
-def dead_fraction(weights: torch.Tensor) -> float:
-    """Share of vocabulary dimensions that are zero (never > 0) in every row of ``weights``."""
-    if weights.ndim != 2 or weights.shape[0] == 0:
-        raise ValueError(f"expected (n >= 1, vocab) weights, got {tuple(weights.shape)}")
-    return float((~(weights > 0).any(0)).float().mean())
 
 
 @dataclass
@@ -197,26 +174,12 @@ def echo_batch(rows: Sequence[Sequence[int]], pad_id: int, head: int = 0) -> Spa
     return build_batch(rows, pad_id, echo=True, head=head)
 
 
-def bidirectional_mask(attention_mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(B, L) padding mask -> (B, 1, L, L) float additive mask: every real position sees every
-    real position (no causal triangle); a padding query sees only itself, so no softmax row is
-    empty (pad outputs are never pooled)."""
-    from .llara import additive_mask
-
-    real = attention_mask.bool()
-    L = real.shape[1]
-    allowed = real[:, None, :] & real[:, :, None]
-    eye = torch.eye(L, dtype=torch.bool, device=real.device)[None]
-    allowed = torch.where(real[:, :, None], allowed, eye)
-    return additive_mask(allowed, dtype)
-
-
 # --------------------------------------------------------------------------- model side
 
 
 def _parts(lm: nn.Module) -> tuple[nn.Module, nn.Module]:
     """(decoder body, LM head) of a causal LM, PEFT-wrapped or not."""
-    from .llara import decoder_of
+    from llmret.retrieval.masks import decoder_of
 
     body = decoder_of(lm)
     base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
@@ -228,7 +191,7 @@ def _parts(lm: nn.Module) -> tuple[nn.Module, nn.Module]:
 
 def hidden_states(lm: nn.Module, batch: SparseBatch, bidirectional: bool) -> torch.Tensor:
     """(B, L, H) final hidden states, under the causal mask or the bidirectional one."""
-    from .llara import MASKED_ATTENTION
+    from llmret.retrieval.masks import MASKED_ATTENTION
 
     body, _ = _parts(lm)
     param = next(body.parameters())
@@ -327,7 +290,7 @@ def load_sparse_model(model_dir: str, dtype: str = "float32", device: str = "cpu
 
 def load_sparse_encoder(model_dir: str, spec: SparseEncoderSpec, device: str = "cpu") -> nn.Module:
     """:func:`load_sparse_model` at ``spec.dtype`` with ``spec.quantize`` applied (the LM head too)."""
-    from .encoding import apply_quantization
+    from llmret.retrieval.encoder import apply_quantization
 
     return apply_quantization(load_sparse_model(model_dir, spec.dtype, device), spec, device)
 

@@ -5,7 +5,7 @@ Pipeline (one Snakemake job per box):
     pair source --(shard_of)--> tokenize_shard x N  -->  write_manifest  -->  ShardDataset
 
 * Pair sources stream :class:`Pair` objects from BEIR corpora (each document cut in two by
-  :func:`llmret.llara.split_pairs`; no queries or qrels are read) or from DPR's Wikipedia
+  :func:`llmret.llara.pairs.split_pairs`; no queries or qrels are read) or from DPR's Wikipedia
   passages (consecutive passages of one article).
 * :func:`shard_of` assigns a pair to a shard from a stable hash of its id and a seed, so
   every shard job can read the whole source independently and keep its own pairs: no
@@ -15,36 +15,32 @@ Pipeline (one Snakemake job per box):
   shuffled with a seeded RNG; the metadata header is written in a canonical key order), so
   a rerun reproduces it byte for byte and Snakemake sees no spurious change.
 * The manifest sums the shards and checks that they were made together; the dataset
-  serves token-id lists that :func:`llmret.llara.build_training_batch` takes directly.
+  serves token-id lists that :func:`llmret.llara.objective.build_training_batch` takes directly.
 """
 
 from __future__ import annotations
 
 import bisect
-import csv
-import gzip
 import hashlib
-import io
 import json
 import operator
 import os
 import random
 import struct
-import tempfile
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from . import beir
-from .io import file_sha256
-from .llara import JointBatch, LlaraObjective, build_training_batch, split_pairs
+from llmret.io import atomic_publish, file_sha256
+from llmret.llara.objective import JointBatch, LlaraObjective, build_training_batch
+from llmret.llara.pairs import Pair
 
 PathLike = str | os.PathLike[str]
 
@@ -63,176 +59,7 @@ METADATA_KEYS = (
     "text_tokens",
     "next_tokens",
 )
-DPR_HEADER = ["id", "text", "title"]
-# A DPR passage is 100 words; this only bounds the damage of an unterminated quote.
-DPR_FIELD_LIMIT = 1 << 24
 TOKENIZE_BATCH = 1024
-
-
-@dataclass(frozen=True, slots=True)
-class Pair:
-    """One EBAR example: ``next_text`` follows ``text``. ``id`` is globally unique and decides the shard."""
-
-    id: str
-    text: str
-    next_text: str
-
-
-# --------------------------------------------------------------------------- pair sources
-
-
-def _corpus_file(path: PathLike) -> Path:
-    path = Path(path)
-    return path / "corpus.jsonl" if path.is_dir() else path
-
-
-def pairs_from_beir(corpus_paths: Sequence[PathLike], min_words: int = 8) -> Iterator[Pair]:
-    """Every document of each BEIR corpus, cut in two by :func:`llara.split_pairs`.
-
-    Only ``corpus.jsonl`` is read (streamed, validated as :func:`beir.load_corpus` does), never
-    queries or qrels, so pretraining cannot see evaluation labels. The document is the
-    title + text that retrieval indexes (:meth:`beir.Corpus.contents`). The corpus name is the
-    folder holding ``corpus.jsonl`` (``results/data/{dataset}/corpus.jsonl``); pair ids are
-    ``{corpus}:{doc_id}``. Documents too short to split are skipped.
-    """
-    files: dict[str, Path] = {}
-    for p in corpus_paths:
-        path = _corpus_file(p)
-        name = path.parent.name
-        if not name or ":" in name:
-            raise ValueError(f"{path}: cannot name the corpus after its folder {name!r}")
-        if name in files:
-            raise ValueError(f"two corpora named {name!r} ({files[name]} and {path}): pair ids would collide")
-        files[name] = path
-    for name, path in files.items():
-        for doc_id, title, text in beir.iter_corpus(path):
-            content = beir.join_title(title, text)
-            halves = split_pairs(content, min_words=min_words)
-            if halves is not None:
-                yield Pair(f"{name}:{doc_id}", halves[0], halves[1])
-
-
-def _text_source(source: PathLike | IO[bytes]) -> tuple[io.TextIOWrapper, str, Callable[[], None]]:
-    """(text stream, name for messages, release). Gzip is recognised by its magic bytes.
-
-    ``release`` closes what we opened, but only detaches from a caller's stream: the caller
-    owns it (closing a wrapper would otherwise close the stream underneath).
-    """
-    if isinstance(source, (str, os.PathLike)):
-        raw: IO[bytes] = open(source, "rb")
-        name, owned = str(source), True
-    else:
-        raw, name, owned = source, str(getattr(source, "name", "<stream>")), False
-    wrapped = not hasattr(raw, "peek")
-    buffered = io.BufferedReader(raw) if wrapped else raw  # type: ignore[arg-type]
-    binary = gzip.GzipFile(fileobj=buffered, mode="rb") if buffered.peek(2)[:2] == b"\x1f\x8b" else buffered
-    text = io.TextIOWrapper(binary, encoding="utf-8", newline="")
-
-    def release() -> None:
-        if owned:
-            text.close()
-            raw.close()
-            return
-        text.detach()
-        if wrapped:
-            buffered.detach()
-
-    return text, name, release
-
-
-def iter_dpr_passages(
-    source: PathLike | IO[bytes], max_passages: int | None = None
-) -> Iterator[tuple[int, str, str, str]]:
-    """(line, id, text, title) of each passage in DPR's ``psgs_w100.tsv(.gz)``, in file order.
-
-    ``source`` is a path or an open binary stream (e.g. an HTTP response body, so the 4.7 GB
-    file is read once without being stored); gzip is detected from the content. The file is
-    TSV with header ``id text title`` and csv quoting (text in double quotes, ``""`` inside),
-    so it is parsed with :mod:`csv`, never split on tabs. Reading stops after
-    ``max_passages`` passages. A malformed line raises ValueError naming the file and line.
-    """
-    if max_passages is not None and max_passages < 0:
-        raise ValueError(f"max_passages must be >= 0, got {max_passages}")
-    csv.field_size_limit(max(csv.field_size_limit(), DPR_FIELD_LIMIT))
-    text_stream, name, release = _text_source(source)
-    try:
-        # Not strict, like DPR's own reader: a stray quote inside a title is kept, not fatal.
-        reader = csv.reader(text_stream, delimiter="\t", quotechar='"')
-        read = 0
-        while max_passages is None or read < max_passages:
-            lineno = reader.line_num + 1  # first physical line of the next record
-            try:
-                row = next(reader, None)
-            except (csv.Error, UnicodeDecodeError) as e:
-                raise ValueError(f"{name}:{lineno}: malformed DPR line ({e})") from None
-            if row is None:
-                if lineno == 1:
-                    raise ValueError(f"{name}: empty, expected header {DPR_HEADER}")
-                break
-            if lineno == 1:
-                if [c.strip() for c in row] != DPR_HEADER:
-                    raise ValueError(f"{name}:1: expected header {DPR_HEADER}, got {row[:4]!r}")
-                continue
-            if not row:  # blank line
-                continue
-            if len(row) != 3:
-                raise ValueError(f"{name}:{lineno}: expected 3 tab-separated fields (id, text, title), got {len(row)}")
-            pid, text, title = (c.strip() for c in row)
-            if not pid:
-                raise ValueError(f"{name}:{lineno}: empty passage id")
-            read += 1
-            yield lineno, pid, text, title
-    finally:
-        release()
-
-
-def pairs_from_dpr_wiki(source: PathLike | IO[bytes], max_passages: int | None = None) -> Iterator[Pair]:
-    """Pairs (passage i, passage i+1) of each article in DPR's ``psgs_w100.tsv(.gz)``.
-
-    Passages of one article are consecutive and share a title; a pair never crosses
-    articles. Pair ids are ``dpr-wiki:{id of passage i}``. Reading as in
-    :func:`iter_dpr_passages`.
-    """
-    prev: tuple[str, str, str] | None = None  # (id, text, title) of the last passage
-    for _, pid, text, title in iter_dpr_passages(source, max_passages):
-        if prev is not None and prev[2] == title and prev[1] and text:
-            yield Pair(f"dpr-wiki:{prev[0]}", prev[1], text)
-        prev = (pid, text, title)
-
-
-def fetch_dpr_prefix(source: str, out_path: PathLike, max_passages: int, timeout: float = 60.0) -> dict[str, Any]:
-    """Stream the first ``max_passages`` passages of DPR's Wikipedia file from ``source`` (URL,
-    ``file://`` or path; gzip or plain) into a plain TSV at ``out_path``, without
-    downloading the rest.
-
-    A prefix cannot be checked against the whole file's published checksum, so the sha256
-    of what was written is returned (the workflow records it next to the file); the TSV is
-    re-parsed by :func:`iter_dpr_passages` like the original. Written atomically: a failed
-    or interrupted stream leaves nothing.
-    """
-    from .download import open_stream
-
-    if max_passages < 1:
-        raise ValueError(f"max_passages must be >= 1, got {max_passages}")
-
-    def write(tmp: Path) -> None:
-        with open_stream(source, timeout) as stream, open(tmp, "w", encoding="utf-8", newline="") as out:
-            writer = csv.writer(out, delimiter="\t", quotechar='"', lineterminator="\n")
-            writer.writerow(DPR_HEADER)
-            n = 0
-            for _, pid, text, title in iter_dpr_passages(stream, max_passages):
-                writer.writerow([pid, text, title])
-                n += 1
-            if n < max_passages:
-                raise ValueError(f"{source}: holds {n} passages, fewer than max_passages={max_passages}")
-
-    _publish(write, out_path)
-    return {
-        "source": source,
-        "passages": max_passages,
-        "sha256": file_sha256(Path(out_path)),
-        "note": "first passages streamed; the whole file's checksum does not apply to a prefix",
-    }
 
 
 # --------------------------------------------------------------------------- sharding
@@ -304,32 +131,6 @@ def _canonical_header(path: Path) -> None:
             raise RuntimeError(f"{path}: canonical safetensors header is longer than the original")
         f.seek(8)
         f.write(canon + b" " * (n - len(canon)))
-
-
-def _publish(write: Callable[[Path], None], out_path: PathLike) -> None:
-    """Write through ``write(tmp)`` into a sibling temp file, fsync, then rename onto
-    ``out_path``: a crash never leaves a file that looks complete."""
-    out_path = Path(out_path)
-    tmp = _atomic_path(out_path)
-    try:
-        write(tmp)
-        _fsync(tmp)
-        os.replace(tmp, out_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _atomic_path(out_path: Path) -> Path:
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-    os.close(fd)
-    return Path(tmp)
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
 
 
 def tokenize_shard(
@@ -422,7 +223,7 @@ def tokenize_shard(
         save_file(tensors, str(tmp), metadata=metadata)
         _canonical_header(tmp)
 
-    _publish(write, out_path)
+    atomic_publish(write, out_path)
     return stats
 
 
@@ -558,7 +359,7 @@ def write_manifest(
         "shards": entries,
         "totals": {k: sum(e[k] for e in entries) for k in ("pairs", "text_tokens", "next_tokens")},
     }
-    _publish(
+    atomic_publish(
         lambda tmp: tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8"), out_path
     )
     return manifest
@@ -669,15 +470,10 @@ def collate(
 
 
 __all__ = [
-    "Pair",
     "ShardDataset",
     "TokenShard",
     "collate",
     "load_shard",
-    "pairs_from_beir",
-    "fetch_dpr_prefix",
-    "iter_dpr_passages",
-    "pairs_from_dpr_wiki",
     "read_manifest",
     "shard_of",
     "tokenize_shard",

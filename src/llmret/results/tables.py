@@ -159,7 +159,8 @@ def build_beir_tables(
     out_meta: str,
 ) -> pd.DataFrame:
     """Write the wide table, the long table with significance, and the metadata JSON."""
-    from . import beir, evaluation, trec
+    from llmret.data import beir, trec
+    from llmret.results import evaluation
 
     loaded = {cell: read_metrics(f) for cell, f in metrics_files.items()}
     pvalues = {}

@@ -17,7 +17,7 @@ and NEXT restarts its position ids where SELF started. The joint pass is then eq
 two separate passes ``text + SELF + </s>`` and ``text + NEXT + </s>`` (checked in the tests).
 
 Each segment is ``prompt ids + frame tail + eos``, exactly what
-:class:`llmret.encoding.TextEncoder` produces for a template ``"{text}" + prompt`` with
+:class:`llmret.retrieval.encoder.TextEncoder` produces for a template ``"{text}" + prompt`` with
 ``append_eos``, so an embedding learnt here is the one the encoder later pools.
 
 Mask semantics in transformers v5 (read off 5.23 ``masking_utils`` / ``modeling_llama`` /
@@ -76,7 +76,7 @@ PREFIX = ``text_prefix`` ('"'), SELF = ``ebae_prompt + "<s1>...<sK>"`` and NEXT 
 the release does; K = ``summary_tokens``), NEXT positions restarting at SELF. Loss =
 ``ebae_weight * BoW(max_k logits) + ebar_weight * BoW(...) + lm_weight * LM(text)`` with the
 release's defaults 0.05, 0.05, 1 and the LM head as projection (``head="tie"`` in
-:class:`llmret.pretraining.PretrainSpec`). Deliberate deviations: BoW targets are the
+:class:`llmret.llara.pretraining.PretrainSpec`). Deliberate deviations: BoW targets are the
 stored (truncated) text and next-text ids, as for the paper variant, with no stop-word
 removal (shards hold ids, not words); a task whose targets are all empty adds 0 instead of
 taking the whole BoW weight; right padding with positions from 0 (the release counts left
@@ -85,20 +85,19 @@ are kept out of the bags; embeddings are only ever grown (a padded vocabulary is
 to ``len(tokenizer)``) and new rows start as transformers v5 initialises them (drawn from
 the old rows' mean and covariance), not as 4.41 did. Inference: :func:`encoder_settings` gives the dense-system
 settings (templates with the summary tokens, ``append_eos: false``, pooling
-``mean_last_K``), and :func:`llmret.training.save_llara` writes them into ``llara.json``.
+``mean_last_K``), and :func:`llmret.llara.pretraining.save_llara` writes them into ``llara.json``.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .encoding import special_frame
+from llmret.retrieval.masks import additive_mask
+from llmret.retrieval.tokenization import special_frame
 
 EBAE_PROMPT = " The original sentence:"
 EBAR_PROMPT = " The next sentence:"
@@ -112,8 +111,6 @@ PAD, TEXT, SELF, NEXT = -1, 0, 1, 2
 IGNORE = -100  # label of positions outside the LM term (the value HF losses skip)
 
 HEAD_MODES = ("copy", "tie")
-# Attention implementations verified to honour a custom 4-D additive mask (see tests).
-MASKED_ATTENTION = ("eager", "sdpa")
 
 # What a field left at None becomes, per variant. The FlagEmbedding values are those of the
 # released code: each BoW loss / 10, the two averaged (0.05 each), LM term weight 1.
@@ -267,22 +264,6 @@ class JointBatch:
             k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items() if k != "text_ids"
         }
         return replace(self, **moved)
-
-
-def additive_mask(allowed: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Bool "may attend" (B, L, L) -> float additive (B, 1, L, L) in ``dtype``.
-
-    ``finfo(dtype).min`` rather than ``-inf`` (as transformers does): blocked keys get an
-    exactly-zero weight after the softmax, with no inf arithmetic. Rows with no allowed key
-    are refused, since their softmax would be meaningless (NaN with ``-inf``).
-    """
-    if allowed.dtype != torch.bool or allowed.ndim != 3:
-        raise ValueError(f"expected a (B, L, L) bool tensor, got {tuple(allowed.shape)} {allowed.dtype}")
-    if not allowed.any(-1).all():
-        raise ValueError("a query row attends to nothing; its softmax would be NaN")
-    out = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-    out.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return out[:, None]
 
 
 def joint_allowed(segments: torch.Tensor) -> torch.Tensor:
@@ -446,193 +427,3 @@ def build_training_batch(
     batch.ebae_targets = bow_targets(batch.text_ids, vocab_size, drop)
     batch.ebar_targets = bow_targets(nxt, vocab_size, drop)
     return batch
-
-
-def embeddings_from_hidden(hidden: torch.Tensor, batch: JointBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(EBAE, EBAR) embeddings, each (B, H): final hidden states at the two </s> tokens."""
-    rows = torch.arange(hidden.shape[0], device=hidden.device)
-    return hidden[rows, batch.ebae_index.to(hidden.device)], hidden[rows, batch.ebar_index.to(hidden.device)]
-
-
-def bow_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Paper eq. 6 for one task, averaged so that text length does not weight examples.
-
-    For example i with token set T_i (targets[i] multi-hot, or any non-negative weights):
-        loss_i = -sum_t targets[i, t] * log_softmax(logits[i])[t] / sum_t targets[i, t]
-    i.e. the mean of -log p(t | e_i) over the distinct target tokens; the result is the
-    mean of loss_i over examples whose target is non-empty (0 if none is).
-    """
-    if logits.shape != targets.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} vs targets {tuple(targets.shape)}")
-    logp = F.log_softmax(logits.float(), dim=-1)
-    targets = targets.to(logp)
-    size = targets.sum(-1)
-    has = size > 0
-    if not has.any():
-        return logp.sum() * 0.0  # keeps the graph alive for backward
-    per = -(targets * logp).sum(-1)[has] / size[has]
-    return per.mean()
-
-
-def summary_states(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """(B, K, H): the hidden states at each row's K summary positions ``index`` (B, K)."""
-    rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None]
-    return hidden[rows, index.to(hidden.device)]
-
-
-def summary_logits(hidden: torch.Tensor, index: torch.Tensor, projection: nn.Module) -> torch.Tensor:
-    """(B, V): vocabulary logits of the summary positions, max-pooled over the positions
-    (released ``modeling.py``: ``torch.max(logits[:, -8:, :], dim=1)``); only K states per
-    row are projected, never the whole sequence."""
-    return projection(summary_states(hidden, index)).amax(dim=1)
-
-
-def lm_loss(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
-    """Next-token cross-entropy, as HF computes it from ``labels=``: position p predicts
-    ``labels[p + 1]``, IGNORE labels are skipped, the mean is over the batch's tokens.
-
-    Only the positions that predict a label are projected to the vocabulary.
-    """
-    target = labels[:, 1:].to(hidden.device)
-    keep = target != IGNORE
-    if not keep.any():
-        return hidden.sum() * 0.0  # keeps the graph alive for backward
-    logits = lm_head(hidden[:, :-1][keep]).float()
-    return F.cross_entropy(logits, target[keep])
-
-
-def decoder_of(lm: nn.Module) -> nn.Module:
-    """The transformer body (e.g. ``LlamaModel``) of a causal LM, PEFT-wrapped or not."""
-    if hasattr(lm, "get_base_model"):  # peft.PeftModel: LoRA layers live inside it
-        lm = lm.get_base_model()
-    body = getattr(lm, "base_model", None)
-    if body is None or body is lm:
-        raise ValueError(f"cannot find the decoder body of {type(lm).__name__}")
-    return body
-
-
-class LlaraModel(nn.Module):
-    """A causal LM plus the vocabulary projection of the two bag-of-words heads.
-
-    ``head="copy"``: a fresh ``nn.Linear(hidden, vocab, bias=False)`` starting from the LM
-    head weight, trained on its own. ``head="tie"``: the projection *is* the LM head
-    (shared parameter; with tied word embeddings, also the input embeddings). Only the
-    gathered embeddings (or summary states) are projected, never every position. The
-    flagembedding LM term always uses the LM head itself.
-    """
-
-    def __init__(self, lm: nn.Module, objective: LlaraObjective = LlaraObjective(), head: str = "copy"):
-        super().__init__()
-        if head not in HEAD_MODES:
-            raise ValueError(f"head must be one of {HEAD_MODES}, got {head!r}")
-        self.lm = lm
-        self.objective = objective
-        lm_head = lm.get_output_embeddings()
-        if lm_head is None:
-            raise ValueError(f"{type(lm).__name__} has no output embeddings to start the projection from")
-        vocab, hidden = lm_head.weight.shape
-        self.projection = nn.Linear(hidden, vocab, bias=False, device=lm_head.weight.device, dtype=lm_head.weight.dtype)
-        with torch.no_grad():
-            self.projection.weight.copy_(lm_head.weight)
-        if head == "tie":
-            self.projection.weight = lm_head.weight
-        self.head = head
-
-    @property
-    def decoder(self) -> nn.Module:
-        return decoder_of(self.lm)
-
-    def hidden(self, batch: JointBatch) -> torch.Tensor:
-        """(B, L, H) final hidden states of one joint pass under the 4-D mask."""
-        body = self.decoder
-        impl = getattr(body.config, "_attn_implementation", None)
-        if impl not in MASKED_ATTENTION:
-            # flash-attention kernels take no arbitrary 4-D mask: SELF would leak into NEXT.
-            raise ValueError(f"attn_implementation must be one of {MASKED_ATTENTION} for the joint mask, got {impl!r}")
-        param = next(body.parameters())
-        mask = batch.attention_mask.to(param.device)
-        if mask.dtype != param.dtype:  # SDPA requires the query dtype; re-derive min for it
-            mask = additive_mask(mask[:, 0] == 0, param.dtype)
-        out = body(
-            input_ids=batch.input_ids.to(param.device),
-            attention_mask=mask,
-            position_ids=batch.position_ids.to(param.device),
-            use_cache=False,
-        )
-        return out.last_hidden_state
-
-    def _embeddings(self, hidden: torch.Tensor, batch: JointBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        if batch.ebae_summary is None or batch.ebar_summary is None:
-            return embeddings_from_hidden(hidden, batch)
-        # flagembedding: the mean of the summary states, what the encoder pools at inference.
-        return summary_states(hidden, batch.ebae_summary).mean(1), summary_states(hidden, batch.ebar_summary).mean(1)
-
-    def embed(self, batch: JointBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(EBAE, EBAR) embeddings from one joint pass."""
-        return self._embeddings(self.hidden(batch), batch)
-
-    def forward(self, batch: JointBatch) -> dict[str, torch.Tensor]:
-        """Embeddings always; ``loss``, ``loss_ebae``, ``loss_ebar`` (and ``loss_lm`` for
-        flagembedding) when the batch has targets.
-
-        loss = ebae_weight * loss_ebae + ebar_weight * loss_ebar [+ lm_weight * loss_lm]
-        (paper: both weights 1; release: 0.05, 0.05, 1).
-        """
-        obj = self.objective
-        if obj.flag != (batch.ebae_summary is not None):
-            raise ValueError(f"the batch was not built for the {obj.variant!r} variant")
-        hidden = self.hidden(batch)
-        ebae, ebar = self._embeddings(hidden, batch)
-        out = {"ebae_emb": ebae, "ebar_emb": ebar}
-        if batch.ebae_targets is None or batch.ebar_targets is None:
-            return out
-        dev = ebae.device
-        if obj.flag:
-            logits_ae = summary_logits(hidden, batch.ebae_summary, self.projection)
-            logits_ar = summary_logits(hidden, batch.ebar_summary, self.projection)
-        else:
-            logits_ae, logits_ar = self.projection(ebae), self.projection(ebar)
-        out["loss_ebae"] = bow_loss(logits_ae, batch.ebae_targets.to(dev))
-        out["loss_ebar"] = bow_loss(logits_ar, batch.ebar_targets.to(dev))
-        out["loss"] = obj.ebae_weight * out["loss_ebae"] + obj.ebar_weight * out["loss_ebar"]
-        if obj.flag:
-            out["loss_lm"] = lm_loss(hidden, batch.lm_labels, self.lm.get_output_embeddings())
-            out["loss"] = out["loss"] + obj.lm_weight * out["loss_lm"]
-        return out
-
-
-_SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s)")
-
-
-def split_pairs(text: str, min_words: int = 8, word_fallback: bool = True) -> tuple[str, str] | None:
-    """Cut one document into (text, next text) for EBAR, deterministically.
-
-    Rule: candidate cuts are sentence ends (``.``, ``!`` or ``?``, optional closing quotes or
-    brackets, followed by whitespace). Among cuts leaving at least ``min_words`` whitespace
-    words on each side, take the one whose word offset is closest to half the words (ties:
-    the earlier cut). With no such cut and ``word_fallback``, cut after word ``n // 2``.
-    Documents under ``2 * min_words`` words are too short: None. Abbreviations ("e.g. x")
-    count as sentence ends; the cut only needs to be roughly in the middle.
-    """
-    if min_words < 1:
-        raise ValueError(f"min_words must be >= 1, got {min_words}")
-    text = text.strip()
-    words = text.split()
-    total = len(words)
-    if total < 2 * min_words:
-        return None
-    best: tuple[float, int] | None = None  # (distance to the middle in words, char offset of the cut)
-    for m in _SENTENCE_END.finditer(text):
-        left = len(text[: m.end()].split())
-        if min(left, total - left) < min_words:
-            continue
-        key = (abs(left - total / 2), m.end())
-        if best is None or key < best:
-            best = key
-    if best is not None:
-        cut = best[1]
-        return text[:cut].strip(), text[cut:].strip()
-    if not word_fallback:
-        return None
-    half = total // 2
-    return " ".join(words[:half]), " ".join(words[half:])

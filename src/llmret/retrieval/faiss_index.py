@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from .config import settings
+from llmret.specs import settings
 
 log = logging.getLogger(__name__)
 

@@ -17,12 +17,13 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .config import settings
-from .io import file_sha256
+from llmret.io import file_sha256
+from llmret.specs import check_choice, settings
 
 log = logging.getLogger(__name__)
 
 KINDS = ("causal", "encoder")
+DTYPES = ("float32", "bfloat16", "float16")  # what a model loads and computes in
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class ModelSource:
             raise ValueError(f"a model source needs exactly one of hf, path, package; got {given or 'none'}")
         if self.kind not in KINDS:
             raise ValueError(f"model kind must be one of {KINDS}, got {self.kind!r}")
+        check_choice(self, DTYPES, "dtype")
 
     @classmethod
     def from_config(cls, cfg: dict) -> ModelSource:

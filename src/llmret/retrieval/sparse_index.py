@@ -7,7 +7,7 @@ Two engines sit behind one :class:`SparseIndexSpec`:
 * ``exact``: brute force with a sparse matrix product (queries x transposed documents).
   It is the reference: float32 scores, only documents sharing a term with the query
   (score > 0) are returned, and equal scores are ordered by document id string, as in
-  :func:`llmret.trec.write_run` and the BM25 runs, so the cut at rank k is reproducible.
+  :func:`llmret.data.trec.write_run` and the BM25 runs, so the cut at rank k is reproducible.
 * ``seismic`` (pyseismic-lsr): the approximate inverted index of Bruch et al. (SIGIR 2024)
   that the learned-sparse literature benchmarks against. Chosen over PISA
   (pyterrier-pisa) because it is one self-contained wheel depending only on numpy, while
@@ -43,8 +43,8 @@ import numpy as np
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
-from .config import settings
-from .sparse_vectors import check_sparse, load_sparse, save_sparse
+from llmret.retrieval.sparse_vectors import check_sparse, load_sparse, save_sparse
+from llmret.specs import settings
 
 log = logging.getLogger(__name__)
 

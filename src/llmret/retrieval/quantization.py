@@ -77,7 +77,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import settings
+from llmret.specs import settings
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,464 @@
+"""A small, generic DeepSpeed training loop (LLaRA pretraining, LoRA fine-tuning, CSPLADE).
+
+One function, :func:`train`, in the spirit of Tevatron's trainer: the model computes its own
+loss, the loop only feeds batches, steps the optimizer, logs, checkpoints and saves.
+
+Model contract
+    ``model(batch)`` returns a mapping (a ``dict`` or an HF ``ModelOutput``) with a scalar
+    ``"loss"``; every other scalar whose key starts with ``"loss_"`` is logged too (e.g.
+    :class:`llmret.llara.modeling.LlaraModel` gives ``loss_ebae`` and ``loss_ebar``); scalars under an
+    optional ``"log"`` mapping are logged under their own names, averaged the same way (e.g.
+    :class:`llmret.csplade.sparse_training.SparseModel`'s ``dead_fraction`` and FLOPS weights). A model with a
+    ``set_step(step)`` method is told, before each optimizer step's micro-batches, the 1-based
+    number of that step (schedules inside the loss, e.g. a FLOPS warm-up, resume with it).
+    How a batch is
+    passed: a mapping (HF collators) as keyword arguments, a tuple/list as positional
+    arguments, anything else (e.g. :class:`llmret.llara.objective.JointBatch`) as the single argument.
+    Batches are moved to the device with ``.to(device)`` (tensors, mappings, tuples and any
+    object with a ``.to`` method, recursively).
+
+DeepSpeed configuration
+    The JSON file (``TrainingArgs.deepspeed_config``) holds only what depends on the machine:
+    ZeRO stage, bf16, optimizer type and implementation (``"torch_adam": true``), betas/eps.
+    The loop fills in what the run decides: ``train_micro_batch_size_per_gpu``,
+    ``gradient_accumulation_steps``, ``train_batch_size``, ``gradient_clipping`` and the
+    optimizer's ``lr``/``weight_decay``; the JSON must not set those (``"auto"`` is allowed),
+    nor a ``scheduler`` (the loop owns the schedule, see :func:`lr_factor`). Presets:
+    ``config/deepspeed/cpu.json`` (ZeRO-0, fp32, ``torch.optim.AdamW``; tested) and
+    ``config/deepspeed/gpu_zero2_bf16.json`` (ZeRO-2, bf16; not exercised by the tests).
+    ZeRO-3 is refused: its parameters are partitioned and the final save would need a gather.
+
+CPU notes (DeepSpeed 0.19.8, torch 2.13 CPU)
+    * Without a launcher the loop sets ``RANK=0 LOCAL_RANK=0 WORLD_SIZE=1
+      MASTER_ADDR=127.0.0.1 MASTER_PORT=<free port>`` and initialises ``gloo``. Under
+      ``torchrun``/``deepspeed`` those variables exist and are used as they are.
+    * ``"torch_adam": true`` in the optimizer params makes DeepSpeed build
+      ``torch.optim.AdamW`` instead of its compiled ``FusedAdam``/``DeepSpeedCPUAdam``.
+    * DeepSpeed's communication backend JIT-compiles a C++ shared-memory all-reduce op
+      (``deepspeed_shm_comm``) on CPU at ``init_distributed``: ~95 s on 2 cores, then cached
+      in ``TORCH_EXTENSIONS_DIR`` (default here ``<repo>/.cache/torch_extensions``). gloo does
+      the same reductions correctly, so the loop marks the op unavailable on CPU
+      (``deepspeed.ops.__compatible_ops__``) and nothing is compiled at all.
+
+Resumable checkpoints (``checkpoint_dir``)
+    Every ``save_every`` steps and at the last step: ``engine.save_checkpoint(checkpoint_dir,
+    tag="step<N>")`` (weights, optimizer and LR-scheduler state) plus
+    ``step<N>/trainer_state.json`` (step, data position, log values, the arguments that fix
+    the batch order). Then the ``latest`` marker is replaced atomically (written to a
+    temporary file and ``os.replace``d; DeepSpeed's own marker is not atomic, so it is
+    disabled) and all tags but the newest two are deleted; the last step's save keeps only
+    itself (the final model is written next, and an earlier tag then serves nothing, while a
+    full-parameter checkpoint holds 16 bytes a parameter). A checkpoint exists only once
+    ``latest`` names it, so a kill during a save leaves the previous one in force. A fresh
+    start (nothing resumed) begins a new train log.
+
+    DeepSpeed checkpoints are torch pickles (DeepSpeed offers no other format). They are our
+    own files in an undeclared working folder, never downloaded nor published. Still, the
+    loop loads them with ``torch.load(weights_only=True)``, allow-listing only the few plain
+    DeepSpeed data classes the ZeRO optimizer state holds (:data:`DS_SAFE_GLOBALS`); any other
+    class fails the load (``pickle.UnpicklingError``) instead of being instantiated. Final artifacts
+    (``output_dir``) are safetensors only; the loop refuses to finish with a pickle there.
+    ``output_dir/training_state.json`` records the run: steps, final loss, training and wall
+    time, the device and the peak memory (host RSS, and on CUDA PyTorch's allocated and
+    reserved peaks; the largest rank's, over resumed attempts too), which ``llmret.footprint`` turns into the training
+    table.
+
+Deterministic data order and resumption
+    Epoch ``e`` shuffles the dataset with ``torch.randperm`` seeded by ``seed + e``, drops the
+    tail so every rank gets the same number of full micro-batches, and deals the indices to
+    ranks DistributedSampler-style (``perm[rank::world_size]``). Optimizer step ``k``
+    consumes micro-batches ``(k-1)*G .. k*G-1`` (``G`` = gradient accumulation) of that
+    endless sequence, so a resumed run skips exactly the consumed indices (without loading
+    them) and sees the batches an uninterrupted run would. Random ops inside the model
+    (dropout) are made resumable by reseeding ``torch``/``random``/``numpy`` from
+    ``(seed, step, rank)`` at the start of every step, so no RNG state needs saving.
+
+Log (``log_path``, JSONL, rank 0)
+    ``{"event": "start"|"resume", "step": ...}`` when a run starts, then every ``log_every``
+    steps and at the last step ``{"event": "step", "step", "loss", "loss_*", "lr",
+    "tokens_per_s", "elapsed_s"}``: losses are means over the micro-batches (all ranks) since
+    the previous line; ``lr`` is the rate the step's update used; ``tokens_per_s`` counts
+    ``count_tokens(batch)`` over all ranks (0 without it); ``elapsed_s`` is training time
+    accumulated over resumed runs. After a resume, steps after the checkpoint appear again:
+    the last line of a step is the one that counts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from llmret.training.arguments import TrainingArgs, build_deepspeed_config, lr_factor, recipe, recipe_changes
+from llmret.training.checkpointing import (
+    TRAINER_STATE,
+    _has_frozen,
+    _save_checkpoint,
+    _save_final,
+    _use_safe_loading,
+    latest_checkpoint,
+)
+from llmret.training.distributed import (
+    _all_reduce_floats,
+    _max_over_ranks,
+    init_distributed,
+    merge_peaks,
+    peak_memory_mb,
+)
+from llmret.training.sampling import ResumableBatchSampler, _seed_step
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def nonpad_token_counter(pad_id: int, key: str = "input_ids") -> Callable[[Any], int]:
+    """A ``count_tokens`` for batches exposing ``input_ids`` (mapping key or attribute)."""
+
+    def count(batch: Any) -> int:
+        ids = batch[key] if isinstance(batch, Mapping) else getattr(batch, key)
+        return int((ids != pad_id).sum())
+
+    return count
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(_to_device(v, device) for v in batch))
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    if hasattr(batch, "to"):
+        return batch.to(device)
+    return batch
+
+
+def _call(model: Callable, batch: Any) -> Any:
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def _losses(out: Any) -> dict[str, torch.Tensor]:
+    """``loss`` plus every scalar ``loss_*`` of a model output."""
+    if isinstance(out, torch.Tensor):
+        out = {"loss": out}
+    if not isinstance(out, Mapping) or out.get("loss") is None:
+        raise TypeError(f"the model must return a mapping with a 'loss', got {type(out).__name__}")
+    found = {"loss": out["loss"]}
+    for k, v in out.items():
+        if k.startswith("loss_") and isinstance(v, torch.Tensor) and v.numel() == 1:
+            found[k] = v
+    return found
+
+
+RESERVED_LOG_KEYS = ("event", "step", "loss", "lr", "tokens_per_s", "elapsed_s")
+
+
+def _extras(out: Any) -> dict[str, torch.Tensor]:
+    """Scalars of the output's optional ``"log"`` mapping (not part of the loss)."""
+    extra = out.get("log") if isinstance(out, Mapping) else None
+    if not extra:
+        return {}
+    found = {}
+    for k, v in extra.items():
+        if k in RESERVED_LOG_KEYS or k.startswith("loss_"):
+            raise ValueError(f"log key {k!r} clashes with the loop's own log fields")
+        found[k] = v if isinstance(v, torch.Tensor) else torch.tensor(float(v))
+    return found
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters; no weight decay on vectors (biases, norm weights)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    if not decay and not no_decay:
+        raise ValueError("the model has no trainable parameters")
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def _enable_gradient_checkpointing(model: nn.Module) -> None:
+    """On the model or the first submodule that knows how (e.g. ``LlaraModel.lm``)."""
+    for m in model.modules():
+        for name in ("activation_checkpointing_enable", "gradient_checkpointing_enable"):
+            fn = getattr(m, name, None)
+            if callable(fn):
+                if name == "activation_checkpointing_enable":
+                    fn(activation_checkpointing_kwargs={"use_reentrant": False})
+                else:
+                    fn(gradient_checkpointing_kwargs={"use_reentrant": False})
+                return
+    raise ValueError(f"gradient_checkpointing: no submodule of {type(model).__name__} supports it")
+
+
+class _Window:
+    """Sums of the loss values, micro-batches and tokens since the last log line."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.micro = 0
+        self.tokens = 0
+        self.t0 = time.perf_counter()
+
+    def add(self, losses: dict[str, torch.Tensor], tokens: int) -> None:
+        for k, v in losses.items():
+            v = v.detach().float()
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+        self.micro += 1
+        self.tokens += tokens
+
+    def reduce(self, device, world_size: int) -> tuple[dict[str, float], float]:
+        """(mean of each loss over the window's micro-batches on all ranks, tokens per second)."""
+        keys = sorted(self.sums)
+        vals = [float(self.sums[k]) for k in keys] + [float(self.micro), float(self.tokens)]
+        vals = _all_reduce_floats(vals, device, world_size)
+        micro, tokens = vals[-2], vals[-1]
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        return {k: vals[i] / micro for i, k in enumerate(keys)}, tokens / dt
+
+
+class _JsonlLog:
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+        if enabled:
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+    def restart(self) -> None:
+        """A fresh start (no checkpoint resumed) begins a new log: records of an earlier run
+        with other settings or inputs would otherwise read as this run's first steps."""
+        if self.enabled:
+            self.path.unlink(missing_ok=True)
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def train(
+    model: nn.Module,
+    dataset: Dataset,
+    collate_fn: Callable[[list], Any],
+    args: TrainingArgs,
+    tokenizer: Any = None,
+    save_fn: Callable[[nn.Module, Path], None] | None = None,
+    count_tokens: Callable[[Any], int] | None = None,
+    inputs: Sequence[str | os.PathLike] = (),
+) -> dict:
+    """Train ``model`` for ``args.max_steps`` optimizer steps, resuming from ``checkpoint_dir``.
+
+    ``save_fn(model, folder)`` replaces the default ``model.save_pretrained(folder)`` for the
+    final save (e.g. :func:`save_llara`); it must write safetensors/JSON only. ``inputs``
+    are the files and folders the run starts from (base model, training data): their
+    digests join the recipe, so a checkpoint trained on other data is not resumed. Returns
+    the ``training_state.json`` content (on every rank).
+    """
+    wall0 = time.time()
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    rank, world_size, _ = init_distributed()
+    import deepspeed
+    import deepspeed.comm as dist
+
+    ckpt_dir = Path(args.checkpoint_dir)
+    out_dir = Path(args.output_dir)
+    jlog = _JsonlLog(args.resolved_log_path, enabled=rank == 0)
+    ds_config = build_deepspeed_config(args, world_size)
+    gas = args.gradient_accumulation_steps
+    n = len(dataset)
+    # What fixes the batch sequence; a checkpoint only resumes under the same values.
+    order = {
+        "seed": args.seed,
+        "per_device_batch_size": args.per_device_batch_size,
+        "gradient_accumulation_steps": gas,
+        "world_size": world_size,
+        "dataset_len": n,
+    }
+
+    _seed_step(args.seed, 0, rank)
+    if args.gradient_checkpointing:
+        _enable_gradient_checkpointing(model)
+
+    def schedule(optimizer):
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(s, args.lr_scheduler, args.warmup_steps, args.max_steps)
+        )
+
+    # Checked before DeepSpeed starts. A checkpoint of other settings (a changed learning rate,
+    # loss weight, LoRA rank...) is not this run's: training starts afresh, and the first save
+    # prunes the stale tags. Same settings with another batch order cannot resume: refused.
+    run_recipe = recipe(args, model, inputs)
+    tag = latest_checkpoint(ckpt_dir) if ckpt_dir.is_dir() else None
+    saved = json.loads((ckpt_dir / tag / TRAINER_STATE).read_text()) if tag else None
+    if saved is not None and (stale := recipe_changes(saved.get("recipe"), run_recipe)):
+        log.warning("not resuming %s: trained with other settings (saved, now): %s", ckpt_dir / tag, stale)
+        tag, saved = None, None
+    if saved is not None:
+        changed = {k: (saved["order"].get(k), v) for k, v in order.items() if saved["order"].get(k) != v}
+        if changed:
+            raise ValueError(f"cannot resume {ckpt_dir / tag}: batch order changed (saved, now): {changed}")
+        if saved["step"] > args.max_steps:
+            raise ValueError(f"checkpoint {tag} is past max_steps={args.max_steps}")
+
+    t_init = time.perf_counter()
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=_param_groups(model, args.weight_decay),
+        config=ds_config,
+        lr_scheduler=schedule,
+    )
+    init_s = time.perf_counter() - t_init
+    safe = _use_safe_loading(engine)
+    if saved is None:
+        jlog.restart()
+    try:
+        # ---- resume
+        start_step, elapsed0, last_log, peak0 = 0, 0.0, None, None
+        if saved is not None:
+            load_path, _ = engine.load_checkpoint(
+                str(ckpt_dir), tag=tag, load_module_strict=not _has_frozen(engine.module)
+            )
+            if load_path is None:
+                raise RuntimeError(f"DeepSpeed could not load {ckpt_dir / tag}")
+            start_step, elapsed0, last_log = saved["step"], saved["elapsed_s"], saved.get("last_log")
+            peak0 = saved.get("peak_memory_mb")
+            if engine.global_steps != start_step:
+                raise RuntimeError(f"checkpoint {tag}: engine at step {engine.global_steps}, state says {start_step}")
+            log.info("resumed from %s (step %d)", ckpt_dir / tag, start_step)
+        jlog.write(
+            {
+                "event": "resume" if tag else "start",
+                "step": start_step,
+                "checkpoint": tag,
+                "world_size": world_size,
+                "deepspeed_init_s": round(init_s, 3),
+                "safe_loading": safe,
+            }
+        )
+
+        # ---- data
+        sampler = ResumableBatchSampler(n, args.per_device_batch_size, args.seed, rank, world_size, start_step * gas)
+        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=args.num_workers)
+        batches = iter(loader)
+        consumed = start_step * gas
+
+        # ---- loop
+        engine.train()
+        t0 = time.perf_counter()
+        window = _Window()
+        bar = _progress(args.max_steps, start_step, rank == 0)
+        set_step = getattr(engine.module, "set_step", None)
+        for step in range(start_step + 1, args.max_steps + 1):
+            _seed_step(args.seed, step, rank)
+            if callable(set_step):
+                set_step(step)
+            lr = engine.get_lr()[0]  # the rate this step's update uses
+            for _ in range(gas):
+                batch = next(batches)
+                consumed += 1
+                tokens = count_tokens(batch) if count_tokens is not None else 0
+                out = _call(engine, _to_device(batch, engine.device))
+                losses = _losses(out)
+                engine.backward(losses["loss"])
+                engine.step()
+                window.add({**losses, **_extras(out)}, tokens)
+            if engine.global_steps != step:
+                raise RuntimeError(f"DeepSpeed skipped an update at step {step} (overflow?)")
+            bar.update(1)
+            if step % args.log_every == 0 or step == args.max_steps:
+                losses_mean, tokens_per_s = window.reduce(engine.device, world_size)
+                last_log = {
+                    "event": "step",
+                    "step": step,
+                    **losses_mean,
+                    "lr": lr,
+                    "tokens_per_s": tokens_per_s,
+                    "elapsed_s": elapsed0 + time.perf_counter() - t0,
+                }
+                jlog.write(last_log)
+                bar.set_postfix(loss=f"{losses_mean['loss']:.4f}", lr=f"{lr:.2e}")
+                window = _Window()
+            if (args.save_every and step % args.save_every == 0) or step == args.max_steps:
+                epoch, index = sampler.position(consumed)
+                state = {
+                    "step": step,
+                    "order": order,
+                    "recipe": run_recipe,
+                    "data": {"micro_batches_consumed": consumed, "epoch": epoch, "batch_in_epoch": index},
+                    "elapsed_s": elapsed0 + time.perf_counter() - t0,
+                    "last_log": last_log,
+                    "peak_memory_mb": merge_peaks(
+                        _max_over_ranks(peak_memory_mb(engine.device), engine.device, world_size), peak0
+                    ),
+                    "args": asdict(args),
+                }
+                _save_checkpoint(engine, ckpt_dir, f"step{step}", state, rank, final=step == args.max_steps)
+        bar.close()
+        del batches  # stops DataLoader workers, if any
+        train_s = elapsed0 + time.perf_counter() - t0
+        peak = merge_peaks(_max_over_ranks(peak_memory_mb(engine.device), engine.device, world_size), peak0)
+
+        # ---- final model
+        result = {
+            "steps": args.max_steps,
+            "final_loss": last_log["loss"] if last_log else None,
+            "final_log": last_log,
+            "resumed_from_step": start_step if tag else None,
+            "train_time_s": train_s,  # accumulated over resumed runs (up to their checkpoints)
+            "wall_time_s": time.time() - wall0,  # this process
+            "deepspeed_init_s": init_s,
+            "world_size": world_size,
+            "device": str(engine.device),
+            "peak_memory_mb": peak,  # the largest rank, over resumed attempts too (merge_peaks)
+            "args": asdict(args),
+            "deepspeed_config": ds_config,
+            "versions": _versions(),
+        }
+        if rank == 0:
+            _save_final(engine.module, out_dir, tokenizer, save_fn, result)
+        dist.barrier()
+        return result
+    finally:
+        engine.destroy()
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, file=sys.stderr, desc="train", dynamic_ncols=True)
+
+
+def _versions() -> dict[str, str]:
+    import deepspeed
+
+    out = {"torch": torch.__version__, "deepspeed": deepspeed.__version__}
+    try:
+        import transformers
+
+        out["transformers"] = transformers.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    return out
