@@ -1,4 +1,4 @@
-"""Tests for llmret.bm25: Lucene-compatible analysis and BM25 scoring on tiny corpora."""
+"""Tests for llmret.retrieval.bm25: Lucene-compatible analysis and BM25 scoring on tiny corpora."""
 
 from __future__ import annotations
 

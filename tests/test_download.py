@@ -1,4 +1,4 @@
-"""Tests for llmret.download against a real HTTP server on 127.0.0.1 (no internet)."""
+"""Tests for llmret.data.download and llmret.data.archives against a real HTTP server on 127.0.0.1 (no internet)."""
 
 from __future__ import annotations
 
@@ -21,16 +21,8 @@ from types import SimpleNamespace
 import pytest
 
 import llmret.data.download as dl
-from llmret.data.download import (
-    ArchiveError,
-    ChecksumError,
-    DownloadError,
-    UnsafeArchiveError,
-    fetch,
-    md5sum,
-    resolve_source,
-    safe_extract_zip,
-)
+from llmret.data.archives import ArchiveError, UnsafeArchiveError, safe_extract_zip
+from llmret.data.download import ChecksumError, DownloadError, fetch, md5sum, resolve_source
 
 SCIFACT_ZIP = Path("/work/shared/data/beir/scifact.zip")
 SCIFACT_MD5 = "4214dfead1313c962c943f4a7e18d2bc"

@@ -320,8 +320,7 @@ def test_llara_checkpoint_loads_as_base(tmp_path):
     takes the LM's transformer and ignores the rest."""
     from transformers import LlamaForCausalLM
 
-    from llmret.llara.modeling import LlaraModel
-    from llmret.llara.pretraining import save_llara
+    from llmret.llara.modeling import LlaraModel, save_llara
 
     lm = LlamaForCausalLM(_tiny_llama_model().config)
     save_llara(LlaraModel(lm, head="copy"), tmp_path)

@@ -456,7 +456,7 @@ def test_fit_embeddings_only_grows(flag_tok):
 def test_flag_encoder_pools_the_trained_summary_tokens(tmp_path, flag_tok):
     """The dense-system settings written to llara.json feed the encoder the ids training used
     (prefix + text + SELF or NEXT segment) and pool the mean of the summary-token states."""
-    from llmret.llara.pretraining import save_llara
+    from llmret.llara.modeling import save_llara
     from llmret.retrieval.encoder import EncoderSpec, TextEncoder
 
     lm = _tiny_lm(len(flag_tok))

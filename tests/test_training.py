@@ -26,7 +26,7 @@ from conftest import LAUNCHER_VARS, tiny_llama_config
 from torch import nn
 from torch.utils.data import Dataset
 
-from llmret.llara.pretraining import save_llara
+from llmret.llara.modeling import save_llara
 from llmret.training.arguments import (
     TrainingArgs,
     build_deepspeed_config,
@@ -35,7 +35,7 @@ from llmret.training.arguments import (
     recipe,
     recipe_changes,
 )
-from llmret.training.checkpointing import LATEST, TRAINER_STATE, _prune, safe_torch_load
+from llmret.training.checkpointing import LATEST, TRAINER_STATE, prune_checkpoints, safe_torch_load
 from llmret.training.distributed import merge_peaks
 from llmret.training.loop import train
 from llmret.training.sampling import ResumableBatchSampler, epoch_batches
@@ -368,9 +368,9 @@ def test_prune_keeps_the_newest_tags_up_to_latest(tmp_path):
     for s in (5, 10, 15, 20):
         (tmp_path / f"step{s}").mkdir()
     (tmp_path / "notes").mkdir()
-    _prune(tmp_path, "step15")
+    prune_checkpoints(tmp_path, "step15")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes", "step10", "step15"]
-    _prune(tmp_path, "step15", keep_last=1)
+    prune_checkpoints(tmp_path, "step15", keep_last=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes", "step15"]
 
 

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
+
+logger = logging.getLogger(__name__)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[str]], None]) -> None:
@@ -60,3 +65,55 @@ def atomic_tmp_path(out_path: Path) -> Path:
 def fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
+
+
+def atomic_copy(src: str | os.PathLike, dest: str | os.PathLike) -> None:
+    """Copy ``src`` onto ``dest`` through a temporary sibling and a rename (e.g. a training
+    log kept beside the checkpoints while training, published as the stage's output)."""
+    atomic_publish(lambda tmp: shutil.copyfile(src, tmp), dest)
+
+
+def unique_sibling(parent: Path, prefix: str, create: Callable[[Path], None]) -> Path:
+    """Create a new uniquely named entry in *parent* with *create* and return its path.
+
+    Unlike tempfile.mkstemp/mkdtemp this lets ``create`` use default permissions
+    (0666/0777 minus umask), so the final renamed file/folder is not private 0600/0700.
+    """
+    for _ in range(100):
+        candidate = parent / f"{prefix}{os.urandom(4).hex()}"
+        try:
+            create(candidate)
+        except FileExistsError:
+            continue
+        return candidate
+    raise FileExistsError(errno.EEXIST, "no unique temporary name available", str(parent))
+
+
+def create_file(p: Path) -> None:
+    os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+
+
+def remove_quietly(p: Path) -> None:
+    try:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as e:  # never mask the original failure
+        logger.warning("could not remove temporary %s: %s", p, e)
+
+
+def fsync_dir(d: Path) -> None:
+    """Persist a rename in *d* (best effort; not all filesystems allow it)."""
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -3,8 +3,7 @@ one process per GPU (torchrun) when the job has several."""
 
 from pathlib import Path
 
-from llmret import launch, logs
-from llmret.results import plots
+from llmret import io, launch, logs
 
 sm = snakemake  # noqa: F821
 logs.to_file(sm.log[0])
@@ -22,4 +21,4 @@ launch.run(
     },
     nproc=int(sm.resources.gpu),
 )
-plots.copy_log(training["log_path"], sm.output.train_log)
+io.atomic_copy(training["log_path"], sm.output.train_log)

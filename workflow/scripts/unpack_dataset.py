@@ -1,8 +1,8 @@
 """Snakemake entry point: unpack a BEIR zip (members checked, atomic) into its folder."""
 
 from llmret import logs
-from llmret.data import download
+from llmret.data import archives
 
 sm = snakemake  # noqa: F821
 logs.to_file(sm.log[0])
-download.safe_extract_zip(sm.input[0], sm.output[0], strip_top_level=sm.wildcards.dataset)
+archives.safe_extract_zip(sm.input[0], sm.output[0], strip_top_level=sm.wildcards.dataset)

@@ -18,38 +18,31 @@ Errors:
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import http.client
 import logging
 import os
-import posixpath
-import shutil
-import stat
 import sys
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import zipfile
-import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
 from typing import BinaryIO
 
 from tqdm import tqdm
 
+from llmret.io import create_file, fsync_dir, remove_quietly, unique_sibling
+
 __all__ = [
-    "ArchiveError",
     "ChecksumError",
     "DownloadError",
-    "UnsafeArchiveError",
     "fetch",
     "md5sum",
     "resolve_source",
-    "safe_extract_zip",
 ]
 
 logger = logging.getLogger(__name__)
@@ -57,9 +50,6 @@ logger = logging.getLogger(__name__)
 _CHUNK = 1 << 20
 _USER_AGENT = "llmret-download/1.0 (+https://github.com/)"
 _URL_SCHEMES = ("http", "https", "file")
-# macOS Finder junk that some zips carry; never part of a dataset.
-_JUNK_DIRS = frozenset({"__MACOSX"})
-_JUNK_FILES = frozenset({".DS_Store"})
 
 
 class DownloadError(RuntimeError):
@@ -76,14 +66,6 @@ class ChecksumError(DownloadError):
         self.actual = actual
         want = " or ".join(self.expected)
         super().__init__(f"md5 mismatch for {source} -> {dest}: expected {want}, got {actual}")
-
-
-class ArchiveError(RuntimeError):
-    """An archive cannot be read (corrupt, truncated, CRC error); names the archive."""
-
-
-class UnsafeArchiveError(ArchiveError):
-    """A member would escape the target or is a symlink; names archive and member."""
 
 
 class _TransientError(Exception):
@@ -181,52 +163,6 @@ def _normalise_md5(md5: str | Sequence[str] | None) -> list[str] | None:
     return out
 
 
-def _unique_sibling(parent: Path, prefix: str, create: Callable[[Path], None]) -> Path:
-    """Create a new uniquely named entry in *parent* with *create* and return its path.
-
-    Unlike tempfile.mkstemp/mkdtemp this lets ``create`` use default permissions
-    (0666/0777 minus umask), so the final renamed file/folder is not private 0600/0700.
-    """
-    for _ in range(100):
-        candidate = parent / f"{prefix}{os.urandom(4).hex()}"
-        try:
-            create(candidate)
-        except FileExistsError:
-            continue
-        return candidate
-    raise FileExistsError(errno.EEXIST, "no unique temporary name available", str(parent))
-
-
-def _create_file(p: Path) -> None:
-    os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-
-
-def _remove_quietly(p: Path) -> None:
-    try:
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
-        else:
-            p.unlink()
-    except FileNotFoundError:
-        pass
-    except OSError as e:  # never mask the original failure
-        logger.warning("could not remove temporary %s: %s", p, e)
-
-
-def _fsync_dir(d: Path) -> None:
-    """Persist a rename in *d* (best effort; not all filesystems allow it)."""
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 # --------------------------------------------------------------------------- fetch
 
 
@@ -277,7 +213,7 @@ def _stream_once(
     Returns (temp_path, md5_hex, n_bytes).  On any exception the temp file is
     removed before the exception propagates.
     """
-    tmp = _unique_sibling(dest.parent, f".{dest.name}.part-", _create_file)
+    tmp = unique_sibling(dest.parent, f".{dest.name}.part-", create_file)
     try:
         h = hashlib.md5(usedforsecurity=False)
         n = 0
@@ -307,7 +243,7 @@ def _stream_once(
             os.fsync(out.fileno())
         return tmp, h.hexdigest(), n
     except BaseException:
-        _remove_quietly(tmp)
+        remove_quietly(tmp)
         raise
 
 
@@ -406,9 +342,9 @@ def fetch(
                 raise ChecksumError(source, dest, expected, actual)
             os.replace(tmp, dest)
         except BaseException:
-            _remove_quietly(tmp)
+            remove_quietly(tmp)
             raise
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
         logger.info(
             "fetched %s -> %s (%d bytes, md5 %s, %s)",
             source,
@@ -420,128 +356,3 @@ def fetch(
         return dest
 
     raise DownloadError(f"failed to fetch {source} -> {dest} after {attempts} attempt(s): {last}") from last
-
-
-# --------------------------------------------------------------------------- zip
-
-
-def _member_target(archive: Path, info: zipfile.ZipInfo, strip: str | None) -> str | None:
-    """Validate one member; return its relative POSIX path in target, None to skip."""
-    raw = info.filename
-    name = raw.replace("\\", "/")  # treat backslashes as separators for the checks
-    if PurePosixPath(name).is_absolute() or PureWindowsPath(raw).drive or PureWindowsPath(raw).is_absolute():
-        raise UnsafeArchiveError(f"{archive}: member {raw!r} has an absolute path")
-    if stat.S_ISLNK(info.external_attr >> 16):
-        raise UnsafeArchiveError(f"{archive}: member {raw!r} is a symlink")
-    norm = posixpath.normpath(name) if name else "."
-    if norm == ".." or norm.startswith("../"):
-        raise UnsafeArchiveError(f"{archive}: member {raw!r} escapes the target folder")
-    parts = [p for p in norm.split("/") if p not in ("", ".")]
-    if not parts or parts[0] in _JUNK_DIRS or parts[-1] in _JUNK_FILES:
-        return None
-    if strip:
-        prefix = [p for p in strip.replace("\\", "/").split("/") if p]
-        if parts[: len(prefix)] != prefix or (len(parts) == len(prefix) and not info.is_dir()):
-            raise UnsafeArchiveError(
-                f"{archive}: member {raw!r} is not under the expected top-level folder {'/'.join(prefix)!r}/"
-            )
-        parts = parts[len(prefix) :]
-        if not parts:
-            return None  # the top-level folder entry itself
-    return "/".join(parts)
-
-
-def _open_zip(archive: Path) -> zipfile.ZipFile:
-    try:
-        return zipfile.ZipFile(archive)
-    except FileNotFoundError:
-        raise
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
-        raise ArchiveError(f"{archive}: not a readable zip archive ({e})") from e
-
-
-def safe_extract_zip(archive: str | Path, target: str | Path, *, strip_top_level: str | None = None) -> Path:
-    """Extract *archive* into folder *target* safely and atomically.
-
-    Every member is checked before anything is written: absolute paths, '..'
-    escapes and symlinks raise UnsafeArchiveError.  With *strip_top_level*
-    (e.g. 'scifact' for BEIR zips) every member must live under that folder and
-    is written without it, so ``target/corpus.jsonl`` exists; anything else is
-    rejected.  macOS junk (``__MACOSX/``, ``.DS_Store``) is skipped.  Files are
-    extracted into a temp folder beside *target* (CRC-checked while reading) and
-    renamed into place; an existing *target* is replaced only once the new one
-    is complete.  Corrupt/truncated archives raise ArchiveError naming the
-    archive; on any failure the temp folder is removed and *target* is left as
-    it was.  Returns *target* as a Path.
-    """
-    archive = Path(archive)
-    target = Path(target)
-    with _open_zip(archive) as zf:
-        try:
-            infos = zf.infolist()
-        except (zipfile.BadZipFile, zlib.error, EOFError) as e:
-            raise ArchiveError(f"{archive}: cannot read member list ({e})") from e
-        plan: list[tuple[zipfile.ZipInfo, str]] = []
-        for info in infos:
-            rel = _member_target(archive, info, strip_top_level)
-            if rel is not None:
-                plan.append((info, rel))
-        if not any(not info.is_dir() for info, _ in plan):
-            raise ArchiveError(f"{archive}: contains no files to extract into {target}")
-
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _unique_sibling(target.parent, f".{target.name}.extract-", lambda p: p.mkdir())
-        try:
-            root = os.path.realpath(tmp)
-            n_files = 0
-            for info, rel in plan:
-                out = os.path.realpath(os.path.join(root, *rel.split("/")))
-                if os.path.commonpath([root, out]) != root:  # belt and braces
-                    raise UnsafeArchiveError(f"{archive}: member {info.filename!r} escapes the target folder")
-                if info.is_dir():
-                    os.makedirs(out, exist_ok=True)
-                    continue
-                os.makedirs(os.path.dirname(out), exist_ok=True)
-                try:
-                    with zf.open(info) as src, open(out, "wb") as dst:
-                        shutil.copyfileobj(src, dst, _CHUNK)
-                except (
-                    zipfile.BadZipFile,
-                    zlib.error,
-                    EOFError,
-                    NotImplementedError,
-                ) as e:
-                    raise ArchiveError(f"{archive}: corrupt member {info.filename!r} ({e})") from e
-                n_files += 1
-            _swap_into_place(tmp, target)
-        except BaseException:
-            _remove_quietly(tmp)
-            raise
-    _fsync_dir(target.parent)
-    logger.info("extracted %d files from %s into %s", n_files, archive, target)
-    return target
-
-
-def _swap_into_place(new: Path, target: Path) -> None:
-    """Rename *new* onto *target*, replacing an existing target only after success."""
-    if not os.path.lexists(target):
-        os.rename(new, target)
-        return
-    holder = _unique_sibling(target.parent, f".{target.name}.old-", lambda p: p.mkdir())
-    old = holder / "old"
-    try:
-        os.rename(target, old)
-    except BaseException:
-        _remove_quietly(holder)
-        raise
-    try:
-        os.rename(new, target)
-    except BaseException:
-        try:
-            os.rename(old, target)  # put the previous content back
-        except OSError as e:  # keep it where it is rather than lose it
-            logger.error("could not restore %s; previous content kept in %s: %s", target, old, e)
-        else:
-            _remove_quietly(holder)
-        raise
-    _remove_quietly(holder)

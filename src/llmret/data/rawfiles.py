@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from llmret.data.archives import swap_into_place
 from llmret.data.beir import BeirFormatError
-from llmret.data.download import _remove_quietly, _swap_into_place, _unique_sibling
+from llmret.io import remove_quietly, unique_sibling
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ def assemble(corpus: RawFile, splits: Mapping[str, Split], target: str | Path) -
     ``queries.jsonl`` as in BEIR. Returns counts for the log."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _unique_sibling(target.parent, f".{target.name}.assemble-", lambda p: p.mkdir())
+    tmp = unique_sibling(target.parent, f".{target.name}.assemble-", lambda p: p.mkdir())
     try:
         counts: dict = {"documents": 0, "queries": 0, "splits": {}}
         seen_docs: set[str] = set()
@@ -145,8 +146,8 @@ def assemble(corpus: RawFile, splits: Mapping[str, Split], target: str | Path) -
             for qid, text in queries.items():
                 out.write(json.dumps({"_id": qid, "text": text}, ensure_ascii=False) + "\n")
         counts["queries"] = len(queries)
-        _swap_into_place(tmp, target)
+        swap_into_place(tmp, target)
     except BaseException:
-        _remove_quietly(tmp)
+        remove_quietly(tmp)
         raise
     return counts

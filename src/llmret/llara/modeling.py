@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmret.llara.objective import HEAD_MODES, IGNORE, JointBatch, LlaraObjective
+from llmret.llara.objective import HEAD_MODES, IGNORE, JointBatch, LlaraObjective, encoder_settings
 from llmret.retrieval.masks import MASKED_ATTENTION, additive_mask, decoder_of
+from llmret.training.checkpointing import save_pretrained
 
 
 def embeddings_from_hidden(hidden: torch.Tensor, batch: JointBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,3 +156,27 @@ class LlaraModel(nn.Module):
             out["loss_lm"] = lm_loss(hidden, batch.lm_labels, self.lm.get_output_embeddings())
             out["loss"] = out["loss"] + obj.lm_weight * out["loss_lm"]
         return out
+
+
+def save_llara(model: nn.Module, out_dir: Path) -> None:
+    """``save_fn`` for :class:`llmret.llara.modeling.LlaraModel`: the LM (or its PEFT adapter) with
+    ``save_pretrained``, the separate projection head as ``projection.safetensors`` (only for
+    ``head="copy"``; with ``"tie"`` it is the LM head already saved) and ``llara.json``, which
+    also names the dense-system settings that encode as the objective trained."""
+    from safetensors.torch import save_file
+
+    save_pretrained(model.lm, out_dir)
+    if model.head == "copy":
+        save_file(
+            {"weight": model.projection.weight.detach().cpu().contiguous()}, str(out_dir / "projection.safetensors")
+        )
+    (out_dir / "llara.json").write_text(
+        json.dumps(
+            {
+                "head": model.head,
+                "objective": asdict(model.objective),
+                "encoder": encoder_settings(model.objective),
+            },
+            indent=2,
+        )
+    )

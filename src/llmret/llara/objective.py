@@ -85,7 +85,7 @@ are kept out of the bags; embeddings are only ever grown (a padded vocabulary is
 to ``len(tokenizer)``) and new rows start as transformers v5 initialises them (drawn from
 the old rows' mean and covariance), not as 4.41 did. Inference: :func:`encoder_settings` gives the dense-system
 settings (templates with the summary tokens, ``append_eos: false``, pooling
-``mean_last_K``), and :func:`llmret.llara.pretraining.save_llara` writes them into ``llara.json``.
+``mean_last_K``), and :func:`llmret.llara.modeling.save_llara` writes them into ``llara.json``.
 """
 
 from __future__ import annotations

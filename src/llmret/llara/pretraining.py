@@ -6,44 +6,12 @@ so each can be cached, rerun alone or sent to a different machine.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
-from pathlib import Path
-
-from torch import nn
+from dataclasses import dataclass
 
 from llmret.llara.objective import HEAD_MODES, LlaraObjective, add_summary_tokens
 from llmret.specs import check_at_least, check_choice, settings
-from llmret.training.checkpointing import _save_pretrained
-
-
-def save_llara(model: nn.Module, out_dir: Path) -> None:
-    """``save_fn`` for :class:`llmret.llara.modeling.LlaraModel`: the LM (or its PEFT adapter) with
-    ``save_pretrained``, the separate projection head as ``projection.safetensors`` (only for
-    ``head="copy"``; with ``"tie"`` it is the LM head already saved) and ``llara.json``, which
-    also names the dense-system settings that encode as the objective trained."""
-    from safetensors.torch import save_file
-
-    from llmret.llara.objective import encoder_settings
-
-    _save_pretrained(model.lm, out_dir)
-    if model.head == "copy":
-        save_file(
-            {"weight": model.projection.weight.detach().cpu().contiguous()}, str(out_dir / "projection.safetensors")
-        )
-    (out_dir / "llara.json").write_text(
-        json.dumps(
-            {
-                "head": model.head,
-                "objective": asdict(model.objective),
-                "encoder": encoder_settings(model.objective),
-            },
-            indent=2,
-        )
-    )
-
 
 log = logging.getLogger(__name__)
 
@@ -174,9 +142,8 @@ def pretrain(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llmret.llara.modeling import LlaraModel
+    from llmret.llara.modeling import LlaraModel, save_llara
     from llmret.llara.objective import PAD, fit_embeddings
-    from llmret.llara.pretraining import save_llara
     from llmret.llara.shards import ShardDataset, collate
     from llmret.training.arguments import TrainingArgs
     from llmret.training.loop import train

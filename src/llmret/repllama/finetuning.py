@@ -9,7 +9,7 @@ the global batch (all ranks) is a candidate for every query (in-batch negatives)
 
 Only LoRA adapters are trained (peft, ``FEATURE_EXTRACTION`` task: an ``AutoModel`` without LM
 head). The base is a plain HF causal-LM checkpoint or a LLaRA checkpoint
-(:func:`llmret.llara.pretraining.save_llara`: ``AutoModel`` reads its LM and ignores the extra files).
+(:func:`llmret.llara.modeling.save_llara`: ``AutoModel`` reads its LM and ignores the extra files).
 
 Outputs of :func:`finetune`
     ``out_dir``: the LoRA-merged model (``save_pretrained``, safetensors; an ``AutoModel``, so

@@ -3,20 +3,9 @@
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 log = logging.getLogger(__name__)
-
-
-def copy_log(src: str | Path, dest: str | Path) -> None:
-    """Publish the training log (kept next to the checkpoints while training, so a failed
-    job does not lose it) as the stage's declared output."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    shutil.copyfile(src, tmp)
-    tmp.replace(dest)
 
 
 def plot_training_log(log_path: str | Path, out_png: str | Path, title: str = "") -> None:

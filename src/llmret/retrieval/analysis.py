@@ -254,7 +254,7 @@ def lucene_porter_stem(word: str) -> str:
     return _Porter(word).stem()
 
 
-def _make_stemmer(name: str) -> Callable[[str], str] | None:
+def make_stemmer(name: str) -> Callable[[str], str] | None:
     """Return a str->str stemmer for ``name`` (None for no stemming)."""
     if name == "none":
         return None
@@ -341,7 +341,7 @@ class LuceneAnalyzer:
         self.stemmer = stemmer
         self.stopwords = stopwords
         self._stop = LUCENE_ENGLISH_STOPWORDS if stopwords == "lucene" else frozenset()
-        self._stem = _make_stemmer(stemmer)
+        self._stem = make_stemmer(stemmer)
         self._cache: dict[str, str | None] = {}
 
     def _normalize(self, tok: str) -> str | None:

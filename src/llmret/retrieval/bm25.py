@@ -71,7 +71,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llmret.retrieval.analysis import LuceneAnalyzer, _make_stemmer
+from llmret.retrieval.analysis import LuceneAnalyzer, make_stemmer
 from llmret.specs import settings
 
 __all__ = [
@@ -122,7 +122,7 @@ class BM25Params:
             raise ValueError(f"unknown bm25s method {self.method!r}")
         if self.norms == "lucene" and self.method != "lucene":
             raise ValueError("norms='lucene' is only defined for method='lucene'; use norms='exact'")
-        _make_stemmer(self.stemmer)  # fail early on unknown stemmer names
+        make_stemmer(self.stemmer)  # fail early on unknown stemmer names
 
     def to_dict(self) -> dict:
         """Plain dict (JSON-ready) for TREC run headers and index metadata."""

@@ -44,7 +44,7 @@ class EncoderSpec:
     max_passage_length: int = 256
     batch_tokens: int = 8192
     dtype: str = "float32"
-    quantize: str = "none"  # none | int8 | int4 (llmret.quantization)
+    quantize: str = "none"  # none | int8 | int4 (llmret.retrieval.quantization)
     quantize_group_size: int = 64
 
     def __post_init__(self) -> None:

@@ -16,7 +16,7 @@ Bidirectional context (two options, either or both)
       mask in which every non-padding query position sees every non-padding key. Transformers
       v5 adds a 4-D mask as given (a bool one would be silently wrong under eager attention),
       hence :func:`llmret.retrieval.masks.additive_mask`. Meant for a model adapted to it first
-      (:mod:`llmret.csplade`).
+      (:mod:`llmret.csplade.sparse_training`).
 
 Regularisation and diagnostics
     :func:`flops` (Paria et al. 2020), :func:`quadratic_warmup` of its weight (as SPLADE),
@@ -68,7 +68,7 @@ class SparseEncoderSpec:
     min_weight: float = 0.0
     batch_tokens: int = 4096
     dtype: str = "float32"
-    quantize: str = "none"  # none | int8 | int4 (llmret.quantization)
+    quantize: str = "none"  # none | int8 | int4 (llmret.retrieval.quantization)
     quantize_group_size: int = 64
 
     def __post_init__(self) -> None:

@@ -35,7 +35,7 @@ def frame_texts(
     """Token ids per text: frame head + prompt prefix + truncated text + prompt suffix + frame tail + EOS.
 
     One function for inference (:meth:`TextEncoder.tokenize`) and fine-tuning
-    (:mod:`llmret.finetuning`), so a model is trained on exactly the ids it is later fed.
+    (:mod:`llmret.repllama.finetuning`), so a model is trained on exactly the ids it is later fed.
     ``head``/``tail`` default to :func:`special_frame` (pass them to avoid re-probing);
     ``length_name`` names the setting in the error raised when nothing is left for the text.
     """

@@ -51,7 +51,7 @@ def safe_torch_load(path: str | os.PathLike, map_location: Any = None) -> Any:
         return torch.load(path, map_location=map_location, weights_only=True)
 
 
-def _use_safe_loading(engine) -> bool:
+def use_safe_loading(engine) -> bool:
     """Make the engine's checkpoint loads go through :func:`safe_torch_load`, if it is the plain
     torch engine (every load of ZeRO-0/1/2 checkpoints goes through ``checkpoint_engine.load``)."""
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
@@ -87,7 +87,7 @@ def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> str | None:
     return tag
 
 
-def _prune(checkpoint_dir: Path, latest: str, keep_last: int = KEEP_CHECKPOINTS) -> None:
+def prune_checkpoints(checkpoint_dir: Path, latest: str, keep_last: int = KEEP_CHECKPOINTS) -> None:
     """Keep ``latest`` and the newest ``keep_last - 1`` tags before it; remove every other
     ``step<N>`` folder, including partial ones left above ``latest`` by a killed save."""
     newest = _tag_step(latest)
@@ -105,7 +105,7 @@ def _check_pickle_free(folder: Path) -> None:
         raise RuntimeError(f"final model folder must be safetensors only, found {bad}")
 
 
-def _save_pretrained(obj: Any, out_dir: Path) -> None:
+def save_pretrained(obj: Any, out_dir: Path) -> None:
     """``save_pretrained`` in safetensors: transformers 5 writes nothing else (and dropped the
     ``safe_serialization`` flag); PEFT and older libraries still take it."""
     if "safe_serialization" in inspect.signature(obj.save_pretrained).parameters:
@@ -114,7 +114,7 @@ def _save_pretrained(obj: Any, out_dir: Path) -> None:
         obj.save_pretrained(out_dir)
 
 
-def _save_final(model, out_dir: Path, tokenizer, save_fn, state: dict) -> None:
+def save_final(model, out_dir: Path, tokenizer, save_fn, state: dict) -> None:
     """Write into a temporary sibling folder, then swap it in (rename)."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
@@ -123,7 +123,7 @@ def _save_final(model, out_dir: Path, tokenizer, save_fn, state: dict) -> None:
     if save_fn is not None:
         save_fn(model, tmp)
     elif hasattr(model, "save_pretrained"):
-        _save_pretrained(model, tmp)
+        save_pretrained(model, tmp)
     else:
         raise TypeError(f"{type(model).__name__} has no save_pretrained; pass save_fn")
     if tokenizer is not None:
@@ -137,20 +137,20 @@ def _save_final(model, out_dir: Path, tokenizer, save_fn, state: dict) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _has_frozen(module: nn.Module) -> bool:
+def has_frozen(module: nn.Module) -> bool:
     return any(not p.requires_grad for p in module.parameters())
 
 
-def _save_checkpoint(engine, ckpt_dir: Path, tag: str, state: dict, rank: int, final: bool = False) -> None:
+def save_checkpoint(engine, ckpt_dir: Path, tag: str, state: dict, rank: int, final: bool = False) -> None:
     import deepspeed.comm as dist
 
     # LoRA stages freeze the base model: its weights come back from the model folder on a
     # resume, so a checkpoint holds only what trains (MBs instead of the whole model).
     engine.save_checkpoint(
-        str(ckpt_dir), tag=tag, save_latest=False, exclude_frozen_parameters=_has_frozen(engine.module)
+        str(ckpt_dir), tag=tag, save_latest=False, exclude_frozen_parameters=has_frozen(engine.module)
     )  # collective; ends with a barrier
     if rank == 0:
         atomic_write_text(ckpt_dir / tag / TRAINER_STATE, json.dumps(state, indent=2))
         atomic_write_text(ckpt_dir / LATEST, tag)
-        _prune(ckpt_dir, tag, keep_last=1 if final else KEEP_CHECKPOINTS)
+        prune_checkpoints(ckpt_dir, tag, keep_last=1 if final else KEEP_CHECKPOINTS)
     dist.barrier()

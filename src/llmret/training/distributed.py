@@ -69,7 +69,7 @@ def peak_memory_mb(device: torch.device) -> dict[str, float]:
     return out
 
 
-def _all_reduce_floats(values: list[float], device, world_size: int, op: str = "SUM") -> list[float]:
+def all_reduce_floats(values: list[float], device, world_size: int, op: str = "SUM") -> list[float]:
     """``values`` reduced over all ranks (``op``: a ``deepspeed.comm.ReduceOp`` name)."""
     if world_size == 1:
         return values
@@ -87,8 +87,8 @@ def merge_peaks(now: Mapping[str, float], earlier: Mapping[str, float] | None) -
     return {k: max(float(v), float(earlier.get(k, 0.0))) for k, v in now.items()}
 
 
-def _max_over_ranks(values: dict[str, float], device, world_size: int) -> dict[str, float]:
+def max_over_ranks(values: dict[str, float], device, world_size: int) -> dict[str, float]:
     """Per-rank figures reduced to the largest rank's (memory is a per-process limit)."""
     keys = sorted(values)
-    reduced = _all_reduce_floats([values[k] for k in keys], device, world_size, op="MAX")
+    reduced = all_reduce_floats([values[k] for k in keys], device, world_size, op="MAX")
     return dict(zip(keys, reduced, strict=True))

@@ -60,8 +60,8 @@ Resumable checkpoints (``checkpoint_dir``)
     (``output_dir``) are safetensors only; the loop refuses to finish with a pickle there.
     ``output_dir/training_state.json`` records the run: steps, final loss, training and wall
     time, the device and the peak memory (host RSS, and on CUDA PyTorch's allocated and
-    reserved peaks; the largest rank's, over resumed attempts too), which ``llmret.footprint`` turns into the training
-    table.
+    reserved peaks; the largest rank's, over resumed attempts too), which ``llmret.results.footprint``
+    turns into the training table.
 
 Deterministic data order and resumption
     Epoch ``e`` shuffles the dataset with ``torch.randperm`` seeded by ``seed + e``, drops the
@@ -102,20 +102,20 @@ from torch.utils.data import DataLoader, Dataset
 from llmret.training.arguments import TrainingArgs, build_deepspeed_config, lr_factor, recipe, recipe_changes
 from llmret.training.checkpointing import (
     TRAINER_STATE,
-    _has_frozen,
-    _save_checkpoint,
-    _save_final,
-    _use_safe_loading,
+    has_frozen,
     latest_checkpoint,
+    save_checkpoint,
+    save_final,
+    use_safe_loading,
 )
 from llmret.training.distributed import (
-    _all_reduce_floats,
-    _max_over_ranks,
+    all_reduce_floats,
     init_distributed,
+    max_over_ranks,
     merge_peaks,
     peak_memory_mb,
 )
-from llmret.training.sampling import ResumableBatchSampler, _seed_step
+from llmret.training.sampling import ResumableBatchSampler, seed_step
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +230,7 @@ class _Window:
         """(mean of each loss over the window's micro-batches on all ranks, tokens per second)."""
         keys = sorted(self.sums)
         vals = [float(self.sums[k]) for k in keys] + [float(self.micro), float(self.tokens)]
-        vals = _all_reduce_floats(vals, device, world_size)
+        vals = all_reduce_floats(vals, device, world_size)
         micro, tokens = vals[-2], vals[-1]
         dt = max(time.perf_counter() - self.t0, 1e-9)
         return {k: vals[i] / micro for i, k in enumerate(keys)}, tokens / dt
@@ -298,7 +298,7 @@ def train(
         "dataset_len": n,
     }
 
-    _seed_step(args.seed, 0, rank)
+    seed_step(args.seed, 0, rank)
     if args.gradient_checkpointing:
         _enable_gradient_checkpointing(model)
 
@@ -331,7 +331,7 @@ def train(
         lr_scheduler=schedule,
     )
     init_s = time.perf_counter() - t_init
-    safe = _use_safe_loading(engine)
+    safe = use_safe_loading(engine)
     if saved is None:
         jlog.restart()
     try:
@@ -339,7 +339,7 @@ def train(
         start_step, elapsed0, last_log, peak0 = 0, 0.0, None, None
         if saved is not None:
             load_path, _ = engine.load_checkpoint(
-                str(ckpt_dir), tag=tag, load_module_strict=not _has_frozen(engine.module)
+                str(ckpt_dir), tag=tag, load_module_strict=not has_frozen(engine.module)
             )
             if load_path is None:
                 raise RuntimeError(f"DeepSpeed could not load {ckpt_dir / tag}")
@@ -372,7 +372,7 @@ def train(
         bar = _progress(args.max_steps, start_step, rank == 0)
         set_step = getattr(engine.module, "set_step", None)
         for step in range(start_step + 1, args.max_steps + 1):
-            _seed_step(args.seed, step, rank)
+            seed_step(args.seed, step, rank)
             if callable(set_step):
                 set_step(step)
             lr = engine.get_lr()[0]  # the rate this step's update uses
@@ -411,15 +411,15 @@ def train(
                     "elapsed_s": elapsed0 + time.perf_counter() - t0,
                     "last_log": last_log,
                     "peak_memory_mb": merge_peaks(
-                        _max_over_ranks(peak_memory_mb(engine.device), engine.device, world_size), peak0
+                        max_over_ranks(peak_memory_mb(engine.device), engine.device, world_size), peak0
                     ),
                     "args": asdict(args),
                 }
-                _save_checkpoint(engine, ckpt_dir, f"step{step}", state, rank, final=step == args.max_steps)
+                save_checkpoint(engine, ckpt_dir, f"step{step}", state, rank, final=step == args.max_steps)
         bar.close()
         del batches  # stops DataLoader workers, if any
         train_s = elapsed0 + time.perf_counter() - t0
-        peak = merge_peaks(_max_over_ranks(peak_memory_mb(engine.device), engine.device, world_size), peak0)
+        peak = merge_peaks(max_over_ranks(peak_memory_mb(engine.device), engine.device, world_size), peak0)
 
         # ---- final model
         result = {
@@ -438,7 +438,7 @@ def train(
             "versions": _versions(),
         }
         if rank == 0:
-            _save_final(engine.module, out_dir, tokenizer, save_fn, result)
+            save_final(engine.module, out_dir, tokenizer, save_fn, result)
         dist.barrier()
         return result
     finally:

@@ -90,15 +90,15 @@ def save_merged_lora(model: nn.Module, out_dir: Path, record_name: str, record: 
     place: afterwards ``model.encoder`` is the plain merged model. Shared by every LoRA stage."""
     from peft import PeftModel
 
-    from llmret.training.checkpointing import _save_pretrained
+    from llmret.training.checkpointing import save_pretrained
 
     if not isinstance(model.encoder, PeftModel):
         raise TypeError(f"expected a PEFT model, got {type(model.encoder).__name__} (already merged?)")
     out_dir = Path(out_dir)
-    _save_pretrained(model.encoder, out_dir / ADAPTER)
+    save_pretrained(model.encoder, out_dir / ADAPTER)
     merged = model.encoder.merge_and_unload()
     model.encoder = merged
-    _save_pretrained(merged, out_dir)
+    save_pretrained(merged, out_dir)
     (out_dir / record_name).write_text(json.dumps(record, indent=2))
 
 

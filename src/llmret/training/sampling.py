@@ -52,7 +52,7 @@ class ResumableBatchSampler(Sampler[list[int]]):
             epoch, first = epoch + 1, 0
 
 
-def _seed_step(seed: int, step: int, rank: int) -> None:
+def seed_step(seed: int, step: int, rank: int) -> None:
     """Reseed every RNG from (seed, step, rank): dropout etc. replay identically after a resume."""
     s = ((seed * 1_000_003 + step) * 1009 + rank) % (2**63)
     random.seed(s)

@@ -1,0 +1,155 @@
+"""Safe unpacking of downloaded zip archives: members that would escape the target (path
+traversal, absolute paths, symlinks) are refused before anything is written, and the
+unpacked folder replaces the old one in one rename. Design notes: docs/retrieval.md."""
+
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+import shutil
+import stat
+import zipfile
+import zlib
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+from llmret.io import fsync_dir, remove_quietly, unique_sibling
+
+logger = logging.getLogger(__name__)
+_CHUNK = 1 << 20
+# macOS Finder junk that some zips carry; never part of a dataset.
+_JUNK_DIRS = frozenset({"__MACOSX"})
+_JUNK_FILES = frozenset({".DS_Store"})
+
+
+class ArchiveError(RuntimeError):
+    """An archive cannot be read (corrupt, truncated, CRC error); names the archive."""
+
+
+class UnsafeArchiveError(ArchiveError):
+    """A member would escape the target or is a symlink; names archive and member."""
+
+
+# --------------------------------------------------------------------------- zip
+
+
+def _member_target(archive: Path, info: zipfile.ZipInfo, strip: str | None) -> str | None:
+    """Validate one member; return its relative POSIX path in target, None to skip."""
+    raw = info.filename
+    name = raw.replace("\\", "/")  # treat backslashes as separators for the checks
+    if PurePosixPath(name).is_absolute() or PureWindowsPath(raw).drive or PureWindowsPath(raw).is_absolute():
+        raise UnsafeArchiveError(f"{archive}: member {raw!r} has an absolute path")
+    if stat.S_ISLNK(info.external_attr >> 16):
+        raise UnsafeArchiveError(f"{archive}: member {raw!r} is a symlink")
+    norm = posixpath.normpath(name) if name else "."
+    if norm == ".." or norm.startswith("../"):
+        raise UnsafeArchiveError(f"{archive}: member {raw!r} escapes the target folder")
+    parts = [p for p in norm.split("/") if p not in ("", ".")]
+    if not parts or parts[0] in _JUNK_DIRS or parts[-1] in _JUNK_FILES:
+        return None
+    if strip:
+        prefix = [p for p in strip.replace("\\", "/").split("/") if p]
+        if parts[: len(prefix)] != prefix or (len(parts) == len(prefix) and not info.is_dir()):
+            raise UnsafeArchiveError(
+                f"{archive}: member {raw!r} is not under the expected top-level folder {'/'.join(prefix)!r}/"
+            )
+        parts = parts[len(prefix) :]
+        if not parts:
+            return None  # the top-level folder entry itself
+    return "/".join(parts)
+
+
+def _open_zip(archive: Path) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(archive)
+    except FileNotFoundError:
+        raise
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
+        raise ArchiveError(f"{archive}: not a readable zip archive ({e})") from e
+
+
+def safe_extract_zip(archive: str | Path, target: str | Path, *, strip_top_level: str | None = None) -> Path:
+    """Extract *archive* into folder *target* safely and atomically.
+
+    Every member is checked before anything is written: absolute paths, '..'
+    escapes and symlinks raise UnsafeArchiveError.  With *strip_top_level*
+    (e.g. 'scifact' for BEIR zips) every member must live under that folder and
+    is written without it, so ``target/corpus.jsonl`` exists; anything else is
+    rejected.  macOS junk (``__MACOSX/``, ``.DS_Store``) is skipped.  Files are
+    extracted into a temp folder beside *target* (CRC-checked while reading) and
+    renamed into place; an existing *target* is replaced only once the new one
+    is complete.  Corrupt/truncated archives raise ArchiveError naming the
+    archive; on any failure the temp folder is removed and *target* is left as
+    it was.  Returns *target* as a Path.
+    """
+    archive = Path(archive)
+    target = Path(target)
+    with _open_zip(archive) as zf:
+        try:
+            infos = zf.infolist()
+        except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+            raise ArchiveError(f"{archive}: cannot read member list ({e})") from e
+        plan: list[tuple[zipfile.ZipInfo, str]] = []
+        for info in infos:
+            rel = _member_target(archive, info, strip_top_level)
+            if rel is not None:
+                plan.append((info, rel))
+        if not any(not info.is_dir() for info, _ in plan):
+            raise ArchiveError(f"{archive}: contains no files to extract into {target}")
+
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = unique_sibling(target.parent, f".{target.name}.extract-", lambda p: p.mkdir())
+        try:
+            root = os.path.realpath(tmp)
+            n_files = 0
+            for info, rel in plan:
+                out = os.path.realpath(os.path.join(root, *rel.split("/")))
+                if os.path.commonpath([root, out]) != root:  # belt and braces
+                    raise UnsafeArchiveError(f"{archive}: member {info.filename!r} escapes the target folder")
+                if info.is_dir():
+                    os.makedirs(out, exist_ok=True)
+                    continue
+                os.makedirs(os.path.dirname(out), exist_ok=True)
+                try:
+                    with zf.open(info) as src, open(out, "wb") as dst:
+                        shutil.copyfileobj(src, dst, _CHUNK)
+                except (
+                    zipfile.BadZipFile,
+                    zlib.error,
+                    EOFError,
+                    NotImplementedError,
+                ) as e:
+                    raise ArchiveError(f"{archive}: corrupt member {info.filename!r} ({e})") from e
+                n_files += 1
+            swap_into_place(tmp, target)
+        except BaseException:
+            remove_quietly(tmp)
+            raise
+    fsync_dir(target.parent)
+    logger.info("extracted %d files from %s into %s", n_files, archive, target)
+    return target
+
+
+def swap_into_place(new: Path, target: Path) -> None:
+    """Rename *new* onto *target*, replacing an existing target only after success."""
+    if not os.path.lexists(target):
+        os.rename(new, target)
+        return
+    holder = unique_sibling(target.parent, f".{target.name}.old-", lambda p: p.mkdir())
+    old = holder / "old"
+    try:
+        os.rename(target, old)
+    except BaseException:
+        remove_quietly(holder)
+        raise
+    try:
+        os.rename(new, target)
+    except BaseException:
+        try:
+            os.rename(old, target)  # put the previous content back
+        except OSError as e:  # keep it where it is rather than lose it
+            logger.error("could not restore %s; previous content kept in %s: %s", target, old, e)
+        else:
+            remove_quietly(holder)
+        raise
+    remove_quietly(holder)
