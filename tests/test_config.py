@@ -78,7 +78,7 @@ def test_schema_rejects_a_typo_with_the_key_named():
         (lambda c: c.setdefault("table", {}).update(datasets=["trec-covid"]), r"table\.datasets: 'trec-covid'"),
         (lambda c: c.setdefault("table", {}).update(systems=["bm25", "x"]), r"table\.systems: 'x'"),
         (lambda c: c["evaluation"].update(baseline="dense"), r"evaluation\.baseline: 'dense'"),
-        (lambda c: c["systems"].update({"a/b": {"type": "bm25"}}), r"no '/'"),
+        (lambda c: c["systems"].update({"a/b": {"type": "bm25"}}), r"systems: the name 'a/b' is not allowed"),
         (
             lambda c: c["mining"]["scifact-minilm"].update(dataset="msmarco-dl19-5k"),
             r"datasets\.msmarco-dl19-5k has no train",
@@ -160,3 +160,38 @@ def test_sparse_keys_checked_against_training_are_what_a_trained_model_fixes():
     from llmret.retrieval.sparse_encoder import MODEL_KEYS
 
     assert set(cfg.SPARSE_KEYS_FROM_TRAINING) == set(MODEL_KEYS) - {"max_query_length", "max_passage_length"}
+
+
+BAD_NAMES = [".", "..", "a/b", "with space", "-rf", "", "a*", "x" * 101]
+
+
+@pytest.mark.parametrize("section", ["datasets", "models", "systems", "mining", "pretraining", "csplade"])
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_names_that_are_not_plain_file_names_are_refused_first(section, name):
+    """Checked in prefill, before validation fills anything and before any path is made."""
+    c = load("smoke.yaml")
+    c[section][name] = {}
+    with pytest.raises(cfg.ConfigError, match=rf"^{section}: the name .* is not allowed"):
+        cfg.prefill(c)
+
+
+def test_name_pattern_is_the_schemas():
+    schema = yaml.safe_load((ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    assert schema["$defs"]["name"]["pattern"] == cfg.NAME_PATTERN
+    for section in cfg.NAMED_SECTIONS:
+        assert schema["properties"][section]["propertyNames"] == {"$ref": "#/$defs/name"}, section
+    for good in ("scifact", "msmarco-dl19-5k", "bm25+", "llara_ft.v2", "E5"):
+        cfg.prefill({"datasets": {good: {}}})
+
+
+def test_a_dataset_named_dotdot_plans_no_job(tmp_path):
+    """The probe that lost resources/: now the workflow stops before building the DAG."""
+    from conftest import snakemake
+
+    overlay = tmp_path / "bad.yaml"
+    overlay.write_text('datasets:\n  "..": {url: "http://127.0.0.1:9/x.zip", md5: ' + '"' + "0" * 32 + '"}\n')
+    (tmp_path / "w" / "resources" / "models").mkdir(parents=True)
+    out = snakemake(tmp_path / "w", "-n", "--configfile", str(overlay), check=False, timeout=300)
+    assert out.returncode != 0
+    assert "datasets: the name '..' is not allowed" in out.stdout + out.stderr
+    assert (tmp_path / "w" / "resources" / "models").is_dir()

@@ -21,6 +21,11 @@ ENCODER_KEYS_FROM_TRAINING = ("query_template", "passage_template", "append_eos"
 # the max lengths, which a system may choose, as a dense one may).
 SPARSE_KEYS_FROM_TRAINING = ("query_template", "passage_template", "append_eos", "echo", "bidirectional")
 TRAINING_SECTIONS = ("pretraining", "finetuning", "adaptation", "csplade")
+# Names that become file and folder names (results/models/{run}, resources/datasets/{dataset},
+# ...): a letter or digit first, so never ".", ".." or an option-like "-x"; no "/", spaces or
+# glob characters. The schema's $defs/name carries the same pattern (a test checks).
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,99}$"
+NAMED_SECTIONS = ("datasets", "models", "systems", "mining", *TRAINING_SECTIONS)
 
 # The dataclass behind each config entry: the schema's keys for it are its fields plus the
 # workflow's wiring (tests/test_schema_specs.py checks keys, defaults and bounds agree).
@@ -54,9 +59,27 @@ def entry_settings(entry: str, mapping: Mapping) -> dict:
     return own_settings(spec_class(entry), mapping)
 
 
+def check_names(config: Mapping) -> None:
+    """Refuse a name that would not be a plain file name, before anything uses it as a path
+    (a dataset named ``..`` would make its unpack target ``resources/``, which a failed job's
+    clean-up then deletes)."""
+    import re
+
+    for section in NAMED_SECTIONS:
+        entries = config.get(section) or {}
+        for name in entries if isinstance(entries, Mapping) else ():
+            if not isinstance(name, str) or not re.fullmatch(NAME_PATTERN, name):
+                raise ConfigError(
+                    f"{section}: the name {name!r} is not allowed: names become file and folder names and "
+                    f"must match {NAME_PATTERN} (a letter or digit, then letters, digits, '.', '_', '+', '-')"
+                )
+
+
 def prefill(config: dict) -> None:
     """Create the per-run objects whose defaults live in the schema's ``$defs`` (``lora``,
-    ``training``): the validator fills defaults inside a referenced object, not the object."""
+    ``training``): the validator fills defaults inside a referenced object, not the object.
+    Names are checked first, so no later step sees an unsafe one."""
+    check_names(config)
     for section in TRAINING_SECTIONS:
         for run in (config.get(section) or {}).values():
             if isinstance(run, dict):
@@ -127,12 +150,7 @@ def check(config: Mapping) -> None:
         for d in run_cfg.get("corpora") or []:
             if d not in datasets:
                 raise ConfigError(f"pretraining.{run}.corpora: {d!r} is not in datasets ({sorted(datasets)})")
-    named = [*datasets, *systems, *(config.get("mining") or {})]
-    for section in TRAINING_SECTIONS:
-        named += list(config.get(section) or {})
-    for name in named:
-        if "/" in name or name != name.strip() or not name:
-            raise ConfigError(f"{name!r}: dataset, system, run and mining names become file names; no '/' or spaces")
+    check_names(config)
     table = config.get("table") or {}
     for d in table.get("datasets") or []:
         if d not in datasets:
