@@ -195,3 +195,32 @@ def test_a_dataset_named_dotdot_plans_no_job(tmp_path):
     assert out.returncode != 0
     assert "datasets: the name '..' is not allowed" in out.stdout + out.stderr
     assert (tmp_path / "w" / "resources" / "models").is_dir()
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda c: c["evaluation"].update(metrics=["ndcg@10", "recal@100"]), r"evaluation\.metrics\[1\]: 'recal@100'"),
+        (lambda c: c["evaluation"].update(metrics=["ndcg@0"]), r"evaluation\.metrics\[0\]: 'ndcg@0'"),
+        (lambda c: c["evaluation"].update(metrics=["recall@100-l2"]), r"evaluation\.metrics\[0\]"),
+        (lambda c: c["evaluation"].update(metrics=["bpref@10"]), r"evaluation\.metrics\[0\]"),
+        (lambda c: c["table"].update(metric="ndcg@100"), r"table\.metric: 'ndcg@100' is not in evaluation\.metrics"),
+        (lambda c: c["quantization_table"].update(metric="map"), r"quantization_table\.metric: 'map'"),
+    ],
+)
+def test_metric_names_are_checked_at_config_time(edit, message):
+    c = validated("smoke.yaml")
+    cfg.complete(c)
+    edit(c)
+    with pytest.raises(cfg.ConfigError, match=message):
+        cfg.check(c)
+
+
+def test_every_metric_the_check_accepts_is_computed_by_ranx():
+    from llmret.results.evaluation import CUTOFF_METRICS, WHOLE_RUN_METRICS, check_metric, evaluate
+
+    metrics = [f"{m}@5" for m in CUTOFF_METRICS] + list(CUTOFF_METRICS) + list(WHOLE_RUN_METRICS)
+    for m in metrics:
+        check_metric(m)
+    out = evaluate({"q": {"d1": 1}}, {"q": [("d1", 2.0), ("d2", 1.0)]}, metrics)
+    assert set(out["metrics"]) == set(metrics)

@@ -97,6 +97,7 @@ def complete(config: dict) -> None:
 
 
 def check(config: Mapping) -> None:
+    _check_metrics(config)
     datasets = config.get("datasets") or {}
     models = config.get("models") or {}
     systems = config.get("systems") or {}
@@ -161,6 +162,23 @@ def check(config: Mapping) -> None:
     baseline = (config.get("evaluation") or {}).get("baseline")
     if baseline and baseline not in table_systems(config):
         raise ConfigError(f"evaluation.baseline: {baseline!r} is not among the table's systems {table_systems(config)}")
+
+
+def _check_metrics(config: Mapping) -> None:
+    """Metric names are ranx's, checked here rather than after hours of encoding; the
+    tables' metrics must be among those evaluated."""
+    from llmret.results.evaluation import DEFAULT_METRICS, check_metric
+
+    metrics = list((config.get("evaluation") or {}).get("metrics", DEFAULT_METRICS))
+    for i, metric in enumerate(metrics):
+        try:
+            check_metric(metric)
+        except ValueError as e:
+            raise ConfigError(f"evaluation.metrics[{i}]: {e}") from None
+    for section in ("table", "quantization_table"):
+        metric = (config.get(section) or {}).get("metric")
+        if metric is not None and metric not in metrics:
+            raise ConfigError(f"{section}.metric: {metric!r} is not in evaluation.metrics {metrics}")
 
 
 def _check_training_sections(config: Mapping) -> None:

@@ -11,6 +11,36 @@ from collections.abc import Mapping, Sequence
 
 DEFAULT_METRICS = ("ndcg@10", "mrr@10", "recall@100", "recall@1000")
 GRADED = ("ndcg", "ndcg_burges", "dcg", "dcg_burges")
+# ranx measures a config may name: with a cutoff (``name@k``) or without (the whole run).
+CUTOFF_METRICS = (
+    "ndcg",
+    "ndcg_burges",
+    "dcg",
+    "dcg_burges",
+    "mrr",
+    "map",
+    "recall",
+    "precision",
+    "f1",
+    "hits",
+    "hit_rate",
+)
+WHOLE_RUN_METRICS = ("r-precision", "bpref")
+
+
+def check_metric(metric: str) -> None:
+    """``ValueError`` unless ranx can compute ``metric`` as this project names it
+    (``ndcg@10``, ``recall@1000``, ``map``, ``r-precision``; relevance levels come from the
+    dataset's ``relevance_level``, never from a ``-l`` suffix)."""
+    base, at, cutoff = str(metric).partition("@")
+    ok = (base in CUTOFF_METRICS and (not at or (cutoff.isdigit() and int(cutoff) >= 1))) or (
+        base in WHOLE_RUN_METRICS and not at
+    )
+    if not ok:
+        raise ValueError(
+            f"{metric!r} is not a metric the evaluation computes: use one of {', '.join(CUTOFF_METRICS)} "
+            f"(optionally @k, k >= 1) or {', '.join(WHOLE_RUN_METRICS)}"
+        )
 
 
 def ranx_metric(metric: str, relevance_level: int) -> str:
