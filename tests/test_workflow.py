@@ -221,6 +221,19 @@ def test_mirror_change_does_not_rerun_downloads(smoke_run):
     assert "Nothing to be done" in out.stdout + out.stderr
 
 
+def test_only_the_checksum_of_a_download_reruns_it(smoke_run, tmp_path):
+    """A new URL, mirror path, retry count or timeout plans no job; a new md5 (other content)
+    re-downloads and reruns what depends on the dataset."""
+    moved = (
+        "download: {retries: 7, timeout: 5}\n"
+        "datasets:\n  scifact:\n    url: https://example.org/elsewhere/scifact.zip\n"
+        "    mirror_path: beir/moved/scifact.zip\n"
+    )
+    assert _overlay_dry_run(smoke_run, tmp_path, moved) == []
+    rules = {r for r, _ in _overlay_dry_run(smoke_run, tmp_path, "datasets:\n  scifact:\n    md5: " + "0" * 32 + "\n")}
+    assert {"download_dataset", "unpack_dataset", "bm25_index", "beir_table"} <= rules
+
+
 def test_corrupt_corpus_line_fails_with_file_and_line(tmp_path, mirror_url):
     """A user-facing check: a broken dataset stops at validation, naming file and line."""
     import zipfile

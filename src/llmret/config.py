@@ -480,6 +480,28 @@ def systems_of_type(config: Mapping, kind: str) -> list[str]:
     return [s for s, c in config["systems"].items() if c["type"] == kind]
 
 
+# The wildcard that names a download of each kind (None: there is one such download).
+DOWNLOAD_KINDS = {"dataset": "dataset", "file": "file", "negatives": "mining", "dpr_wiki": None}
+
+
+def download_source(config: Mapping, kind: str, wildcards: Mapping[str, str]) -> dict:
+    """Where a download comes from: ``url``, ``md5`` and ``mirror_path``, read from the config
+    by the job itself. Only the md5 is a rule param: it pins the content, so a new URL,
+    mirror path, retry count or timeout reruns nothing downstream."""
+    name = wildcards[DOWNLOAD_KINDS[kind]] if DOWNLOAD_KINDS[kind] else None
+    if kind == "dataset":
+        ds = config["datasets"][name]
+        return {"url": ds["url"], "md5": ds["md5"], "mirror_path": ds.get("mirror_path", f"beir/{name}.zip")}
+    if kind == "file":
+        return raw_files(config)[name]
+    if kind == "negatives":
+        f = config["mining"][name]["file"]
+        return {"url": f["url"], "md5": f["md5"], "mirror_path": f.get("mirror_path", f"negatives/{name}.jsonl.gz")}
+    if kind == "dpr_wiki":
+        return dict(config["sources"]["dpr_wiki"])
+    raise ValueError(f"unknown download kind {kind!r}; known: {sorted(DOWNLOAD_KINDS)}")
+
+
 def mirror(config: Mapping) -> str | None:
     """The download mirror: the ``mirror`` setting, else the LLMRET_MIRROR variable."""
     return config.get("mirror") or os.environ.get(MIRROR_ENV) or None

@@ -20,13 +20,8 @@ rule download_dataset:
     resources:
         downloads=1,
     params:
-        url=lookup(dpath="datasets/{dataset}/url", within=config),
+        kind="dataset",
         md5=lookup(dpath="datasets/{dataset}/md5", within=config),
-        mirror_path=lambda wc: config["datasets"][wc.dataset].get(
-            "mirror_path", f"beir/{wc.dataset}.zip"
-        ),
-        retries=config["download"]["retries"],
-        timeout=config["download"]["timeout"],
     script:
         "../scripts/download_dataset.py"
 
@@ -45,11 +40,8 @@ rule download_file:
     resources:
         downloads=1,
     params:
-        url=lambda wc: RAW_FILES[wc.file]["url"],
+        kind="file",
         md5=lambda wc: RAW_FILES[wc.file]["md5"],
-        mirror_path=lambda wc: RAW_FILES[wc.file]["mirror_path"],
-        retries=config["download"]["retries"],
-        timeout=config["download"]["timeout"],
     script:
         "../scripts/download_dataset.py"
 

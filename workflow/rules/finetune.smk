@@ -96,13 +96,8 @@ rule download_negatives:
     resources:
         downloads=1,
     params:
-        url=lookup(dpath="mining/{mining}/file/url", within=config),
+        kind="negatives",
         md5=lookup(dpath="mining/{mining}/file/md5", within=config),
-        mirror_path=lambda wc: config["mining"][wc.mining]["file"].get(
-            "mirror_path", f"negatives/{wc.mining}.jsonl.gz"
-        ),
-        retries=config["download"]["retries"],
-        timeout=config["download"]["timeout"],
     script:
         "../scripts/download_dataset.py"
 

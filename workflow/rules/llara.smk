@@ -25,11 +25,8 @@ rule download_dpr_wiki:
     resources:
         downloads=1,
     params:
-        url=config["sources"]["dpr_wiki"]["url"],
+        kind="dpr_wiki",
         md5=config["sources"]["dpr_wiki"]["md5"],
-        mirror_path=config["sources"]["dpr_wiki"]["mirror_path"],
-        retries=config["download"]["retries"],
-        timeout=config["download"]["timeout"],
     script:
         "../scripts/download_dataset.py"
 
@@ -49,9 +46,8 @@ rule stream_dpr_wiki:
     resources:
         downloads=1,
     params:
+        # No checksum pins a prefix (its sha256 is recorded after): the URL is what names it.
         url=config["sources"]["dpr_wiki"]["url"],
-        mirror_path=config["sources"]["dpr_wiki"]["mirror_path"],
-        timeout=config["download"]["timeout"],
     script:
         "../scripts/stream_dpr_wiki.py"
 

@@ -1,10 +1,13 @@
-"""Snakemake entry point: fetch one dataset zip (upstream or mirror), md5-verified."""
+"""Snakemake entry point: fetch one download (dataset zip, raw file, negatives file, DPR
+Wikipedia) from upstream or the mirror, md5-verified. Where it comes from is read from the
+config here, not passed as params: the md5 (the params) pins the content."""
 
 from llmret import config, logs
 from llmret.data import download
 
 sm = snakemake  # noqa: F821 - injected by Snakemake
 logs.to_file(sm.log[0])
-p = sm.params
-source = download.resolve_source(p.url, config.mirror(sm.config), p.mirror_path)
-download.fetch(source, sm.output[0], p.md5, retries=p.retries, timeout=p.timeout)
+entry = config.download_source(sm.config, sm.params.kind, dict(sm.wildcards))
+settings = sm.config["download"]
+source = download.resolve_source(entry["url"], config.mirror(sm.config), entry["mirror_path"])
+download.fetch(source, sm.output[0], sm.params.md5, retries=settings["retries"], timeout=settings["timeout"])

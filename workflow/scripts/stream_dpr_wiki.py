@@ -7,8 +7,8 @@ from llmret.data import download, dpr
 
 sm = snakemake  # noqa: F821
 logs.to_file(sm.log[0])
-p = sm.params
-source = download.resolve_source(p.url, config.mirror(sm.config), p.mirror_path)
-info = dpr.fetch_dpr_prefix(source, sm.output.tsv, int(sm.wildcards.n), timeout=p.timeout)
+entry = config.download_source(sm.config, "dpr_wiki", dict(sm.wildcards))
+source = download.resolve_source(sm.params.url, config.mirror(sm.config), entry["mirror_path"])
+info = dpr.fetch_dpr_prefix(source, sm.output.tsv, int(sm.wildcards.n), timeout=sm.config["download"]["timeout"])
 with open(sm.output.info, "w", encoding="utf-8") as f:
     json.dump(info, f, indent=2)
