@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -224,3 +225,29 @@ def test_every_metric_the_check_accepts_is_computed_by_ranx():
         check_metric(m)
     out = evaluate({"q": {"d1": 1}}, {"q": [("d1", 2.0), ("d2", 1.0)]}, metrics)
     assert set(out["metrics"]) == set(metrics)
+
+
+def test_an_experiment_from_scratch_plans_only_its_own_jobs(tmp_path):
+    """--replace-workflow-config: the given file is the whole config (the schema fills the
+    defaults), so a BM25-only experiment on one dataset leaves the default's LLM rows behind."""
+    from conftest import snakemake
+
+    own = tmp_path / "bm25.yaml"
+    own.write_text("datasets:\n  scifact: {}\nsystems:\n  bm25: {type: bm25}\n")
+    out = snakemake(tmp_path / "w", "-n", "--configfile", str(own), "--replace-workflow-config", timeout=300)
+    rules = re.findall(r"^(?:local)?rule (\w+):", out.stdout, flags=re.M)
+    assert sorted(rules) == sorted(
+        ["download_dataset", "unpack_dataset", "prepare_dataset", "bm25_index", "bm25_search"]
+        + ["evaluate", "beir_table", "plot_table", "all"]
+    )
+
+
+def test_optional_tables_and_checks_switch_off_with_null():
+    """Merged over the default, `expected: null` (or a table set to null) turns it off."""
+    c = load("config.yaml")
+    c.update(expected=None, msmarco_table=None, quantization_table=None)
+    cfg.prefill(c)
+    from snakemake.utils import validate
+
+    validate(c, str(ROOT / "workflow" / "schemas" / "config.schema.yaml"))
+    assert cfg.expected_cells(c) == []

@@ -25,6 +25,8 @@ TRAINING_SECTIONS = ("pretraining", "finetuning", "adaptation", "csplade")
 # ...): a letter or digit first, so never ".", ".." or an option-like "-x"; no "/", spaces or
 # glob characters. The schema's $defs/name carries the same pattern (a test checks).
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,99}$"
+# Sections that turn on an output or a check; null switches one off.
+OPTIONAL_SECTIONS = ("expected", "msmarco_table", "quantization_table")
 NAMED_SECTIONS = ("datasets", "models", "systems", "mining", *TRAINING_SECTIONS)
 
 # The dataclass behind each config entry: the schema's keys for it are its fields plus the
@@ -78,8 +80,12 @@ def check_names(config: Mapping) -> None:
 def prefill(config: dict) -> None:
     """Create the per-run objects whose defaults live in the schema's ``$defs`` (``lora``,
     ``training``): the validator fills defaults inside a referenced object, not the object.
-    Names are checked first, so no later step sees an unsafe one."""
+    Names are checked first, so no later step sees an unsafe one. An optional table or
+    check set to null (to switch off what a merged config file turned on) is removed."""
     check_names(config)
+    for section in OPTIONAL_SECTIONS:
+        if section in config and config[section] is None:
+            del config[section]
     for section in TRAINING_SECTIONS:
         for run in (config.get(section) or {}).values():
             if isinstance(run, dict):
