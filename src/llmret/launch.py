@@ -1,29 +1,7 @@
-"""Run a training stage in one process, or in several under ``torchrun`` (one per GPU).
+"""Run a training stage in one process, or in N under ``torchrun`` (one per GPU); outside a
+scheduler, first claim N free GPUs with lock files so two jobs never share one.
 
-A Snakemake job that gets ``gpu=N`` (N > 1) must start N processes on its node; the rule
-scripts call :func:`run`, which either calls the stage directly (N <= 1, or already under
-a launcher) or starts ``python -m torch.distributed.run --standalone --nproc-per-node N
--m llmret.launch TASK ARGS.json`` as an argument list (no shell, nothing from the config
-pasted into a command line). Every process reads the same JSON arguments; the training
-loop (:func:`llmret.training.distributed.init_distributed`) picks up the ranks torchrun sets.
-
-Which GPUs a job uses: under Slurm (or any launcher that sets ``CUDA_VISIBLE_DEVICES``)
-the ones it was given. A local Snakemake run gives jobs no devices of their own
-(``--resources gpu=N`` only caps how many GPUs the running jobs ask for in total), so
-here a job that finds ``CUDA_VISIBLE_DEVICES`` unset claims N free GPUs of the machine
-with lock files (:func:`claimed_devices`; ``$LLMRET_GPU_LOCK_DIR``, default
-``/tmp/llmret-gpu-locks``), waits while too few are free, and runs with
-``CUDA_VISIBLE_DEVICES`` set to them: two training jobs never share a GPU.
-
-Multi-node runs use the same module under the user's launcher, e.g. on Slurm (one task
-per node, torchrun starts the ranks; ``$HEAD`` is the first node of the allocation)::
-
-    HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-    srun --ntasks-per-node=1 python -m torch.distributed.run --nnodes "$SLURM_NNODES" \\
-        --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint "$HEAD:29500" \\
-        -m llmret.launch pretrain args.json
-
-(``args.json`` holds the stage's keyword arguments, as :func:`run` writes them.)
+GPU claiming and the multi-node form: profiles/README.md; docs/training.md.
 """
 
 from __future__ import annotations

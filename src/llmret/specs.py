@@ -1,4 +1,9 @@
-"""TODO docstring (from config)."""
+"""Settings dataclasses built from config mappings, with clear errors: :class:`ConfigError`,
+:func:`settings` (an unknown key is an error, never a silent default), bound and choice
+checks, and the part of a config entry that a spec holds (the rest is workflow wiring).
+
+The config sections: config/README.md.
+"""
 
 from __future__ import annotations
 

@@ -1,1 +1,1 @@
-"""TODO package docstring."""
+"""CSPLADE: the adaptation phase and contrastive + FLOPS sparse training (docs/csplade.md)."""

@@ -1,4 +1,9 @@
-"""TODO docstring (from csplade)."""
+"""CSPLADE's adaptation phase: a short unsupervised LoRA stage on corpus passages
+(next-token or masked next-token loss, the logit-scale term and the optional keep-alive term)
+that starts contrastive sparse training from sparse, lexical vectors.
+
+This objective is this project's own design, not the paper's. Design notes: docs/csplade.md.
+"""
 
 from __future__ import annotations
 
@@ -40,7 +45,7 @@ ADAPTATION_JSON = "adaptation.json"
 
 @dataclass(frozen=True)
 class AdaptationSpec:
-    """The unsupervised adaptation phase on corpus passages (see the module docstring)."""
+    """The unsupervised adaptation phase on corpus passages (docs/csplade.md)."""
 
     template: str = "passage: {text}"
     append_eos: bool = True

@@ -1,4 +1,8 @@
-"""TODO docstring (from csplade, sparse)."""
+"""CSPLADE's loss terms and diagnostics: FLOPS regularisation and its quadratic warm-up, the
+dead-dimension fraction, the keep-alive and logit-scale losses of the adaptation phase.
+
+Design notes: docs/csplade.md.
+"""
 
 from __future__ import annotations
 

@@ -1,63 +1,8 @@
-"""CSPLADE training (Xu et al. 2025): a lightweight adaptation phase, then contrastive + FLOPS.
+"""CSPLADE's contrastive phase (Xu et al. 2025): InfoNCE over sparse dot products with hard
+and in-batch negatives plus warmed-up FLOPS regularisation, as a LoRA stage; saves the merged
+causal LM (with its LM head), ``csplade.json`` and the adapter.
 
-Both phases are LoRA stages run by :func:`llmret.training.loop.train` (DeepSpeed, resumable
-checkpoints, JSONL log) and saved like :func:`llmret.repllama.finetuning.finetune` saves: the
-LoRA-merged causal LM (safetensors, *with* its LM head, which the representation needs) plus a
-JSON record of the settings in ``out_dir``, and the PEFT adapter alone in ``adapter_dir``.
-
-Why an adaptation phase
-    A pretrained causal LM's logits are mostly positive (SmolLM2-135M: mean about +9 over its
-    49,152-term vocabulary), so at step 0 every SPLADE vector is dense and the FLOPS term is
-    enormous (about 5e5 per batch). Its gradient drives all logits down together; once a
-    logit is below zero the ReLU passes no gradient, so dimensions die and stay dead, and the
-    contrastive loss loses the very terms it needs: the early-training collapse the paper
-    reports. :func:`dead_fraction` (logged every logging step of both phases) shows it.
-
-The adaptation objective (our reading; the paper's method section was not retrievable here,
-only its abstract: "a lightweight adaptation training phase to eliminate training
-instability", unsupervised, on the corpus)
-    ``loss = ntp_weight * L_ntp + scale_weight * L_scale + bow_weight * L_bow`` on corpus
-    passages framed with the passage template (defaults 1, 0.3, 0):
-
-    * ``L_ntp``: next-token cross-entropy over the passage (causal), or, with
-      ``bidirectional``, masked next-token prediction (LLM2Vec's MNTP: a ``mask_fraction`` of
-      the text tokens is replaced by ``mask_token`` and each is predicted from the position
-      before it). It keeps the LM a language model while its logits move; under a
-      bidirectional mask it is also what teaches the LM to use the future context it now sees.
-    * ``L_scale`` (:func:`logit_scale_loss`): each pooled position's ``logsumexp`` of logits
-      is pulled to ``scale_target`` (6). Together with ``L_ntp``, which keeps the
-      log-probabilities, this makes ``logit = log p + 6``, so the ReLU keeps at each position
-      the terms the LM predicts with ``p > e^-6``, and the max-pool collects, for every
-      passage token, the prediction made just before it: a lexical vector with expansion
-      terms. Why: the raw logits' ranking carries little (SmolLM2's max-pooled raw logits,
-      top 100 terms: nDCG@10 0.095 on a SciFact sample), while the same logits normalised
-      per position (``log_softmax + 6``) retrieve at 0.40 zero-shot. The scale term teaches
-      the model that normalisation, so the SPLADE formula needs no change.
-    * ``L_bow``, the keep-alive term (the first objective we built; weight 0 by default): a
-      balanced logistic loss on the **pre-ReLU** max-pooled logits ``z``: the passage's own
-      tokens (specials left out) should have ``z > 0``, all other terms ``z < 0``:
-      ``mean_{t in doc} softplus(-z_t) + neg_weight * mean_{t not in doc} softplus(z_t)``.
-      It makes vectors sparser but not lexical: averaged over ~49k foreign terms its push
-      down is weak (30 steps: ~6,700 terms per passage, nDCG@10 0.05), and summed it
-      collapses every passage onto one fixed set of ~160 terms (nDCG@10 0.01).
-
-    Measured on a SciFact sample (100 test queries, 300 passages, 64 tokens; SmolLM2-135M,
-    LoRA r 16, 8 passages per step, lr 1e-3, CPU; ``benchmarks/csplade_objectives.py``):
-    bag-of-words over the LM's tokens scores nDCG@10 0.54 (tf) / 0.82 (tf-idf). With the
-    default objective the logsumexp falls from 24 to ~5 and the next-token loss, after a
-    jump in the first steps, ends below where it started (4.36 -> 3.53); 120 steps give
-    0.31 zero-shot with ~390 terms per passage and ~150 per query, and 60 contrastive steps
-    after them (4 queries, 1 random negative + in-batch, lr 3e-4, FLOPS 1e-3) 0.43 with
-    ~110 and ~26 terms.
-
-Contrastive phase (:class:`SparseModel`)
-    InfoNCE over dot products of sparse vectors with hard negatives and in-batch negatives
-    (all ranks), exactly :func:`llmret.training.contrastive.info_nce` with :func:`gather_with_grad`, plus
-    ``lambda_q * FLOPS(queries) + lambda_d * FLOPS(passages)`` (per rank, local vectors), each
-    lambda warmed up quadratically over ``flops_warmup_steps`` optimizer steps. The log gains
-    ``loss_contrastive``, ``loss_flops_q``, ``loss_flops_d`` (the unweighted FLOPS values),
-    ``lambda_q``, ``lambda_d``, ``dead_fraction`` (of the micro-batch's passage vectors) and
-    ``nnz_q``/``nnz_d`` (mean non-zero terms per vector), averaged over the logging window.
+Design notes: docs/csplade.md.
 """
 
 from __future__ import annotations

@@ -1,19 +1,8 @@
-"""Robust, atomic downloads and safe zip extraction for the workflow.
+"""Robust downloads for the workflow: streamed into a temporary sibling, md5-checked,
+retried on transient errors and renamed into place, so Snakemake never sees a partial file;
+mirror resolution and streams for readers that take a prefix.
 
-Snakemake treats any file that exists at a rule's output path as done, so a
-half-written download or half-extracted archive would poison every later run.
-Everything here therefore writes into a temporary sibling first and only moves
-it onto the final name once it is complete and verified; on any failure
-(including Ctrl-C) the temporary is removed and the destination is untouched.
-
-Errors:
-
-* :class:`DownloadError` (and its subclass :class:`ChecksumError`) for fetches;
-  the message always names the source and the destination.
-* :class:`ArchiveError` for archives that cannot be read (not a zip, truncated,
-  CRC mismatch) and :class:`UnsafeArchiveError` (a subclass) for archives whose
-  members would land outside the target or are not plain files/folders.
-  Catch ``ArchiveError`` to handle both.
+Design notes: docs/retrieval.md.
 """
 
 from __future__ import annotations

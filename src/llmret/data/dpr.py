@@ -1,4 +1,9 @@
-"""TODO docstring (from pretrain_data)."""
+"""DPR's Wikipedia passages (``psgs_w100.tsv``, gzip or plain): parsed with csv quoting from a
+path or a stream, and a prefix of the first N passages streamed to a local TSV with its
+sha256 (a prefix cannot be checked against the whole file's checksum).
+
+Design notes: docs/llara.md.
+"""
 
 from __future__ import annotations
 

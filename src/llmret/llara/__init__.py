@@ -1,1 +1,1 @@
-"""TODO package docstring."""
+"""LLaRA pretraining: the objective, its model, the pairs, token shards and the stages (docs/llara.md)."""

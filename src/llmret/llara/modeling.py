@@ -1,4 +1,9 @@
-"""TODO docstring (from llara)."""
+"""LLaRA's model: a causal LM plus the vocabulary projection of the two bag-of-words heads
+(copied from or tied to the LM head), the EBAE/EBAR and next-token losses on the joint
+pass, and ``save_llara`` for the final checkpoint and ``llara.json``.
+
+Design notes: docs/llara.md.
+"""
 
 from __future__ import annotations
 

@@ -1,91 +1,8 @@
-"""LLaRA pretraining objective (Li et al., "Making Large Language Models A Better Foundation
-For Dense Retrieval"): EBAE + EBAR in one forward pass.
+"""LLaRA's pretraining objective (Li et al.): EBAE and EBAR prompts in one joint forward pass
+over ``text SELF </s> NEXT </s>``, their inputs, mask segments and bag-of-words targets, for
+the paper's eq. 6 and for the released FlagEmbedding variant.
 
-A causal LM reads ``text`` and then two prompts, each closed by an end-of-sequence token:
-
-    [frame-head] text  SELF [frame-tail] </s>  NEXT [frame-tail] </s>
-
-``SELF`` is the EBAE prompt (" The original sentence:"), ``NEXT`` the EBAR prompt (" The next
-sentence:"). The final hidden state at each ``</s>`` is a text embedding. EBAE asks the first
-embedding to predict the tokens of ``text`` itself, EBAR asks the second to predict the tokens
-of the text that follows it. Both are bag-of-words objectives over the vocabulary (paper
-eq. 6), so each embedding is projected to vocabulary logits once, never the whole sequence.
-
-Sharing the ``text`` prefix between the tasks halves the cost, but only if the two prompts
-cannot see each other: a 4-D attention mask hides the SELF segment from the NEXT segment,
-and NEXT restarts its position ids where SELF started. The joint pass is then equivalent to
-two separate passes ``text + SELF + </s>`` and ``text + NEXT + </s>`` (checked in the tests).
-
-Each segment is ``prompt ids + frame tail + eos``, exactly what
-:class:`llmret.retrieval.encoder.TextEncoder` produces for a template ``"{text}" + prompt`` with
-``append_eos``, so an embedding learnt here is the one the encoder later pools.
-
-Mask semantics in transformers v5 (read off 5.23 ``masking_utils`` / ``modeling_llama`` /
-``integrations/sdpa_attention``): a 4-D ``attention_mask`` is returned by
-``create_causal_mask`` as-is, for every attention implementation. Eager attention *adds* it
-to the scores, so a bool mask would silently add 0/1 instead of masking; SDPA hands it to
-``torch.nn.functional.scaled_dot_product_attention``, which reads a bool mask as "may attend"
-and a float mask as additive, documented as having the query's dtype (the CPU kernel in
-torch 2.13 tolerates fp32 with a bf16 model; eager then promotes the scores to fp32). A float
-additive mask in the model's dtype is the one form both honour as intended, hence
-:func:`additive_mask` and the cast in :meth:`LlaraModel.hidden`.
-
-The FlagEmbedding variant (``LlaraObjective(variant="flagembedding")``)
-------------------------------------------------------------------------
-
-The code released with the paper (FlagOpen/FlagEmbedding, ``research/LLARA``, read at
-commit 7ed43d67ec03) trains something other than eq. 6. What it does, file by file:
-
-* ``pretrain/run.py``: adds ``<s1>`` ... ``<s16>`` to the tokenizer as additional special
-  tokens (only those not yet in the vocabulary), ``model.resize_token_embeddings(len(tokenizer))``,
-  saves the tokenizer with the checkpoint; left padding, pad = unk.
-* ``pretrain/data.py``: one row is ``tok('"')`` (BOS + quote) + text ids (no special tokens,
-  cut so the row fits ``cutoff_len``) + ``tok('", summarize the above passage within eight
-  words: <s1>...<s8>')`` + ``tok('", predict the following passage within eight words:
-  <s9>...<s16>')`` (suffixes without special tokens); no ``</s>``. ``labels`` are the text
-  ids at the text positions, -100 elsewhere. The BoW targets are two more strings of the
-  data file, ``output_summarize`` (the input text again, in the released toy data) and
-  ``output_predict`` (the next passage), each re-tokenised with truncation at
-  ``cutoff_len``; ``remove_stop_words`` optionally strips NLTK stop words and punctuation
-  from them first.
-* ``pretrain/modeling.py`` (``NewLlamaModel.forward``): the predict suffix gets the position
-  ids of the first tokens of the summarize suffix (restart), and its rows of the causal
-  mask are blocked from the summarize suffix: the same joint pass as here. Suffix lengths
-  (19 and 18) are hard-coded from Llama-2 token ids. (``PreLlamaModel.forward``): logits =
-  ``lm_head`` over *every* position; ``ar_loss`` = the shifted next-token cross-entropy over
-  the labels (mean over the batch's text tokens); the logits at the 8 positions of
-  ``<s1..s8>`` (resp. ``<s9..s16>``) are **max-pooled over the positions**, log-softmaxed,
-  and each example scores ``-mean log p`` over the distinct target ids > 2 (Llama's
-  unk/bos/eos dropped), averaged over examples with a non-empty target, then **divided by
-  10**; the two BoW losses are averaged (or one alone if the other is 0);
-  ``loss = ar_loss + bow``, i.e. ``LM + 0.05 * (BoW_ebae + BoW_ebar)``. The vocabulary
-  projection is the LM head itself.
-* ``README.md`` and ``finetune/modeling.py``/``finetune/data.py`` (inference): passages are
-  ``<s>"`` + text + the summarize suffix, queries the same with the predict suffix, left
-  padded, no ``</s>``; the embedding is the **mean of the last hidden states of the last 8
-  positions** (the summary tokens), L2-normalised.
-
-Where that differs from the paper: 8 learnt summary tokens per prompt instead of one
-``</s>``, other prompt wording and a quoted text; max-pooled logits of 8 states instead of
-the logits of one; an extra LM term with the BoW terms scaled by 1/20; and an embedding at
-inference that is a mean of hidden states, not the state the BoW head was trained on.
-
-This module implements it in the same joint pass: ``[head] PREFIX text SELF NEXT`` where
-PREFIX = ``text_prefix`` ('"'), SELF = ``ebae_prompt + "<s1>...<sK>"`` and NEXT =
-``ebar_prompt + "<sK+1>...<s2K>"`` (each prompt plus its tokens tokenised as one string, as
-the release does; K = ``summary_tokens``), NEXT positions restarting at SELF. Loss =
-``ebae_weight * BoW(max_k logits) + ebar_weight * BoW(...) + lm_weight * LM(text)`` with the
-release's defaults 0.05, 0.05, 1 and the LM head as projection (``head="tie"`` in
-:class:`llmret.llara.pretraining.PretrainSpec`). Deliberate deviations: BoW targets are the
-stored (truncated) text and next-text ids, as for the paper variant, with no stop-word
-removal (shards hold ids, not words); a task whose targets are all empty adds 0 instead of
-taking the whole BoW weight; right padding with positions from 0 (the release counts left
-padding in its positions; RoPE only sees differences); special and pad ids, not ids <= 2,
-are kept out of the bags; embeddings are only ever grown (a padded vocabulary is not cut
-to ``len(tokenizer)``) and new rows start as transformers v5 initialises them (drawn from
-the old rows' mean and covariance), not as 4.41 did. Inference: :func:`encoder_settings` gives the dense-system
-settings (templates with the summary tokens, ``append_eos: false``, pooling
-``mean_last_K``), and :func:`llmret.llara.modeling.save_llara` writes them into ``llara.json``.
+Design notes (mask semantics, the release read file by file, deviations): docs/llara.md.
 """
 
 from __future__ import annotations
@@ -143,7 +60,7 @@ class LlaraObjective:
 
     ``variant`` is ``"paper"`` (eq. 6, one ``</s>`` per prompt) or ``"flagembedding"`` (the
     released code: ``summary_tokens`` special tokens per prompt, max-pooled logits, an LM
-    term; see the module docstring). Fields left at None take the variant's value from
+    term; see docs/llara.md). Fields left at None take the variant's value from
     :data:`VARIANTS`, so one switch gives either recipe; ``summary_tokens`` only matters
     for ``"flagembedding"``.
     """

@@ -1,4 +1,9 @@
-"""TODO docstring (from llara, pretrain_data)."""
+"""(text, next text) pairs for LLaRA pretraining: BEIR documents cut in two at a sentence
+boundary near the middle (corpus only, never queries or labels), and consecutive passages of
+one article in DPR's Wikipedia.
+
+Design notes: docs/llara.md.
+"""
 
 from __future__ import annotations
 

@@ -1,21 +1,8 @@
-"""Unlabelled (text, next text) pairs for LLaRA pretraining, tokenised into fixed shards.
+"""LLaRA pretraining data as reproducible token shards: each pair assigned by a stable hash,
+shards written as safetensors whose bytes depend only on the set of pairs, a manifest
+checking they were made together, and the dataset and collator training reads.
 
-Pipeline (one Snakemake job per box):
-
-    pair source --(shard_of)--> tokenize_shard x N  -->  write_manifest  -->  ShardDataset
-
-* Pair sources stream :class:`Pair` objects from BEIR corpora (each document cut in two by
-  :func:`llmret.llara.pairs.split_pairs`; no queries or qrels are read) or from DPR's Wikipedia
-  passages (consecutive passages of one article).
-* :func:`shard_of` assigns a pair to a shard from a stable hash of its id and a seed, so
-  every shard job can read the whole source independently and keep its own pairs: no
-  coordination, no dependence on order or process, and a pair can never land in two shards.
-* A shard file is safetensors: CSR token arrays plus string metadata. Its bytes depend only
-  on the *set* of pairs, the tokenizer and the settings (pairs are sorted by id, then
-  shuffled with a seeded RNG; the metadata header is written in a canonical key order), so
-  a rerun reproduces it byte for byte and Snakemake sees no spurious change.
-* The manifest sums the shards and checks that they were made together; the dataset
-  serves token-id lists that :func:`llmret.llara.objective.build_training_batch` takes directly.
+Design notes: docs/llara.md.
 """
 
 from __future__ import annotations

@@ -1,26 +1,8 @@
-"""RepLLaMA-style contrastive fine-tuning: LoRA on a causal LM, InfoNCE over hard-negative groups.
+"""RepLLaMA-style contrastive fine-tuning (Ma et al., as in Tevatron): LoRA on a causal LM,
+InfoNCE over a positive, mined hard negatives and in-batch negatives, last-token pooling;
+writes the merged model, ``finetune.json`` and the PEFT adapter.
 
-Recipe (Ma et al., "Fine-Tuning LLaMA for Multi-Stage Text Retrieval", as in Tevatron): each
-query comes with a group of ``group_size`` passages, one positive and ``group_size - 1`` mined
-hard negatives. Queries and passages are framed by prompt templates, closed by an EOS token and
-embedded as the (L2-normalised) last hidden state at that token. The loss is a softmax
-cross-entropy over query-passage dot products divided by a temperature, where every passage of
-the global batch (all ranks) is a candidate for every query (in-batch negatives).
-
-Only LoRA adapters are trained (peft, ``FEATURE_EXTRACTION`` task: an ``AutoModel`` without LM
-head). The base is a plain HF causal-LM checkpoint or a LLaRA checkpoint
-(:func:`llmret.llara.modeling.save_llara`: ``AutoModel`` reads its LM and ignores the extra files).
-
-Outputs of :func:`finetune`
-    ``out_dir``: the LoRA-merged model (``save_pretrained``, safetensors; an ``AutoModel``, so
-    without LM head), the tokenizer, ``finetune.json`` (both specs and the encoder settings a
-    dense system must use) and ``training_state.json``. ``adapter_dir``: the PEFT adapter alone
-    (``adapter_model.safetensors`` + ``adapter_config.json``), to reload on the base with
-    :func:`load_adapter_model`.
-
-Tokenisation goes through :func:`llmret.retrieval.tokenization.tokenize_kind`, the function the dense encoder
-uses at inference, so training and retrieval see identical ids for the settings returned by
-:meth:`ContrastiveSpec.encoder_settings`.
+Design notes: docs/finetuning.md.
 """
 
 from __future__ import annotations

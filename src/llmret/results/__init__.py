@@ -1,1 +1,1 @@
-"""TODO package docstring."""
+"""From runs to tables: evaluation, the tables and plots, expected scores, footprint tables."""

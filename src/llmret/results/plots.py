@@ -1,4 +1,7 @@
-"""TODO docstring (from pretraining)."""
+"""Training-loss plots: each loss of a JSONL training log against the step, for the report.
+
+Log format: docs/training.md.
+"""
 
 from __future__ import annotations
 

@@ -1,1 +1,1 @@
-"""TODO package docstring."""
+"""Models, encoders and indexes: BM25, dense vectors and FAISS, sparse vectors and their index."""

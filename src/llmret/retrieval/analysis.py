@@ -1,4 +1,9 @@
-"""TODO docstring (from bm25)."""
+"""Lucene's English analysis in Python, as Anserini's ``DefaultEnglishAnalyzer`` does it:
+a StandardTokenizer approximation, possessive filter, lowercasing, Lucene's 33 stop words and
+Lucene's Porter stemmer (which departs from Snowball's).
+
+Design notes (tokenizer rules, known gaps, stemmer differences): docs/retrieval.md.
+"""
 
 from __future__ import annotations
 
@@ -314,7 +319,7 @@ def _lower(token: str) -> str:
 
 
 def standard_tokenize(text: str) -> list[str]:
-    """Approximate Lucene's StandardTokenizer (see the module docstring)."""
+    """Approximate Lucene's StandardTokenizer (docs/retrieval.md)."""
     toks = _TOKEN_RE.findall(text)
     # rare slow path: underscore-only tokens to drop, over-long tokens to cut
     if toks and ("_" in text or max(map(len, toks)) > _MAX_TOKEN_LENGTH):
@@ -328,7 +333,7 @@ def standard_tokenize(text: str) -> list[str]:
 
 
 class LuceneAnalyzer:
-    """Anserini's ``DefaultEnglishAnalyzer`` in Python (see module docstring).
+    """Anserini's ``DefaultEnglishAnalyzer`` in Python (docs/retrieval.md).
 
     Tokenize -> strip possessive ``'s`` -> lowercase -> drop stop words -> stem.
     Stems are cached per distinct word, so analysing a corpus costs little more

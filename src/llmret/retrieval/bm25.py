@@ -1,64 +1,8 @@
-"""BM25 that reproduces Pyserini's "BM25 flat" BEIR baselines, on top of bm25s.
+"""BM25 that reproduces Pyserini's "BM25 flat" BEIR baselines on top of bm25s: Lucene's
+BM25 scoring with one-byte norms, query-term counting and tie-breaking by document id
+(the analysis lives in :mod:`llmret.retrieval.analysis`).
 
-Pyserini's published BEIR numbers come from Anserini/Lucene: a ``contents`` field
-holding ``title + " " + text``, analysed by Anserini's ``DefaultEnglishAnalyzer``
-and scored by Lucene's ``BM25Similarity`` with k1=0.9, b=0.4.  This module mirrors
-each of those pieces so that our BM25 runs are a faithful stand-in:
-
-* :class:`LuceneAnalyzer` -- StandardTokenizer (approximated with a regex, see
-  below) -> EnglishPossessiveFilter -> LowerCaseFilter -> StopFilter (Lucene's
-  33 English stop words) -> PorterStemFilter.
-* Scoring -- Lucene's BM25: ``idf = ln(1 + (N - n + 0.5) / (n + 0.5))`` and
-  ``tf / (tf + k1 * (1 - b + b * dl / avgdl))`` (no ``(k1 + 1)`` factor, as in
-  Lucene >= 8), where ``dl`` is the number of analysed tokens of the document
-  (stop words removed: Lucene's field length counts emitted tokens), ``avgdl``
-  is the mean of ``dl`` over documents with at least one token and ``N`` is the
-  number of such documents (Lucene's ``docCount``).
-* Document lengths are stored the way Lucene stores norms: one byte per document
-  (``SmallFloat.intToByte4``), decoded with ``byte4ToInt`` -- lengths 0..39 are
-  exact, longer ones lose precision (rounded down to 4 significant bits above 24).
-  bm25s does not do this (it uses exact lengths), so with ``norms="lucene"`` the
-  score matrix is computed here, in float32 in the same operation order as
-  Lucene, and handed to a ``bm25s.BM25`` object that stores, saves and loads it.
-* Queries: analysed like documents; a term repeated in a query counts once per
-  occurrence (Anserini's ``BagOfWordsQueryGenerator`` turns a term seen c times
-  into one clause with boost c, i.e. c times its score).  bm25s's own scorer
-  keeps duplicate query token ids and also adds their scores once per
-  occurrence; we score through the same CSC matrix and keep that behaviour.
-* Results: only documents matching at least one query term (as Lucene), best
-  first; equal float32 scores are ordered by document id string, like Anserini's
-  ``BREAK_SCORE_TIES_BY_DOCID`` sort.
-
-StandardTokenizer approximation (UAX#29 word boundaries, done with ``re``):
-
-* a token is a run of word characters (``\\w`` minus the few numeric symbols
-  UAX#29 classes as "Other": superscript/subscript digits, vulgar fractions,
-  circled digits), which may also contain format/combining characters after its
-  first character (soft hyphen, LRM/RLM, ZWJ/ZWNJ, Latin combining marks);
-* runs are joined across one of ``' ’ ‘ . : ·`` (and their full-width forms)
-  when letters stand on both sides (``don't``, ``e.g``, ``u.s``), and across one of
-  ``, . ; ' ’ ‘`` when digits stand on both sides (``3.5``, ``1,000``); letters and
-  digits join directly (``il6``, ``3.5mg``), underscores join anything;
-* everything else separates tokens: hyphens, slashes, other punctuation
-  (``covid-19`` -> ``covid``, ``19``); Han ideographs and Hiragana are one token
-  per character; tokens of underscores only are dropped; tokens longer than 255
-  characters are cut into 255-character pieces (Lucene's maxTokenLength).
-
-Known gaps: UAX#29 rules for Hebrew letters, Katakana, South-East Asian scripts,
-emoji and non-Latin combining marks are not modelled; lowercasing uses Python's
-per-character mapping (close to Java's ``Character.toLowerCase``).  On SciFact
-these do not arise (its only non-ASCII word-break-relevant characters are the
-middle dot, curly quotes, super/subscript digits, LRM and soft hyphen, all
-handled above).
-
-Stemming: Lucene's ``PorterStemmer`` is Martin Porter's reference implementation,
-which departs from the published algorithm (and from Snowball/PyStemmer
-``porter``) in three ways: words of 1-2 characters are never stemmed (Snowball:
-``us`` -> ``u``, ``s`` -> ``""``), ``-bli`` becomes ``-ble`` (not only ``-abli``)
-and ``-logi`` becomes ``-log`` (``pathology`` -> ``patholog``; Snowball:
-``pathologi``).  ``stemmer="porter"`` therefore uses the port in this module;
-any other PyStemmer algorithm name (or ``"snowball-porter"`` for PyStemmer's
-``porter``) goes through PyStemmer.
+Design notes: docs/retrieval.md.
 """
 
 from __future__ import annotations

@@ -1,4 +1,9 @@
-"""TODO docstring (from llara, sparse)."""
+"""4-D float additive attention masks that transformers v5 honours under eager and SDPA
+attention alike (LLaRA's joint pass, bidirectional attention), and the decoder body of a
+causal LM, PEFT-wrapped or not.
+
+Design notes: docs/llara.md.
+"""
 
 from __future__ import annotations
 

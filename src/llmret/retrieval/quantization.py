@@ -1,69 +1,8 @@
-"""Post-training quantization of a transformer's Linear layers, to measure what an encoder
-loses in quality and gains in size and speed at lower precision.
+"""Post-training quantization of a transformer's Linear layers (int8 and int4 weight-only,
+int8-dynamic on CPU, bfloat16), to measure what an encoder loses in quality and gains in
+size and speed at lower precision. Works in place.
 
-Every ``nn.Linear`` is a candidate, found recursively by module type: the attention and MLP
-projections of a LLaMA-architecture causal LM (SmolLM2) including its LM head ``lm_head``,
-or the projections and pooler of a BERT encoder. Embedding tables, norms and rotary
-buffers keep their dtype (except under ``bfloat16``, which casts the whole model).
-
-Precisions (``PRECISIONS``):
-
-``float32``
-    The reference: the model is returned unchanged. Any device.
-``bfloat16``
-    ``model.to(torch.bfloat16)``: every parameter and floating buffer in bfloat16, so half
-    the bytes and bfloat16 arithmetic. Fast on GPUs; on CPUs without native bfloat16
-    instructions (AVX512-BF16 / AMX) it runs, but often slower than float32.
-``int8``
-    Our weight-only path on every device (``WeightOnlyLinear`` with ``bits=8``): int8
-    weights with group-wise scales, dequantized for a floating-point matmul. Nearly lossless
-    (SmolLM2-135M hidden states: cosine 0.9998 to float32) and the same arithmetic on CPU
-    and GPU, so a table measured on either compares.
-``int8-dynamic``
-    CPU only: torch's dynamic quantization (``torch.ao.quantization.quantize_dynamic``):
-    weights stored as int8 with one affine scale per tensor, activations quantized to int8
-    on the fly per batch, int8 GEMM kernels (fbgemm/x86 or qnnpack). The only int8 path
-    with real integer kernels on CPU (faster than float32 there), but the per-tensor int8
-    activations lose much on LLMs with outlier features (SmolLM2-135M hidden states:
-    cosine 0.90). torch deprecates the API (its warnings are silenced locally); it works in
-    the installed torch. ``group_size`` is not used; another device is refused (torch has
-    no dynamic-quantization kernels off CPU).
-``int4``
-    Our own weight-only quantization on every device: each Linear becomes a
-    ``WeightOnlyLinear`` with 4-bit weights, two per byte, and one scale per group of
-    ``group_size`` consecutive input columns. Activations and arithmetic stay in the
-    input's dtype (float32 here).
-
-Choices made for the weight-only path (``WeightOnlyLinear``):
-
-* Symmetric round-to-nearest per group: ``scale = max|w| / qmax`` with ``qmax = 7`` (int4)
-  or ``127`` (int8), ``q = clamp(round(w / scale), -2**(bits-1), qmax)``. Quantizing to
-  ``[-qmax, qmax]`` keeps every weight's error at most ``scale / 2``; the spare code -8
-  (-128) is representable but never produced. No zero point: transformer weights are
-  roughly centred, and symmetry keeps dequantization a single multiply.
-* int4 values are stored with an offset of 8 (``[-8, 7]`` -> ``[0, 15]``), the value at even
-  column ``2j`` in the low nibble of byte ``j`` and the odd column ``2j + 1`` in its high
-  nibble. int8 values are stored as ``torch.int8``, one per byte.
-* Scales are float16: half the overhead of float32 (2 bytes per group: 1/32 byte per weight
-  at group 64) and, as in GPTQ/AWQ/llama.cpp, ample precision for a scale. The quantized
-  values are computed with the float16-rounded scale actually stored, so the error bound
-  holds for the stored scale. A group of all-zero weights gets scale 0 and codes 0.
-* ``group_size`` must be a power of two >= 8 (the usual 32/64/128; it always divides the
-  power-of-two-heavy hidden sizes of transformers and keeps int4 rows an even length).
-  A Linear whose ``in_features`` is not a multiple of it is left in float and logged.
-* No cached float weight: the forward dequantizes the weight on every call (a multiply
-  over the weight matrix, in float32, then cast to the input's dtype) and calls
-  ``F.linear``. Memory stays at the packed size plus one layer's transient float weight,
-  at the cost of extra work per call, which makes it slower than float32 on CPU; it is a
-  size/quality measurement, not a fast kernel.
-* Bias is kept as it was (float32), cast to the input's dtype in the forward.
-
-Tied weights: SmolLM2 ties ``lm_head.weight`` to ``model.embed_tokens.weight``. Both paths
-*replace* the ``lm_head`` module and never write the parameter, so the embedding table
-stays the exact float tensor it was.
-
-``quantize_model`` works in place (a copy of a large model would double its memory):
-compute float references before quantizing, or quantize a fresh copy.
+Design notes (each precision, the weight-only format, tied weights): docs/csplade.md.
 """
 
 from __future__ import annotations
@@ -244,7 +183,7 @@ def quantize_dynamic_int8(model: nn.Module) -> nn.Module:
 
 def quantize_model(model: nn.Module, spec: QuantSpec, device: str = "cpu") -> nn.Module:
     """Return ``model`` (float32, eval mode) ready for inference at ``spec.precision`` on
-    ``device``; the model is modified in place (see the module docstring for each path)."""
+    ``device``; the model is modified in place (docs/csplade.md describes each path)."""
     kind = torch.device(device).type
     model.eval()
     if spec.precision == "float32":

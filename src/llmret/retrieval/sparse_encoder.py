@@ -1,32 +1,8 @@
-"""SPLADE-style sparse vectors from a causal LM (CSPLADE, Xu et al. 2025): pure pieces + encoding.
+"""SPLADE-style sparse vectors from a causal LM (CSPLADE): ``log(1 + ReLU(logit))``
+max-pooled over positions, with echo and bidirectional-attention variants, pruning and
+token-budgeted encoding into CSR matrices (LM head applied in chunks with a running max).
 
-Representation
-    The LM head's vocabulary logits at every input position, ``log(1 + ReLU(logit))``,
-    max-pooled over the pooled positions: one non-negative weight per vocabulary term. Queries
-    and passages share the encoder; only their templates (prefixes) and max lengths differ.
-    The vocabulary-term key an index uses is the token id (as a string, engines' side).
-
-Bidirectional context (two options, either or both)
-    * echo (Springer et al.'s echo embeddings, as CSPLADE-echo): the text is fed twice and only
-      the second copy is pooled; every token of the second copy has attended to the whole text
-      through the first copy. A row ``head + body`` (``head`` = the tokenizer's frame head,
-      e.g. BOS; ``body`` = template + text + frame tail + EOS) becomes ``head + body + body``
-      with position ids counting on (one sequence, no restart).
-    * bidirectional attention (CSPLADE-bi): the causal mask is replaced by a 4-D float additive
-      mask in which every non-padding query position sees every non-padding key. Transformers
-      v5 adds a 4-D mask as given (a bool one would be silently wrong under eager attention),
-      hence :func:`llmret.retrieval.masks.additive_mask`. Meant for a model adapted to it first
-      (:mod:`llmret.csplade.sparse_training`).
-
-Regularisation and diagnostics
-    :func:`flops` (Paria et al. 2020), :func:`quadratic_warmup` of its weight (as SPLADE),
-    :func:`dead_fraction`: the share of vocabulary dimensions that are zero in every vector of a
-    batch, the symptom of the early-training collapse CSPLADE's adaptation phase removes.
-
-Encoding (:func:`encode_sparse`) returns a ``scipy.sparse.csr_matrix`` (n x vocab, float32),
-batched by tokens (longest first), with optional per-vector top-k and a minimum weight. The LM
-head is applied in chunks of positions with a running max, so memory stays at
-``batch_tokens x chunk`` logits instead of ``batch_tokens x vocab``.
+Design notes: docs/csplade.md.
 """
 
 from __future__ import annotations

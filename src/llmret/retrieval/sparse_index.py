@@ -1,31 +1,8 @@
-"""Top-k retrieval over learned sparse vectors: an exact scorer and a Seismic inverted index.
+"""Top-k retrieval over learned sparse vectors behind one :class:`SparseIndexSpec`: an exact
+scorer (sparse matrix product, ties by document id; the default) and Seismic's approximate
+inverted index for large corpora; index folders written atomically.
 
-Documents and queries are SciPy CSR matrices over the encoder's vocabulary (token ids as
-columns, non-negative weights); a document's score is its inner product with the query.
-Two engines sit behind one :class:`SparseIndexSpec`:
-
-* ``exact``: brute force with a sparse matrix product (queries x transposed documents).
-  It is the reference: float32 scores, only documents sharing a term with the query
-  (score > 0) are returned, and equal scores are ordered by document id string, as in
-  :func:`llmret.data.trec.write_run` and the BM25 runs, so the cut at rank k is reproducible.
-* ``seismic`` (pyseismic-lsr): the approximate inverted index of Bruch et al. (SIGIR 2024)
-  that the learned-sparse literature benchmarks against. Chosen over PISA
-  (pyterrier-pisa) because it is one self-contained wheel depending only on numpy, while
-  pyterrier-pisa pulls in PyTerrier, a JVM bridge and a dozen more packages.
-  Seismic stores document weights as float16, so its scores differ from exact ones by
-  a relative ~2**-11 (half a float16 ulp); with ``SparseIndexSpec.exhaustive()`` (no
-  posting pruning, every query term, no block skipping) it returns the exact top-k up to
-  that rounding. Build-time pruning uses a fixed seed, so a build is reproducible.
-
-Measured with ``benchmarks/sparse_engine.py`` (50k synthetic documents, SmolLM2's 49152
-terms, one thread), Seismic at its default settings searched no faster than the exact
-scorer, took ~15 minutes to build and ~19x the disk: its block summaries pay off on
-millions of documents, so ``exact`` is the default and ``seismic`` is for large corpora.
-
-An index on disk is a folder, written under a temporary name and renamed into place;
-``llmret_sparse_index.json`` (engine, settings, sizes) is written last inside it.
-Seismic searches with Rayon's global thread pool: set ``RAYON_NUM_THREADS`` before the
-first search to bound its threads (its ``num_threads`` arguments do not, in 0.5.4).
+Design notes (engine choice, knobs, measurements): docs/retrieval.md.
 """
 
 from __future__ import annotations
@@ -74,7 +51,7 @@ class SparseIndexSpec:
     skips a block: together (:meth:`exhaustive`) they make Seismic exact.
     """
 
-    engine: str = "exact"  # "exact" | "seismic" (see the module notes for when Seismic pays off)
+    engine: str = "exact"  # "exact" | "seismic" (docs/retrieval.md: when Seismic pays off)
     # seismic build: posting pruning, then k-means blocks with summaries per list
     n_postings: int = 3000  # mean postings kept per term (0: keep all)
     max_fraction: float = 6.0  # cap on one list: n_postings * max_fraction
@@ -176,7 +153,7 @@ def exact_search(
     batch_size: int = 32,
     show_progress: bool = False,
 ) -> Run:
-    """Exact top-k by inner product, in query order; see the module notes for ties and zeros."""
+    """Exact top-k by inner product, in query order; docs/retrieval.md has the ties and zeros."""
     docs = check_sparse(docs, doc_ids, "documents")
     queries = check_sparse(queries, query_ids, "queries")
     if queries.shape[1] != docs.shape[1]:

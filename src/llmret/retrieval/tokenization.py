@@ -1,4 +1,9 @@
-"""TODO docstring (from encoding)."""
+"""Framing texts for a model: the tokenizer's special-token frame, prompt template, text cut
+to the max length (never the template or EOS) and EOS, shared by inference and training so a
+model is fed exactly the ids it was trained on; token-budgeted, length-sorted batches.
+
+Design notes: docs/retrieval.md.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,9 @@
-"""TODO docstring (from training)."""
+"""What decides a training run: :class:`TrainingArgs`, the learning-rate schedule, the
+DeepSpeed config the loop fills in, and the recipe (settings and input digests) that a
+checkpoint must match to be resumed.
+
+Design notes: docs/training.md.
+"""
 
 from __future__ import annotations
 

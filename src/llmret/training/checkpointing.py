@@ -1,4 +1,9 @@
-"""TODO docstring (from training)."""
+"""Resumable DeepSpeed checkpoints: atomic ``latest`` marker, pruning, loading with only
+allow-listed classes, and the final model folder (safetensors only, with
+``training_state.json``), swapped into place.
+
+Design notes: docs/training.md.
+"""
 
 from __future__ import annotations
 

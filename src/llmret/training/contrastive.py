@@ -1,4 +1,9 @@
-"""TODO docstring (from finetuning)."""
+"""Contrastive training machinery shared by fine-tuning and CSPLADE: Tevatron groups and
+their sampling, the query-major collator, InfoNCE with in-batch negatives, the gather that
+keeps gradients across ranks, and collapse diagnostics.
+
+Design notes: docs/finetuning.md.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""TODO docstring (from training)."""
+"""The process group for training: single-process defaults and gloo on CPU (DeepSpeed's CPU
+op left uncompiled), peak-memory figures, and all-reduce helpers for the log and the peaks.
+
+Design notes: docs/training.md.
+"""
 
 from __future__ import annotations
 

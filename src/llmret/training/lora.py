@@ -1,4 +1,8 @@
-"""TODO docstring (from finetuning)."""
+"""LoRA for every LoRA stage: :class:`LoraSpec`, applying adapters with a seeded init,
+merging and saving, reloading an adapter on its base, and publishing it in its own folder.
+
+Design notes: docs/finetuning.md; docs/training.md.
+"""
 
 from __future__ import annotations
 

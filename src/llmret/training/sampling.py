@@ -1,4 +1,8 @@
-"""TODO docstring (from training)."""
+"""The deterministic, resumable batch order: per-epoch seeded permutations dealt to ranks,
+skipped arithmetically on resume, and per-step reseeding of the random generators.
+
+Design notes: docs/training.md.
+"""
 
 from __future__ import annotations
 
