@@ -157,3 +157,47 @@ def test_train_split_subsample_is_seeded(tmp_path):
     ]
     assert [r["queries"] for r in runs] == [5, 5, 5]
     assert picked[0] == picked[1] != picked[2]
+
+
+@pytest.mark.parametrize(
+    ("name", "line"),
+    [
+        ("corpus.jsonl", 2),
+        ("queries.jsonl", 1),
+        ("qrels/test.tsv", 3),
+    ],
+)
+def test_bytes_that_are_not_utf8_name_file_and_line(beir_folder, name, line):
+    path = beir_folder / name
+    lines = path.read_bytes().split(b"\n")
+    lines[line - 1] = lines[line - 1].replace(b"d", b"\xe9d", 1)  # Latin-1 e-acute: invalid UTF-8
+    path.write_bytes(b"\n".join(lines))
+    with pytest.raises(beir.BeirFormatError, match=rf"{name}:{line}: not UTF-8 \(byte 0xe9 at column \d+"):
+        beir.load_dataset(beir_folder)
+
+
+def test_empty_queries_file_is_named(beir_folder):
+    (beir_folder / "queries.jsonl").write_text("")
+    with pytest.raises(beir.BeirFormatError, match=r"queries\.jsonl: no queries"):
+        beir.load_dataset(beir_folder, on_unknown="drop")
+
+
+def test_a_query_with_an_empty_text_is_refused(beir_folder):
+    with open(beir_folder / "queries.jsonl", "a") as f:
+        f.write('{"_id": "q4", "text": "  "}\n')
+    with pytest.raises(beir.BeirFormatError, match=r"queries\.jsonl:4: query 'q4' has an empty text"):
+        beir.load_queries(beir_folder / "queries.jsonl")
+
+
+def test_empty_documents_are_kept_and_counted(beir_folder, caplog):
+    with open(beir_folder / "corpus.jsonl", "a") as f:
+        f.write('{"_id": "d4", "title": "", "text": ""}\n')
+    corpus = beir.load_corpus(beir_folder / "corpus.jsonl")
+    assert corpus.ids[-1] == "d4"
+    assert any("1 documents have neither title nor text" in r.getMessage() for r in caplog.records)
+
+
+def test_a_split_whose_judged_queries_are_all_unknown_is_an_error(beir_folder):
+    (beir_folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq9\td1\t1\n")
+    with pytest.raises(beir.BeirFormatError, match=r"test\.tsv: no query of split 'test' is left with a judgment"):
+        beir.load_dataset(beir_folder, on_unknown="drop")

@@ -27,10 +27,10 @@ DL_QUERIES = "300\tfish movement\n100\twhat do cats sit on\n"
 DL_QRELS = "300 Q0 3 3\n300 Q0 1 0\n100 Q0 0 2\n"  # NIST's: spaces, graded
 
 
-def _tar(path, members: dict[str, str]) -> None:
+def _tar(path, members: dict[str, str | bytes]) -> None:
     with tarfile.open(path, "w:gz") as tar:
         for name, text in members.items():
-            data = text.encode()
+            data = text if isinstance(text, bytes) else text.encode()
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
@@ -96,6 +96,11 @@ def test_assemble_writes_the_beir_layout(raw, tmp_path):
         ("qrels.dev.small.tsv", "100\t0\t0\tyes\n", "qrels.dev.small.tsv:1: grade 'yes' is not an integer"),
         ("qrels.dev.small.tsv", "100\t0\t0\t1\n100\t0\t0\t2\n", "(100, 0) judged twice, different grades"),
         ("queries.train.tsv", "100\tanother text\n", "query '100' has another text in an earlier split"),
+        (
+            "collection.tsv",
+            b"0\tok\n1\tcaf\xe9\n",
+            "collectionandqueries.tar.gz:collection.tsv:2: not UTF-8 (byte 0xe9",
+        ),
     ],
 )
 def test_malformed_files_are_named_and_leave_nothing(raw, tmp_path, member, text, message):

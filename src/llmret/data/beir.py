@@ -12,7 +12,7 @@ import gzip
 import json
 import logging
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -77,22 +77,40 @@ class Subsample:
         return self.max_queries is not None or self.max_docs is not None
 
 
+def text_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each line of a UTF-8 file, plain or gzip; bytes that are not
+    UTF-8 fail naming ``file:line`` and the byte, never as a bare ``UnicodeDecodeError``."""
+    with open(path, "rb") as probe:
+        gzipped = probe.read(2) == b"\x1f\x8b"
+    with gzip.open(path, "rb") if gzipped else open(path, "rb") as f:
+        yield from decoded_lines(path, f)
+
+
+def decoded_lines(name: str | Path, raw: Iterable[bytes]) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a binary stream's lines, decoded as UTF-8 one line at a time, so
+    a bad byte names ``file:line`` and its column."""
+    for lineno, line in enumerate(raw, start=1):
+        try:
+            yield lineno, line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise BeirFormatError(
+                f"{name}:{lineno}: not UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1}: {e.reason})"
+            ) from None
+
+
 def jsonl_records(path: str | Path) -> Iterator[tuple[int, dict]]:
     """(line number, object) of each non-blank line of a JSONL file, plain or gzip (released
     training files often are); a line that is not a JSON object fails naming ``file:line``."""
-    with open(path, "rb") as probe:
-        gzipped = probe.read(2) == b"\x1f\x8b"
-    with gzip.open(path, "rt", encoding="utf-8") if gzipped else open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise BeirFormatError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(rec, dict):
-                raise BeirFormatError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-            yield lineno, rec
+    for lineno, line in text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise BeirFormatError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(rec, dict):
+            raise BeirFormatError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+        yield lineno, rec
 
 
 def _id_of(rec: dict, path: Path, lineno: int) -> str:
@@ -150,49 +168,63 @@ def iter_corpus(path: str | Path) -> Iterator[tuple[str, str, str]]:
 
 
 def load_corpus(path: str | Path) -> Corpus:
+    """The whole corpus. A document with neither title nor text is kept (judgments may name
+    it; it matches nothing) and counted in a warning; an empty file is an error."""
     corpus = Corpus()
+    empty = []
     for doc_id, title, text in iter_corpus(path):
         corpus.ids.append(doc_id)
         corpus.titles.append(title)
         corpus.texts.append(text)
+        if not (title.strip() or text.strip()):
+            empty.append(doc_id)
     if not corpus.ids:
-        raise BeirFormatError(f"{path}: corpus is empty")
+        raise BeirFormatError(f"{path}: corpus is empty (no document)")
+    if empty:
+        log.warning("%s: %d documents have neither title nor text (kept; e.g. %s)", path, len(empty), empty[:3])
     return corpus
 
 
 def load_queries(path: str | Path) -> Queries:
+    """Every query; one with an empty text (nothing to search with) or an empty file is an error."""
     path = Path(path)
-    return {
-        qid: _text_field(rec, "text", path, lineno, required=True)
-        for lineno, qid, rec in _unique_records(path, "query")
-    }
+    queries = {}
+    for lineno, qid, rec in _unique_records(path, "query"):
+        text = _text_field(rec, "text", path, lineno, required=True)
+        if not text.strip():
+            raise BeirFormatError(f"{path}:{lineno}: query {qid!r} has an empty text")
+        queries[qid] = text
+    if not queries:
+        raise BeirFormatError(f"{path}: no queries")
+    return queries
 
 
 def load_qrels(path: str | Path) -> Qrels:
     """Read a BEIR qrels TSV (header required); a repeated pair is an error, not a silent overwrite."""
     path = Path(path)
     qrels: Qrels = {}
-    with open(path, encoding="utf-8") as f:
-        header = f.readline().rstrip("\n").split("\t")
-        if tuple(h.strip() for h in header) != QRELS_HEADER:
-            expected = "\t".join(QRELS_HEADER)
-            raise BeirFormatError(f"{path}:1: expected header {expected!r}, got {header!r}")
-        for lineno, line in enumerate(f, start=2):
-            if not line.strip():
-                continue
-            cols = line.rstrip("\n").split("\t")
-            if len(cols) != 3:
-                raise BeirFormatError(f"{path}:{lineno}: expected 3 tab-separated columns, got {len(cols)}")
-            qid, did, score = (c.strip() for c in cols)
-            if not qid or not did:
-                raise BeirFormatError(f"{path}:{lineno}: empty query or document id")
-            try:
-                rel = int(score)
-            except ValueError:
-                raise BeirFormatError(f"{path}:{lineno}: relevance {score!r} is not an integer") from None
-            if did in qrels.setdefault(qid, {}):
-                raise BeirFormatError(f"{path}:{lineno}: pair ({qid}, {did}) judged twice")
-            qrels[qid][did] = rel
+    lines = text_lines(path)
+    _, first = next(lines, (1, ""))
+    header = first.rstrip("\r\n").split("\t")
+    if tuple(h.strip() for h in header) != QRELS_HEADER:
+        expected = "\t".join(QRELS_HEADER)
+        raise BeirFormatError(f"{path}:1: expected header {expected!r}, got {header!r}")
+    for lineno, line in lines:
+        if not line.strip():
+            continue
+        cols = line.rstrip("\n").split("\t")
+        if len(cols) != 3:
+            raise BeirFormatError(f"{path}:{lineno}: expected 3 tab-separated columns, got {len(cols)}")
+        qid, did, score = (c.strip() for c in cols)
+        if not qid or not did:
+            raise BeirFormatError(f"{path}:{lineno}: empty query or document id")
+        try:
+            rel = int(score)
+        except ValueError:
+            raise BeirFormatError(f"{path}:{lineno}: relevance {score!r} is not an integer") from None
+        if did in qrels.setdefault(qid, {}):
+            raise BeirFormatError(f"{path}:{lineno}: pair ({qid}, {did}) judged twice")
+        qrels[qid][did] = rel
     if not qrels:
         raise BeirFormatError(f"{path}: no judgments")
     return qrels
@@ -241,6 +273,8 @@ def load_dataset(folder: str | Path, split: str = "test", on_unknown: str = "err
         log.warning("%s; dropped %d judgments", msg, dropped)
 
     queries = {q: queries[q] for q in queries if q in qrels}
+    if not queries:
+        raise BeirFormatError(f"{qrels_path}: no query of split {split!r} is left with a judgment")
     return Dataset(corpus=corpus, queries=queries, qrels=qrels)
 
 

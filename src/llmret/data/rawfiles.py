@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import gzip
-import io
 import json
 import logging
 import tarfile
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import IO
 
 from llmret.data.archives import swap_into_place
-from llmret.data.beir import BeirFormatError
+from llmret.data.beir import BeirFormatError, decoded_lines
 from llmret.io import remove_quietly, unique_sibling
 
 log = logging.getLogger(__name__)
@@ -42,8 +41,9 @@ class RawFile:
 
 
 @contextlib.contextmanager
-def open_text(f: RawFile) -> Iterator[IO[str]]:
-    """The file's text, streamed; a missing member is an error naming the archive."""
+def open_lines(f: RawFile) -> Iterator[Iterator[tuple[int, str]]]:
+    """The file's numbered text lines, streamed; a missing member is an error naming the
+    archive, a byte that is not UTF-8 names file:line."""
     with contextlib.ExitStack() as stack:
         if f.member is None:
             raw: IO[bytes] = stack.enter_context(open(f.path, "rb"))
@@ -62,13 +62,13 @@ def open_text(f: RawFile) -> Iterator[IO[str]]:
             inner_name = f.member
         if inner_name.endswith(".gz"):
             raw = stack.enter_context(gzip.open(raw, "rb"))
-        yield stack.enter_context(io.TextIOWrapper(raw, encoding="utf-8", newline="\n"))
+        yield decoded_lines(f.name, raw)
 
 
 def read_tsv(f: RawFile) -> Iterator[tuple[str, str]]:
     """``(id, text)`` pairs of an ``id<TAB>text`` file; anything else names file:line."""
-    with open_text(f) as lines:
-        for n, line in enumerate(lines, 1):
+    with open_lines(f) as lines:
+        for n, line in lines:
             line = line.rstrip("\n").rstrip("\r")
             if not line:
                 continue
@@ -81,8 +81,8 @@ def read_tsv(f: RawFile) -> Iterator[tuple[str, str]]:
 def read_trec_qrels(f: RawFile) -> Iterator[tuple[str, str, int]]:
     """``(query_id, doc_id, grade)`` of a TREC qrels file (``qid iter docid grade``,
     whitespace-separated; MS MARCO's dev qrels use tabs, NIST's use spaces)."""
-    with open_text(f) as lines:
-        for n, line in enumerate(lines, 1):
+    with open_lines(f) as lines:
+        for n, line in lines:
             parts = line.split()
             if not parts:
                 continue
