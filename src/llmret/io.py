@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import errno
+import glob
 import hashlib
 import logging
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO
 
@@ -117,3 +119,36 @@ def fsync_dir(d: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return pid < 2**22  # someone else's process, or not a pid at all
+    return True
+
+
+def remove_stale_temporaries(outputs: Iterable[str | os.PathLike]) -> list[Path]:
+    """Remove what killed writers of ``outputs`` left beside them (``.{name}.part-*``,
+    ``.{name}.extract-*``, ``.{name}.tmp-PID``, ...): called by a job before it writes its
+    outputs, when no other writer of them can exist (Snakemake runs one job per output). A
+    temporary named after a live process other than this one is kept."""
+    removed = []
+    for out in map(Path, outputs):
+        if not out.parent.is_dir():
+            continue
+        for p in out.parent.glob(f".{glob.escape(out.name)}.*"):
+            m = re.search(r"-(\d+)$", p.name)
+            if m and int(m.group(1)) != os.getpid() and _pid_alive(int(m.group(1))):
+                continue
+            size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            logger.warning("removed %s (%.1f MB), left by an earlier run that did not finish", p, size / 1e6)
+            removed.append(p)
+    return removed

@@ -2,12 +2,13 @@
 
 from pathlib import Path
 
-from llmret import logs
+from llmret import io, logs
 from llmret.data import trec
 from llmret.retrieval import faiss_index
 
 sm = snakemake  # noqa: F821
 logs.to_file(sm.log[0])
+io.remove_stale_temporaries(sm.output)
 spec = faiss_index.IndexSpec.from_config(sm.params.index)
 index = faiss_index.read_index(sm.input.index, spec)
 doc_ids = Path(sm.input.doc_ids).read_text(encoding="utf-8").splitlines()

@@ -2,11 +2,12 @@
 Wikipedia) from upstream or the mirror, md5-verified. Where it comes from is read from the
 config here, not passed as params: the md5 (the params) pins the content."""
 
-from llmret import config, logs
+from llmret import config, io, logs
 from llmret.data import download
 
 sm = snakemake  # noqa: F821 - injected by Snakemake
 logs.to_file(sm.log[0])
+io.remove_stale_temporaries(sm.output)
 entry = config.download_source(sm.config, sm.params.kind, dict(sm.wildcards))
 settings = sm.config["download"]
 source = download.resolve_source(entry["url"], config.mirror(sm.config), entry["mirror_path"])

@@ -3,10 +3,11 @@ default; IVF or HNSW per the system's index settings)."""
 
 import numpy as np
 
-from llmret import logs
+from llmret import io, logs
 from llmret.retrieval import faiss_index
 
 sm = snakemake  # noqa: F821
 logs.to_file(sm.log[0])
+io.remove_stale_temporaries(sm.output)
 spec = faiss_index.IndexSpec.from_config(sm.params.index)
 faiss_index.write_index(faiss_index.build_index(np.load(sm.input.vectors), spec), sm.output[0])

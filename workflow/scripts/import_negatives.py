@@ -1,8 +1,9 @@
 """Snakemake entry point: a released Tevatron training file, validated, as the mining output."""
 
-from llmret import logs
+from llmret import io, logs
 from llmret.training import mining
 
 sm = snakemake  # noqa: F821
 logs.to_file(sm.log[0])
+io.remove_stale_temporaries(sm.output)
 mining.import_tevatron(sm.input[0], sm.output.negatives, sm.output.stats)

@@ -2,11 +2,12 @@
 
 from pathlib import Path
 
-from llmret import logs
+from llmret import io, logs
 from llmret.training import mining
 
 sm = snakemake  # noqa: F821
 logs.to_file(sm.log[0])
+io.remove_stale_temporaries(sm.output)
 mining.mine_to_file(
     run_path=sm.input.run,
     queries_path=sm.input.queries,

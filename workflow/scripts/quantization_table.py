@@ -1,10 +1,11 @@
 """Snakemake entry point: the quantization table and its plot."""
 
-from llmret import logs
+from llmret import io, logs
 from llmret.results import footprint, tables
 
 sm = snakemake  # noqa: F821
 logs.to_file(sm.log[0])
+io.remove_stale_temporaries(sm.output)
 p = sm.params
 rows = [
     footprint.quantization_entry(

@@ -2,12 +2,13 @@
 
 from transformers import AutoTokenizer
 
-from llmret import launch, logs
+from llmret import io, launch, logs
 from llmret.results import tables
 from llmret.retrieval import encoder, sparse_encoder, sparse_vectors
 
 sm = snakemake  # noqa: F821
 logs.to_file(sm.log[0])
+io.remove_stale_temporaries(sm.output)
 spec = sparse_encoder.SparseEncoderSpec.from_config({k: v for k, v in sm.params.settings.items() if k != "model"})
 ids, texts, kind = encoder.read_side(sm.input.texts, sm.wildcards.side)
 encoder.set_threads(sm.threads)

@@ -1,11 +1,12 @@
 """Snakemake entry point: top-k sparse retrieval for every query, written as a TREC run."""
 
-from llmret import logs
+from llmret import io, logs
 from llmret.data import trec
 from llmret.retrieval import sparse_index, sparse_vectors
 
 sm = snakemake  # noqa: F821
 logs.to_file(sm.log[0])
+io.remove_stale_temporaries(sm.output)
 spec = sparse_index.SparseIndexSpec.from_config(sm.params.index)
 index = sparse_index.read_sparse_index(sm.input.index, spec)
 queries = sparse_vectors.load_sparse(sm.input.queries)

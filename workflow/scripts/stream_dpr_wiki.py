@@ -2,11 +2,12 @@
 
 import json
 
-from llmret import config, logs
+from llmret import config, io, logs
 from llmret.data import download, dpr
 
 sm = snakemake  # noqa: F821
 logs.to_file(sm.log[0])
+io.remove_stale_temporaries(sm.output)
 entry = config.download_source(sm.config, "dpr_wiki", dict(sm.wildcards))
 source = download.resolve_source(sm.params.url, config.mirror(sm.config), entry["mirror_path"])
 info = dpr.fetch_dpr_prefix(source, sm.output.tsv, int(sm.wildcards.n), timeout=sm.config["download"]["timeout"])

@@ -8,6 +8,7 @@ from llmret import io, launch, logs
 
 sm = snakemake  # noqa: F821
 logs.to_file(sm.log[0])
+io.remove_stale_temporaries(sm.output)
 training = {**sm.params.training, "deepspeed_config": sm.input.deepspeed}
 training["log_path"] = str(Path(sm.params.checkpoint_dir) / "train_log.jsonl")
 launch.run(
