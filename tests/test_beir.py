@@ -18,8 +18,9 @@ def test_corrupt_corpus_line_names_file_and_line(beir_folder):
     lines = path.read_text().splitlines()
     lines[1] = lines[1][:-5]  # cut the line mid-record
     path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(beir.BeirFormatError, match=r"corpus\.jsonl:2: invalid JSON"):
+    with pytest.raises(beir.BeirFormatError, match=r"corpus\.jsonl:2: invalid JSON at column \d+: ") as ei:
         beir.load_dataset(beir_folder)
+    assert "at at" not in str(ei.value)
 
 
 def test_duplicate_document_id_names_both_lines(beir_folder):

@@ -39,8 +39,18 @@ def test_known_beir_dataset_is_one_line():
         "url": "https://public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/datasets/nfcorpus.zip",
         "md5": "a89dba18a62ef92f7d323ec890a0d38d",
         "split": "test",
+        "zip_folder": "nfcorpus",
+        "mirror_path": "beir/nfcorpus.zip",
     }
     assert c["datasets"]["msmarco"]["split"] == "dev"
+
+
+def test_a_dataset_named_unlike_its_zip_finds_beir_through_zip_folder():
+    c = {"datasets": {"nf-small": {"zip_folder": "nfcorpus", "subsample": {"max_queries": 5}}}}
+    cfg.complete(c)
+    ds = c["datasets"]["nf-small"]
+    assert ds["md5"] == "a89dba18a62ef92f7d323ec890a0d38d" and ds["url"].endswith("/nfcorpus.zip")
+    assert ds["mirror_path"] == "beir/nfcorpus.zip"
 
 
 def test_unknown_dataset_needs_url_and_md5():

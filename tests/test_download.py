@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import pytest
 
 import llmret.data.download as dl
-from llmret.data.archives import ArchiveError, UnsafeArchiveError, safe_extract_zip
+from llmret.data.archives import ArchiveError, ArchiveLayoutError, UnsafeArchiveError, safe_extract_zip
 from llmret.data.download import ChecksumError, DownloadError, fetch, md5sum, resolve_source
 
 SCIFACT_ZIP = Path("/work/shared/data/beir/scifact.zip")
@@ -504,9 +504,23 @@ def test_strip_top_level_rejects_member_outside(tmp_path: Path) -> None:
 
 
 def test_strip_top_level_rejects_wrong_name(tmp_path: Path) -> None:
+    """Another layout, not an attack: the error says which top folder the zip has."""
     arc = _beir_like_zip(tmp_path / "s.zip")
-    with pytest.raises(UnsafeArchiveError, match="nfcorpus"):
+    with pytest.raises(ArchiveLayoutError, match=r"'nfcorpus/'; its top level holds \['scifact'\]") as ei:
         safe_extract_zip(arc, tmp_path / "t", strip_top_level="nfcorpus")
+    assert not isinstance(ei.value, UnsafeArchiveError)
+
+
+def test_non_regular_members_are_refused(tmp_path: Path) -> None:
+    arc = tmp_path / "fifo.zip"
+    with zipfile.ZipFile(arc, "w") as zf:
+        zf.writestr("scifact/corpus.jsonl", "{}")
+        fifo = zipfile.ZipInfo("scifact/pipe")
+        fifo.external_attr = (stat.S_IFIFO | 0o644) << 16
+        zf.writestr(fifo, "")
+    with pytest.raises(UnsafeArchiveError, match=r"'scifact/pipe' is not a regular file or folder"):
+        safe_extract_zip(arc, tmp_path / "t", strip_top_level="scifact")
+    assert not (tmp_path / "t").exists()
     assert not (tmp_path / "t").exists()
 
 

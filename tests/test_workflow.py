@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from conftest import ROOT, SHARED_DATA, SMOKE, snakemake
 
 pytestmark = pytest.mark.integration
@@ -488,3 +489,24 @@ def test_sparse_engine_change_reindexes_without_reencoding(smoke_run, tmp_path):
     assert {"sparse_index", "sparse_search", "evaluate", "index_sizes"} <= rules
     assert not rules & {"sparse_encode", "csplade_train", "csplade_adapt"}
     assert all("system=csplade-bi" in wc for r, wc in jobs if r in ("sparse_index", "sparse_search", "evaluate"))
+
+
+def test_one_zip_backs_two_differently_subsampled_datasets(tmp_path, mirror_url):
+    """zip_folder: a dataset named unlike its zip's folder (here a subsampled copy of SciFact
+    beside the full one) finds BEIR's URL, md5 and mirror path through it."""
+    md5 = yaml.safe_load(SMOKE.read_text())["datasets"]["scifact"]["md5"]  # the mirror's copy too
+    own = tmp_path / "two.yaml"
+    own.write_text(
+        f"datasets:\n  scifact: {{md5: {md5}}}\n"
+        f"  scifact-small: {{zip_folder: scifact, md5: {md5}, subsample: {{max_queries: 20, max_docs: 200}}}}\n"
+        "systems:\n  bm25: {type: bm25}\n"
+    )
+    workdir = tmp_path / "w"
+    snakemake(workdir, "--configfile", str(own), "--replace-workflow-config", "--config", f"mirror={mirror_url}")
+    table = pd.read_csv(workdir / "results" / "beir_table.csv").set_index("system")
+    assert list(table.columns) == ["scifact", "scifact-small", "avg"]
+    meta = json.loads((workdir / "results" / "beir_table.meta.json").read_text())
+    assert meta["datasets"]["scifact"]["queries"] == 300
+    assert meta["datasets"]["scifact-small"]["queries"] == 20
+    # BM25 on full SciFact is Pyserini's flat baseline (as in config/expected/default.yaml).
+    assert table.loc["bm25", "scifact"] == pytest.approx(0.679, abs=0.001)

@@ -117,8 +117,8 @@ def check(config: Mapping) -> None:
     _check_shared_corpora(datasets)
     for name, ds in datasets.items():
         if "files" in ds:
-            if "url" in ds or "mirror_path" in ds:
-                raise ConfigError(f"datasets.{name}: set either files or url/mirror_path, not both")
+            if "url" in ds or "mirror_path" in ds or "zip_folder" in ds:
+                raise ConfigError(f"datasets.{name}: set either files or url/mirror_path/zip_folder, not both")
             if ds.get("split") not in ds["files"]["splits"]:
                 raise ConfigError(
                     f"datasets.{name}.split: {ds.get('split')!r} is not one of files.splits "
@@ -497,7 +497,7 @@ def download_source(config: Mapping, kind: str, wildcards: Mapping[str, str]) ->
     name = wildcards[DOWNLOAD_KINDS[kind]] if DOWNLOAD_KINDS[kind] else None
     if kind == "dataset":
         ds = config["datasets"][name]
-        return {"url": ds["url"], "md5": ds["md5"], "mirror_path": ds.get("mirror_path", f"beir/{name}.zip")}
+        return {"url": ds["url"], "md5": ds["md5"], "mirror_path": ds["mirror_path"]}
     if kind == "file":
         return raw_files(config)[name]
     if kind == "negatives":

@@ -77,6 +77,8 @@ rule unpack_dataset:
         dataset=one_of(ZIP_DATASETS),
     conda:
         "../../envs/retrieval.yaml"
+    params:
+        folder=lookup(dpath="datasets/{dataset}/zip_folder", within=config),
     script:
         "../scripts/unpack_dataset.py"
 

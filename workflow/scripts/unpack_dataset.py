@@ -6,4 +6,4 @@ from llmret.data import archives
 sm = snakemake  # noqa: F821
 logs.to_file(sm.log[0])
 io.remove_stale_temporaries(sm.output)
-archives.safe_extract_zip(sm.input[0], sm.output[0], strip_top_level=sm.wildcards.dataset)
+archives.safe_extract_zip(sm.input[0], sm.output[0], strip_top_level=sm.params.folder)

@@ -27,7 +27,12 @@ class ArchiveError(RuntimeError):
 
 
 class UnsafeArchiveError(ArchiveError):
-    """A member would escape the target or is a symlink; names archive and member."""
+    """A member would escape the target, is a symlink or another non-regular file, or lies
+    outside the expected top folder; names archive and member."""
+
+
+class ArchiveLayoutError(ArchiveError):
+    """The archive holds its files under another top folder than the one expected."""
 
 
 # --------------------------------------------------------------------------- zip
@@ -39,8 +44,11 @@ def _member_target(archive: Path, info: zipfile.ZipInfo, strip: str | None) -> s
     name = raw.replace("\\", "/")  # treat backslashes as separators for the checks
     if PurePosixPath(name).is_absolute() or PureWindowsPath(raw).drive or PureWindowsPath(raw).is_absolute():
         raise UnsafeArchiveError(f"{archive}: member {raw!r} has an absolute path")
-    if stat.S_ISLNK(info.external_attr >> 16):
+    mode = info.external_attr >> 16
+    if stat.S_ISLNK(mode):
         raise UnsafeArchiveError(f"{archive}: member {raw!r} is a symlink")
+    if stat.S_IFMT(mode) and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise UnsafeArchiveError(f"{archive}: member {raw!r} is not a regular file or folder (mode {mode:o})")
     norm = posixpath.normpath(name) if name else "."
     if norm == ".." or norm.startswith("../"):
         raise UnsafeArchiveError(f"{archive}: member {raw!r} escapes the target folder")
@@ -57,6 +65,26 @@ def _member_target(archive: Path, info: zipfile.ZipInfo, strip: str | None) -> s
         if not parts:
             return None  # the top-level folder entry itself
     return "/".join(parts)
+
+
+def _check_top_level(archive: Path, infos: list[zipfile.ZipInfo], strip: str | None) -> None:
+    """A zip with nothing under the expected top folder is another layout, not an attack:
+    say which folder it has (a dataset named unlike its zip sets ``zip_folder``)."""
+    if not strip:
+        return
+    prefix = strip.strip("/").replace("\\", "/") + "/"
+    tops = set()
+    for info in infos:
+        name = info.filename.replace("\\", "/")
+        if name.startswith(prefix):
+            return
+        top = name.split("/", 1)[0]
+        if top and top not in _JUNK_DIRS and top not in _JUNK_FILES:
+            tops.add(top)
+    raise ArchiveLayoutError(
+        f"{archive}: no member under the expected top folder {prefix!r}; its top level holds "
+        f"{sorted(tops)[:5]} (a dataset named unlike its zip's folder sets zip_folder)"
+    )
 
 
 def _open_zip(archive: Path) -> zipfile.ZipFile:
@@ -89,6 +117,7 @@ def safe_extract_zip(archive: str | Path, target: str | Path, *, strip_top_level
             infos = zf.infolist()
         except (zipfile.BadZipFile, zlib.error, EOFError) as e:
             raise ArchiveError(f"{archive}: cannot read member list ({e})") from e
+        _check_top_level(archive, infos, strip_top_level)
         plan: list[tuple[zipfile.ZipInfo, str]] = []
         for info in infos:
             rel = _member_target(archive, info, strip_top_level)

@@ -107,7 +107,7 @@ def jsonl_records(path: str | Path) -> Iterator[tuple[int, dict]]:
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
-            raise BeirFormatError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+            raise BeirFormatError(f"{path}:{lineno}: invalid JSON at column {e.colno}: {e.msg}") from None
         if not isinstance(rec, dict):
             raise BeirFormatError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
         yield lineno, rec

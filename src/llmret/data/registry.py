@@ -32,14 +32,19 @@ BEIR_EVAL_SPLIT = {"msmarco": "dev"}
 
 
 def complete_dataset(name: str, cfg: Mapping) -> dict:
-    """Fill ``url``, ``md5`` and ``split`` of a known BEIR dataset where the config omits them."""
+    """Fill ``url``, ``md5``, ``split``, ``zip_folder`` and ``mirror_path`` of a BEIR zip
+    dataset where the config omits them. A known BEIR dataset is found by its zip's folder
+    (``zip_folder``, default the dataset's name), so ``scifact-small: {zip_folder: scifact,
+    subsample: ...}`` is a second, differently subsampled copy of SciFact."""
     out = dict(cfg)
     if "files" in out:  # assembled from raw files: nothing of BEIR's applies
         splits = list(out["files"].get("splits") or {})
         out.setdefault("split", splits[0] if len(splits) == 1 else "test")
         return out
-    if name in BEIR_MD5:
-        out.setdefault("url", BEIR_URL.format(name=name))
-        out.setdefault("md5", BEIR_MD5[name])
-    out.setdefault("split", BEIR_EVAL_SPLIT.get(name, "test"))
+    folder = out.setdefault("zip_folder", name)
+    if folder in BEIR_MD5:
+        out.setdefault("url", BEIR_URL.format(name=folder))
+        out.setdefault("md5", BEIR_MD5[folder])
+    out.setdefault("mirror_path", f"beir/{folder}.zip")
+    out.setdefault("split", BEIR_EVAL_SPLIT.get(folder, "test"))
     return out
