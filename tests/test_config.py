@@ -41,6 +41,7 @@ def test_known_beir_dataset_is_one_line():
         "split": "test",
         "zip_folder": "nfcorpus",
         "mirror_path": "beir/nfcorpus.zip",
+        "ignore_identical_ids": True,
     }
     assert c["datasets"]["msmarco"]["split"] == "dev"
 
@@ -51,6 +52,13 @@ def test_a_dataset_named_unlike_its_zip_finds_beir_through_zip_folder():
     ds = c["datasets"]["nf-small"]
     assert ds["md5"] == "a89dba18a62ef92f7d323ec890a0d38d" and ds["url"].endswith("/nfcorpus.zip")
     assert ds["mirror_path"] == "beir/nfcorpus.zip"
+
+
+def test_identical_ids_are_ignored_for_beir_zips_not_for_raw_files():
+    c = load("presets/llara-llama2-7b.yaml")
+    cfg.complete(c)
+    assert c["datasets"]["msmarco-passage"]["ignore_identical_ids"] is False  # official MS MARCO files
+    assert c["datasets"]["arguana"]["ignore_identical_ids"] is True
 
 
 def test_unknown_dataset_needs_url_and_md5():

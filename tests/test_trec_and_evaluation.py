@@ -81,3 +81,11 @@ def test_significance_against_baseline():
     assert p["same"]["mrr@10"] > 0.5 or math.isnan(p["same"]["mrr@10"])
     with pytest.raises(ValueError, match="baseline 'nope'"):
         evaluation.significance(qrels, {"bm25": base}, "nope")
+
+
+def test_identical_ids_are_dropped_before_the_cut():
+    from llmret.data.trec import drop_identical_ids, search_depth
+
+    run = {"q1": [("q1", 9.0), ("d2", 5.0), ("d3", 4.0)], "q2": [("d2", 3.0), ("d3", 2.0), ("d4", 1.0)]}
+    assert search_depth(2, True) == 3 and search_depth(2, False) == 2
+    assert drop_identical_ids(run, 2) == {"q1": [("d2", 5.0), ("d3", 4.0)], "q2": [("d2", 3.0), ("d3", 2.0)]}

@@ -510,3 +510,43 @@ def test_one_zip_backs_two_differently_subsampled_datasets(tmp_path, mirror_url)
     assert meta["datasets"]["scifact-small"]["queries"] == 20
     # BM25 on full SciFact is Pyserini's flat baseline (as in config/expected/default.yaml).
     assert table.loc["bm25", "scifact"] == pytest.approx(0.679, abs=0.001)
+
+
+def test_a_query_that_is_a_corpus_document_does_not_retrieve_itself(tmp_path):
+    """BEIR's ignore_identical_ids, on by default for BEIR zips: an ArguAna-like dataset whose
+    query q1 is also document q1 (same text, so BM25 ranks it first) scores the other
+    documents; switched off, the query's own document comes back first."""
+    import zipfile
+
+    from llmret.data.download import md5sum
+
+    mirror = tmp_path / "mirror"
+    (mirror / "beir").mkdir(parents=True)
+    arc = mirror / "beir" / "selfq.zip"
+    docs = {"q1": "cats purr on warm laps", "d2": "warm cats purr loudly", "d3": "dogs bark at night"}
+    with zipfile.ZipFile(arc, "w") as z:
+        z.writestr("selfq/corpus.jsonl", "".join(json.dumps({"_id": k, "text": v}) + "\n" for k, v in docs.items()))
+        z.writestr("selfq/queries.jsonl", json.dumps({"_id": "q1", "text": docs["q1"]}) + "\n")
+        z.writestr("selfq/qrels/test.tsv", "query-id\tcorpus-id\tscore\nq1\td2\t1\n")
+    runs = {}
+    for flag in ("", "false"):
+        own = tmp_path / f"selfq{flag}.yaml"
+        setting = f"ignore_identical_ids: {flag}, " if flag else ""
+        own.write_text(
+            f"datasets:\n  selfq: {{{setting}url: http://127.0.0.1:9/selfq.zip, md5: {md5sum(arc)}}}\n"
+            "systems:\n  bm25: {type: bm25}\n"
+        )
+        workdir = tmp_path / f"w{flag}"
+        snakemake(
+            workdir,
+            "results/runs/bm25/selfq.trec",
+            "--configfile",
+            str(own),
+            "--replace-workflow-config",
+            "--config",
+            f"mirror={mirror}",
+        )
+        lines = (workdir / "results" / "runs" / "bm25" / "selfq.trec").read_text().splitlines()
+        runs[flag] = [line.split()[2] for line in lines if not line.startswith("#")]
+    assert runs[""][0] == "d2" and "q1" not in runs[""]
+    assert runs["false"][0] == "q1" and "d2" in runs["false"]

@@ -37,5 +37,8 @@ rule bm25_search:
     threads: 2
     params:
         top_k=config["evaluation"]["top_k"],
+        ignore_identical_ids=lookup(
+            dpath="datasets/{dataset}/ignore_identical_ids", within=config
+        ),
     script:
         "../scripts/bm25_search.py"

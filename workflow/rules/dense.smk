@@ -68,6 +68,9 @@ rule dense_search:
     threads: 2
     params:
         top_k=config["evaluation"]["top_k"],
+        ignore_identical_ids=lookup(
+            dpath="datasets/{dataset}/ignore_identical_ids", within=config
+        ),
         settings=system_settings,
         index=index_settings,
     script:

@@ -36,6 +36,9 @@ use rule bm25_search as bm25_search_train with:
         "results/benchmarks/bm25_search/{system}/{dataset}-train.tsv"
     params:
         top_k=mining_depth,
+        ignore_identical_ids=lookup(
+            dpath="datasets/{dataset}/ignore_identical_ids", within=config
+        ),
 
 
 use rule dense_search as dense_search_train with:
@@ -52,6 +55,9 @@ use rule dense_search as dense_search_train with:
         "results/benchmarks/dense_search/{system}/{dataset}-train.tsv"
     params:
         top_k=mining_depth,
+        ignore_identical_ids=lookup(
+            dpath="datasets/{dataset}/ignore_identical_ids", within=config
+        ),
         settings=system_settings,
         index=index_settings,
 

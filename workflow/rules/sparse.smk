@@ -67,6 +67,9 @@ rule sparse_search:
     threads: 2
     params:
         top_k=config["evaluation"]["top_k"],
+        ignore_identical_ids=lookup(
+            dpath="datasets/{dataset}/ignore_identical_ids", within=config
+        ),
         settings=system_settings,
         index=sparse_index_settings,
     script:
@@ -85,5 +88,8 @@ use rule sparse_search as sparse_search_train with:
         "results/benchmarks/sparse_search/{system}/{dataset}-train.tsv"
     params:
         top_k=mining_depth,
+        ignore_identical_ids=lookup(
+            dpath="datasets/{dataset}/ignore_identical_ids", within=config
+        ),
         settings=system_settings,
         index=sparse_index_settings,

@@ -13,12 +13,16 @@ spec = faiss_index.IndexSpec.from_config(sm.params.index)
 index = faiss_index.read_index(sm.input.index, spec)
 doc_ids = Path(sm.input.doc_ids).read_text(encoding="utf-8").splitlines()
 qvecs, qids = faiss_index.load_embeddings(sm.input.queries, sm.input.query_ids)
-run = faiss_index.search(index, doc_ids, qvecs, qids, k=sm.params.top_k, spec=spec)
+depth = trec.search_depth(sm.params.top_k, sm.params.ignore_identical_ids)
+run = faiss_index.search(index, doc_ids, qvecs, qids, k=depth, spec=spec)
+if sm.params.ignore_identical_ids:
+    run = trec.drop_identical_ids(run, sm.params.top_k)
 header = {
     "system": sm.wildcards.system,
     "dataset": sm.wildcards.dataset,
     "type": "dense",
     "top_k": sm.params.top_k,
+    "ignore_identical_ids": sm.params.ignore_identical_ids,
     "index": faiss_index.describe_index(index),
     "settings": dict(sm.params.settings),
 }

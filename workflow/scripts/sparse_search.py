@@ -10,12 +10,16 @@ io.remove_stale_temporaries(sm.output)
 spec = sparse_index.SparseIndexSpec.from_config(sm.params.index)
 index = sparse_index.read_sparse_index(sm.input.index, spec)
 queries = sparse_vectors.load_sparse(sm.input.queries)
-run = sparse_index.search_sparse(index, queries.matrix, queries.ids, k=sm.params.top_k)
+depth = trec.search_depth(sm.params.top_k, sm.params.ignore_identical_ids)
+run = sparse_index.search_sparse(index, queries.matrix, queries.ids, k=depth)
+if sm.params.ignore_identical_ids:
+    run = trec.drop_identical_ids(run, sm.params.top_k)
 header = {
     "system": sm.wildcards.system,
     "dataset": sm.wildcards.dataset,
     "type": "sparse",
     "top_k": sm.params.top_k,
+    "ignore_identical_ids": sm.params.ignore_identical_ids,
     "index": sparse_index.describe_sparse_index(index),
     "settings": dict(sm.params.settings),
 }

@@ -37,6 +37,9 @@ def complete_dataset(name: str, cfg: Mapping) -> dict:
     (``zip_folder``, default the dataset's name), so ``scifact-small: {zip_folder: scifact,
     subsample: ...}`` is a second, differently subsampled copy of SciFact."""
     out = dict(cfg)
+    # BEIR's convention for its zips; raw files (MS MARCO, TREC DL) are scored as official
+    # tools score them, where a passage may share its number with a query.
+    out.setdefault("ignore_identical_ids", "files" not in out)
     if "files" in out:  # assembled from raw files: nothing of BEIR's applies
         splits = list(out["files"].get("splits") or {})
         out.setdefault("split", splits[0] if len(splits) == 1 else "test")

@@ -16,6 +16,18 @@ Run = dict[str, list[tuple[str, float]]]
 HEADER_PREFIX = "# llmret-run "
 
 
+def search_depth(top_k: int, ignore_identical_ids: bool) -> int:
+    """How deep to search so that ``top_k`` results remain once a query's own id is dropped."""
+    return top_k + 1 if ignore_identical_ids else top_k
+
+
+def drop_identical_ids(run: Mapping[str, list[tuple[str, float]]], top_k: int) -> Run:
+    """BEIR's evaluation convention (``ignore_identical_ids``; Pyserini's ``--remove-query``):
+    a retrieved document whose id equals the query's is dropped, then each ranking is cut to
+    ``top_k``. In ArguAna (and Quora) the queries are themselves corpus documents."""
+    return {q: [(d, s) for d, s in ranked if d != q][:top_k] for q, ranked in run.items()}
+
+
 def write_run(
     path: str | Path, run: Mapping[str, list[tuple[str, float]]], tag: str, header: dict | None = None
 ) -> None:
