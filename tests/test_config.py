@@ -256,3 +256,15 @@ def test_optional_tables_and_checks_switch_off_with_null():
 
     validate(c, str(ROOT / "workflow" / "schemas" / "config.schema.yaml"))
     assert cfg.expected_cells(c) == []
+
+
+def test_a_systems_lengths_apply_to_its_dataset_only():
+    c = validated("smoke.yaml")
+    c["systems"]["smollm2-135m"]["lengths"] = {"msmarco-dl19-5k": {"max_passage_length": 512}}
+    cfg.complete(c)
+    cfg.check(c)
+    assert cfg.system_settings(c, "smollm2-135m", "msmarco-dl19-5k")["max_passage_length"] == 512
+    assert cfg.system_settings(c, "smollm2-135m", "scifact")["max_passage_length"] == 64
+    c["systems"]["smollm2-135m"]["lengths"] = {"nope": {"max_passage_length": 512}}
+    with pytest.raises(cfg.ConfigError, match=r"systems\.smollm2-135m\.lengths: 'nope' is not in datasets"):
+        cfg.check(c)

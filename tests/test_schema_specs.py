@@ -22,8 +22,8 @@ SCHEMA = yaml.safe_load((ROOT / "workflow" / "schemas" / "config.schema.yaml").r
 # Keys of a schema entry that are the workflow's wiring, not settings of its dataclass.
 WIRING = {
     "systems.bm25": {"type"},
-    "systems.dense": {"type", "model", "gpus", "index"},
-    "systems.sparse": {"type", "model", "gpus", "sparse_index"},
+    "systems.dense": {"type", "model", "gpus", "index", "lengths"},
+    "systems.sparse": {"type", "model", "gpus", "sparse_index", "lengths"},
     "systems.dense.index": set(),
     "systems.sparse.sparse_index": set(),
     "models": set(),

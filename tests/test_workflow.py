@@ -207,6 +207,15 @@ def test_changed_setting_reruns_only_what_depends_on_it(smoke_run, tmp_path):
             assert "system=smollm2-135m" in wc, (rule, wc)
 
 
+def test_per_dataset_lengths_rerun_only_that_datasets_encodes(smoke_run, tmp_path):
+    overlay = "systems:\n  smollm2-135m:\n    lengths: {msmarco-dl19-5k: {max_passage_length: 48}}\n"
+    jobs = _overlay_dry_run(smoke_run, tmp_path, overlay)
+    encodes = [wc for rule, wc in jobs if rule == "encode"]
+    # Both sides of DL19 (the settings header of the query side carries the lengths too).
+    assert encodes and all("system=smollm2-135m" in wc and "dataset=msmarco-dl19-5k" in wc for wc in encodes)
+    assert not [wc for rule, wc in jobs if "scifact" in wc]
+
+
 def test_mining_retriever_change_remines_and_retrains(smoke_run, tmp_path):
     """MiniLM mines the negatives: changing how it encodes passages reaches fine-tuning."""
     rules = {

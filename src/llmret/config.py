@@ -77,6 +77,15 @@ def check_names(config: Mapping) -> None:
                 )
 
 
+def system_settings(config: Mapping, system: str, dataset: str | None = None) -> dict:
+    """A system's encoder or scorer settings (what its dataclass holds), with the max lengths
+    its ``lengths`` entry sets for ``dataset`` (the dataset whose texts a job encodes)."""
+    entry = config["systems"][system]
+    settings = entry_settings(f"systems.{entry['type']}", entry)
+    settings.update((entry.get("lengths") or {}).get(dataset) or {})
+    return settings
+
+
 def prefill(config: dict) -> None:
     """Create the per-run objects whose defaults live in the schema's ``$defs`` (``lora``,
     ``training``): the validator fills defaults inside a referenced object, not the object.
@@ -158,6 +167,10 @@ def check(config: Mapping) -> None:
             if d not in datasets:
                 raise ConfigError(f"pretraining.{run}.corpora: {d!r} is not in datasets ({sorted(datasets)})")
     check_names(config)
+    for name, system in systems.items():
+        for d in system.get("lengths") or {}:
+            if d not in datasets:
+                raise ConfigError(f"systems.{name}.lengths: {d!r} is not in datasets ({sorted(datasets)})")
     table = config.get("table") or {}
     for d in table.get("datasets") or []:
         if d not in datasets:

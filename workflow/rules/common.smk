@@ -142,10 +142,12 @@ def pretrain_spec(run):
 
 
 def system_settings(wildcards):
-    """A system's encoder/scorer settings (not its type, index or GPUs): they reach scripts
-    through params, so changing the index type does not re-encode."""
-    system = config["systems"][wildcards.system]
-    return cfgcheck.entry_settings(f"systems.{system['type']}", system)
+    """A system's encoder/scorer settings for the job's dataset (not its type, index or
+    GPUs): they reach scripts through params, so changing the index type does not re-encode.
+    """
+    return cfgcheck.system_settings(
+        config, wildcards.system, getattr(wildcards, "dataset", None)
+    )
 
 
 def index_settings(wildcards):
