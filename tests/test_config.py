@@ -1,3 +1,4 @@
+import copy
 import re
 from pathlib import Path
 
@@ -268,3 +269,33 @@ def test_a_systems_lengths_apply_to_its_dataset_only():
     c["systems"]["smollm2-135m"]["lengths"] = {"nope": {"max_passage_length": 512}}
     with pytest.raises(cfg.ConfigError, match=r"systems\.smollm2-135m\.lengths: 'nope' is not in datasets"):
         cfg.check(c)
+
+
+def test_gpus_auto_uses_a_gpu_when_there_is_one():
+    c = validated("config.yaml")
+    assert c["systems"]["smollm2-135m"]["gpus"] == "auto" and c["finetuning"]["llara-ft-smollm2"]["gpus"] == "auto"
+    on_gpu = copy.deepcopy(c)
+    cfg.resolve_gpus(on_gpu, usable_gpus=2)
+    cfg.resolve_gpus(c, usable_gpus=0)
+    for section, name in [
+        ("systems", "smollm2-135m"),
+        ("pretraining", "llara-smollm2"),
+        ("csplade", "csplade-smollm2"),
+    ]:
+        assert on_gpu[section][name]["gpus"] == 1 and c[section][name]["gpus"] == 0
+    assert "gpus" not in c["systems"]["bm25"]
+    explicit = validated("config.yaml")
+    explicit["finetuning"]["llara-ft-smollm2"]["gpus"] = 4
+    cfg.resolve_gpus(explicit, usable_gpus=0)
+    assert explicit["finetuning"]["llara-ft-smollm2"]["gpus"] == 4
+
+
+def test_usable_gpus_follow_slurm_inside_a_job(monkeypatch):
+    from llmret import launch
+
+    monkeypatch.setattr(launch, "machine_gpu_count", lambda: 8)
+    assert launch.usable_gpu_count({}) == 8
+    assert launch.usable_gpu_count({"CUDA_VISIBLE_DEVICES": "2,3"}) == 2
+    assert launch.usable_gpu_count({"CUDA_VISIBLE_DEVICES": ""}) == 0
+    assert launch.usable_gpu_count({"SLURM_JOB_ID": "7"}) == 0  # a job that asked for no GPU
+    assert launch.usable_gpu_count({"SLURM_JOB_ID": "7", "CUDA_VISIBLE_DEVICES": "0"}) == 1

@@ -86,6 +86,27 @@ def system_settings(config: Mapping, system: str, dataset: str | None = None) ->
     return settings
 
 
+GPU_SECTIONS = ("systems", *TRAINING_SECTIONS)
+
+
+def resolve_gpus(config: dict, usable_gpus: int) -> None:
+    """Turn every ``gpus: auto`` into a count: 1 when this process may use a GPU
+    (llmret.launch.usable_gpu_count), else 0. So the default config trains and encodes on a
+    GPU box's GPUs with no edit (each job claims a free GPU, see llmret.launch) and nothing
+    changes on a CPU machine. Under Slurm the submitting host's GPUs decide what a job asks
+    for, and inside the job the GPUs Slurm gave it, so both sides agree; give counts to be
+    sure."""
+    auto = 1 if usable_gpus > 0 else 0
+    for section in GPU_SECTIONS:
+        for entry in (config.get(section) or {}).values():
+            if (
+                isinstance(entry, dict)
+                and entry.get("gpus", "auto") == "auto"
+                and (section != "systems" or entry.get("type") in ("dense", "sparse"))
+            ):
+                entry["gpus"] = auto
+
+
 def prefill(config: dict) -> None:
     """Create the per-run objects whose defaults live in the schema's ``$defs`` (``lora``,
     ``training``): the validator fills defaults inside a referenced object, not the object.

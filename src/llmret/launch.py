@@ -67,6 +67,18 @@ def machine_gpu_count() -> int:
     return len(list(NVIDIA_GPUS.iterdir())) if NVIDIA_GPUS.is_dir() else 0
 
 
+def usable_gpu_count(env: Mapping[str, str] | None = None) -> int:
+    """GPUs this process may use: inside a Slurm job the ones Slurm gave it (none when the job
+    asked for none), elsewhere the machine's, less any hidden by ``CUDA_VISIBLE_DEVICES``."""
+    env = os.environ if env is None else env
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if "SLURM_JOB_ID" in env:
+        return len([d for d in (visible or "").split(",") if d.strip()])
+    if visible is not None:
+        return min(len([d for d in visible.split(",") if d.strip()]), machine_gpu_count())
+    return machine_gpu_count()
+
+
 @contextlib.contextmanager
 def claimed_devices(
     n: int,

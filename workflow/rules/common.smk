@@ -9,12 +9,14 @@ min_version("9.0")
 # processes, maybe in a conda env) even without `pip install -e .`.
 sys.path.insert(0, os.path.join(workflow.basedir, "src"))
 from llmret import config as cfgcheck  # noqa: E402
+from llmret import launch  # noqa: E402
 
 cfgcheck.prepare_environment(os.path.join(workflow.basedir, "src"))
 
 cfgcheck.prefill(config)
 validate(config, "../schemas/config.schema.yaml")
 cfgcheck.complete(config)
+cfgcheck.resolve_gpus(config, launch.usable_gpu_count())
 cfgcheck.check(config)
 
 DATASETS = list(config["datasets"])
