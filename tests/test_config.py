@@ -7,6 +7,7 @@ import yaml
 
 from llmret import config as cfg
 from llmret import specs
+from llmret.data import sources
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -149,11 +150,11 @@ def test_cross_check_errors_name_the_setting(edit, message):
 
 
 def test_mirror_setting_then_environment(monkeypatch):
-    monkeypatch.delenv(cfg.MIRROR_ENV, raising=False)
-    assert cfg.mirror({"mirror": ""}) is None
-    monkeypatch.setenv(cfg.MIRROR_ENV, "/srv/mirror")
-    assert cfg.mirror({"mirror": ""}) == "/srv/mirror"
-    assert cfg.mirror({"mirror": "http://h/m"}) == "http://h/m"
+    monkeypatch.delenv(sources.MIRROR_ENV, raising=False)
+    assert sources.mirror({"mirror": ""}) is None
+    monkeypatch.setenv(sources.MIRROR_ENV, "/srv/mirror")
+    assert sources.mirror({"mirror": ""}) == "/srv/mirror"
+    assert sources.mirror({"mirror": "http://h/m"}) == "http://h/m"
 
 
 def test_training_sections_share_one_schema_with_defaults(tmp_path, monkeypatch):

@@ -15,7 +15,7 @@ from conftest import ROOT
 
 from llmret import config as cfg
 from llmret import specs
-from llmret.data import beir, rawfiles
+from llmret.data import beir, rawfiles, sources
 from llmret.data.beir import BeirFormatError
 
 COLLECTION = "0\tThe cat sat on the mat.\n1\tDogs bark at night.\n2\tBirds sing at dawn.\n3\tFish swim.\n"
@@ -171,14 +171,14 @@ def _files_config(raw, tar_md5=None):
 
 def test_one_download_per_url_and_conflicts_named(raw):
     datasets = _files_config(raw)
-    files = cfg.raw_files({"datasets": datasets})
+    files = sources.raw_files({"datasets": datasets})
     assert sorted(files) == ["2019qrels-pass.txt", "collectionandqueries.tar.gz", "test2019-queries.tsv.gz"]
     assert files["2019qrels-pass.txt"]["mirror_path"] == "files/2019qrels-pass.txt"
     datasets["toy-dl19"]["files"]["corpus"]["md5"] = "0" * 32
     with pytest.raises(
         specs.ConfigError, match=r"datasets.toy-dl19.files.corpus: 'collectionandqueries.tar.gz' is also"
     ):
-        cfg.raw_files({"datasets": datasets})
+        sources.raw_files({"datasets": datasets})
 
 
 def test_corpus_from_must_share_the_download(raw):

@@ -63,7 +63,7 @@ def test_cells_trace_back_to_metrics_and_runs(smoke_run):
             assert 0 <= row["p_vs_bm25"] <= 1
     meta = json.loads((workdir / "results" / "beir_table.meta.json").read_text())
     dl19 = meta["datasets"]["msmarco-dl19-5k"]
-    assert dl19["subsample"]["max_queries"] == 4 and dl19["queries"] == 4
+    assert dl19["subsample"]["max_queries"] == 2 and dl19["queries"] == 2
     assert dl19["original"] == {"documents": 5000, "queries": 43, "judgments": 4102}
     assert meta["datasets"]["scifact"]["original"]["queries"] == 300
     assert (workdir / "results" / "plots" / "beir_table.png").stat().st_size > 1000

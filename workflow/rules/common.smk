@@ -10,6 +10,7 @@ min_version("9.0")
 sys.path.insert(0, os.path.join(workflow.basedir, "src"))
 from llmret import config as cfgcheck  # noqa: E402
 from llmret import launch  # noqa: E402
+from llmret.data import sources  # noqa: E402
 
 cfgcheck.prepare_environment(os.path.join(workflow.basedir, "src"))
 
@@ -22,7 +23,7 @@ cfgcheck.check(config)
 DATASETS = list(config["datasets"])
 FILE_DATASETS = [d for d in DATASETS if "files" in config["datasets"][d]]
 ZIP_DATASETS = [d for d in DATASETS if d not in FILE_DATASETS]
-RAW_FILES = cfgcheck.raw_files(config)
+RAW_FILES = sources.raw_files(config)
 TABLE_SYSTEMS = cfgcheck.table_systems(config)
 TABLE_DATASETS = cfgcheck.table_datasets(config)
 BM25_SYSTEMS = cfgcheck.systems_of_type(config, "bm25")
@@ -90,7 +91,7 @@ wildcard_constraints:
 
 def dataset_file_names(dataset):
     """Local download names of a files-dataset's raw files."""
-    layout = cfgcheck.dataset_files(config["datasets"][dataset])
+    layout = sources.dataset_files(config["datasets"][dataset])
     names = [layout["corpus"]["file"]]
     for pair in layout["splits"].values():
         names += [pair["queries"]["file"], pair["qrels"]["file"]]

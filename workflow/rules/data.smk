@@ -61,7 +61,7 @@ rule assemble_dataset:
     conda:
         "../../envs/retrieval.yaml"
     params:
-        layout=lambda wc: cfgcheck.dataset_files(config["datasets"][wc.dataset]),
+        layout=lambda wc: sources.dataset_files(config["datasets"][wc.dataset]),
     script:
         "../scripts/assemble_dataset.py"
 

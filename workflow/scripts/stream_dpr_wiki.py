@@ -2,14 +2,14 @@
 
 import json
 
-from llmret import config, io, logs
-from llmret.data import download, dpr
+from llmret import io, logs
+from llmret.data import download, dpr, sources
 
 sm = snakemake  # noqa: F821
 logs.to_file(sm.log[0])
 io.remove_stale_temporaries(sm.output)
-entry = config.download_source(sm.config, "dpr_wiki", dict(sm.wildcards))
-source = download.resolve_source(sm.params.url, config.mirror(sm.config), entry["mirror_path"])
+entry = sources.download_source(sm.config, "dpr_wiki", dict(sm.wildcards))
+source = download.resolve_source(sm.params.url, sources.mirror(sm.config), entry["mirror_path"])
 info = dpr.fetch_dpr_prefix(source, sm.output.tsv, int(sm.wildcards.n), timeout=sm.config["download"]["timeout"])
 with open(sm.output.info, "w", encoding="utf-8") as f:
     json.dump(info, f, indent=2)
