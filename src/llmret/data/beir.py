@@ -107,7 +107,8 @@ def jsonl_records(path: str | Path) -> Iterator[tuple[int, dict]]:
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
-            raise BeirFormatError(f"{path}:{lineno}: invalid JSON at column {e.colno}: {e.msg}") from None
+            reason = e.msg.removesuffix(" at")  # the stdlib's message ends in "at" before its position
+            raise BeirFormatError(f"{path}:{lineno}: invalid JSON at column {e.colno}: {reason}") from None
         if not isinstance(rec, dict):
             raise BeirFormatError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
         yield lineno, rec
