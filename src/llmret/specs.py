@@ -21,7 +21,7 @@ class ConfigError(ValueError):
 def settings(cls: type[T], mapping: Mapping, what: str) -> T:
     """Build a settings dataclass from a config mapping; an unknown key is an error naming
     ``what`` (a typo must not silently fall back to a default)."""
-    unknown = set(mapping) - {f.name for f in fields(cls)}
+    unknown = set(mapping) - field_names(cls)
     if unknown:
         raise ValueError(f"unknown {what}: {sorted(unknown)}")
     return cls(**dict(mapping))
