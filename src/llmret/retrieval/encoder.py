@@ -49,13 +49,7 @@ class EncoderSpec:
 
     def __post_init__(self) -> None:
         check_pooling(self.pooling)
-        for name in ("query_template", "passage_template"):
-            if getattr(self, name).count("{text}") != 1:
-                raise ValueError(f"{name} must contain '{{text}}' exactly once: {getattr(self, name)!r}")
-        check_at_least(self, 2, "max_query_length", "max_passage_length")  # a token and EOS
-        check_at_least(self, 1, "batch_tokens")
-        check_choice(self, DTYPES, "dtype")
-        check_quantize(self)
+        check_text_encoding(self)
 
     @classmethod
     def from_config(cls, cfg: dict) -> EncoderSpec:
@@ -66,6 +60,18 @@ class EncoderSpec:
 
 
 QUANTIZE = ("none", "int8", "int8-dynamic", "int4")
+
+
+def check_text_encoding(spec) -> None:
+    """What a dense and a sparse encoder spec share: templates with one ``{text}``, max
+    lengths that hold a token and EOS, a token budget, the dtype and the quantization."""
+    for name in ("query_template", "passage_template"):
+        if getattr(spec, name).count("{text}") != 1:
+            raise ValueError(f"{name} must contain '{{text}}' exactly once: {getattr(spec, name)!r}")
+    check_at_least(spec, 2, "max_query_length", "max_passage_length")
+    check_at_least(spec, 1, "batch_tokens")
+    check_choice(spec, DTYPES, "dtype")
+    check_quantize(spec)
 
 
 def check_quantize(spec) -> None:

@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from llmret.retrieval.checkpoints import DTYPES
-from llmret.retrieval.encoder import check_quantize
+from llmret.retrieval.encoder import check_text_encoding
 from llmret.retrieval.masks import bidirectional_mask
 from llmret.retrieval.tokenization import KINDS, pad_id_of, special_frame, token_batches, tokenize_kind
 from llmret.specs import check_at_least, settings
@@ -48,18 +48,8 @@ class SparseEncoderSpec:
     quantize_group_size: int = 64
 
     def __post_init__(self) -> None:
-        for name in ("query_template", "passage_template"):
-            if getattr(self, name).count("{text}") != 1:
-                raise ValueError(f"{name} must contain '{{text}}' exactly once: {getattr(self, name)!r}")
-        check_at_least(self, 2, "max_query_length", "max_passage_length")  # a token and EOS
-        check_at_least(self, 1, "batch_tokens")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = keep all), got {self.top_k}")
-        if self.min_weight < 0:
-            raise ValueError(f"min_weight must be >= 0, got {self.min_weight}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        check_quantize(self)
+        check_text_encoding(self)
+        check_at_least(self, 0, "top_k", "min_weight")  # top_k 0 keeps every term
 
     @classmethod
     def from_config(cls, cfg: dict) -> SparseEncoderSpec:
