@@ -149,6 +149,9 @@ def _gather_worker(rank: int, store: str, out: str) -> None:
             torch.save({"grad": grad / 2, "loss": stats / 2}, out)
         else:
             assert first == 4 and p_all.shape == (8, 3)
+        # Both ranks leave together: gloo aborts a rank ("terminate called without an active
+        # exception") when its peer tears the group down while a pair is still open.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
