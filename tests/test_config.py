@@ -44,6 +44,7 @@ def test_known_beir_dataset_is_one_line():
         "zip_folder": "nfcorpus",
         "mirror_path": "beir/nfcorpus.zip",
         "ignore_identical_ids": True,
+        "corpus_size": 3633,
     }
     assert c["datasets"]["msmarco"]["split"] == "dev"
 
@@ -306,3 +307,19 @@ def test_usable_gpus_follow_slurm_inside_a_job(monkeypatch):
     assert launch.usable_gpu_count({"CUDA_VISIBLE_DEVICES": ""}) == 0
     assert launch.usable_gpu_count({"SLURM_JOB_ID": "7"}) == 0  # a job that asked for no GPU
     assert launch.usable_gpu_count({"SLURM_JOB_ID": "7", "CUDA_VISIBLE_DEVICES": "0"}) == 1
+
+
+def test_corpus_shards_are_planned_from_the_corpus_size_and_subsample():
+    c = {
+        "datasets": {
+            "msmarco": {},
+            "nfcorpus": {"subsample": {"max_docs": 1200}},
+            "own": {"url": "u", "md5": "0" * 32},
+        },
+        "encoding": {"shard_size": 500_000},
+    }
+    cfg.complete(c)
+    assert len(cfg.corpus_shards(c, "msmarco")) == 18  # 8,841,823 passages
+    assert cfg.corpus_shards(c, "own") == ["000-of-001"]  # size unknown
+    c["encoding"]["shard_size"] = 500
+    assert cfg.corpus_shards(c, "nfcorpus") == ["000-of-003", "001-of-003", "002-of-003"]  # max_docs 1200

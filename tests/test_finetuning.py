@@ -20,12 +20,14 @@ from llmret.repllama.finetuning import FINETUNE_JSON, ContrastiveModel, Contrast
 from llmret.retrieval.encoder import EncoderSpec, TextEncoder
 from llmret.training.contrastive import (
     GroupCollator,
+    LazyGroups,
     TrainGroup,
     check_negatives,
     count_tokens,
     gather_with_grad,
     groups_from_records,
     info_nce,
+    load_groups,
     mean_pairwise_cosine,
     sample_group,
     top1_accuracy,
@@ -189,6 +191,107 @@ def test_two_ranks_give_the_single_process_loss_and_gradient(tmp_path):
     got = torch.load(out, weights_only=True)
     assert got["loss"].item() == pytest.approx(loss.item(), rel=1e-6)
     torch.testing.assert_close(got["grad"], w.grad, rtol=1e-5, atol=1e-7)
+
+
+def _tevatron_file(path, records, blank_lines=True):
+    """JSONL with non-ASCII text, blank lines between records and no final newline."""
+    rows = [json.dumps(r, ensure_ascii=False) for r in records]
+    path.write_text(("\n\n" if blank_lines else "\n").join(rows), encoding="utf-8")
+    return path
+
+
+MANY = [
+    {
+        **RECORDS[i % 4],
+        "query_id": f"q{i}",
+        "query": f"{RECORDS[i % 4]['query']} · {i}",
+        "negative_passages": RECORDS[i % 4]["negative_passages"][: 1 + i % 3],
+    }
+    for i in range(40)
+]
+
+
+def test_lazy_groups_equal_the_eager_ones_and_hold_only_offsets(tmp_path):
+    from llmret.training.mining import read_tevatron
+
+    path = _tevatron_file(tmp_path / "negatives.jsonl", MANY)
+    lazy, eager = load_groups(path), groups_from_records(read_tevatron(path))
+    assert isinstance(lazy, LazyGroups) and len(lazy) == len(eager) == 40
+    assert list(lazy) == eager and lazy[-1] == eager[-1] and lazy[3:7] == eager[3:7]
+    with pytest.raises(IndexError):
+        lazy[40]
+    # What a rank holds: the path and int64 arrays (byte ranges, line numbers), no group.
+    held = vars(lazy)
+    assert all(
+        isinstance(v, np.ndarray) and v.dtype == np.int64 for k, v in held.items() if k.startswith("_") and k != "_size"
+    )
+    assert not any(isinstance(v, (list, tuple, dict, TrainGroup)) for v in held.values())
+    assert lazy._lines.tolist() == list(range(1, 80, 2))  # blank lines between records are skipped
+    # A gzip file cannot be read at an offset: it is read whole, to the same groups.
+    import gzip
+
+    packed = tmp_path / "negatives.jsonl.gz"
+    packed.write_bytes(gzip.compress(path.read_bytes()))
+    assert load_groups(packed) == eager
+
+
+def test_lazy_groups_train_on_the_same_batches_as_the_eager_list(tmp_path, tok):
+    """The same sampler over either gives the same groups and, with the same seed, the same
+    sampled negatives: training (and every pinned score) cannot tell them apart."""
+    from torch.utils.data import DataLoader
+
+    from llmret.training.sampling import ResumableBatchSampler, seed_step
+
+    path = _tevatron_file(tmp_path / "negatives.jsonl", MANY)
+    spec = replace(SPEC, group_size=3)
+
+    def batches(dataset, rank):
+        sampler = ResumableBatchSampler(len(dataset), 4, seed=5, rank=rank, world_size=2, start=3)
+        collator = GroupCollator(tok, spec)
+        out = []
+        for step, groups in zip(range(12), DataLoader(dataset, batch_sampler=sampler, collate_fn=list), strict=False):
+            seed_step(5, step, rank)
+            out.append((groups, collator.sample_texts(groups)))
+        return out
+
+    for rank in (0, 1):
+        assert batches(LazyGroups(path), rank) == batches(groups_from_records(MANY), rank)
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('{"query_id": "q9", "query": "x"', "invalid JSON"),
+        ('{"query_id": "q9", "query": "x", "positive_passages": []}', "missing key 'negative_passages'"),
+        (
+            '{"query_id": "q9", "query": "x", "positive_passages": [], "negative_passages": []}',
+            "'positive_passages' is empty",
+        ),
+        (json.dumps(RECORDS[0]), "duplicate query id 'q1' \\(first on line 1\\)"),
+        (b"\xff".decode("latin-1"), "not UTF-8|invalid JSON"),
+    ],
+)
+def test_lazy_groups_validate_every_line_up_front_naming_file_and_line(tmp_path, line, message):
+    path = tmp_path / "negatives.jsonl"
+    path.write_bytes("\n".join([json.dumps(RECORDS[0]), "", json.dumps(RECORDS[1])]).encode() + b"\n")
+    with open(path, "ab") as f:
+        f.write(line.encode("latin-1" if "\xff" in line else "utf-8") + b"\n")
+    with pytest.raises(ValueError, match=rf"negatives.jsonl:4: ({message})"):
+        LazyGroups(path)
+
+
+def test_lazy_groups_check_negatives_and_notice_a_changed_file(tmp_path):
+    bare = {**RECORDS[1], "query_id": "q9", "negative_passages": []}
+    path = _tevatron_file(tmp_path / "negatives.jsonl", [RECORDS[0], bare], blank_lines=False)
+    groups = LazyGroups(path)
+    check_negatives(groups, 1)
+    with pytest.raises(ValueError, match=r"1 queries have no negative passage for group_size=2: \['q9'\]"):
+        check_negatives(groups, 2)
+    path.write_text(path.read_text().replace('"q9"', '"q99"'))
+    with pytest.raises(ValueError, match="changed after it was indexed"):
+        groups[1]
+    with pytest.raises(ValueError, match="no training queries"):
+        LazyGroups(_tevatron_file(tmp_path / "empty.jsonl", []))
 
 
 # --------------------------------------------------------------------------- sampling and batches

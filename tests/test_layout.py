@@ -12,7 +12,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "llmret"
 # Lower layers first; a module may import only from its own sub-package or a lower layer.
 LAYERS = (
-    {"specs", "io", "logs", "launch"},
+    {"specs", "io", "logs", "launch", "sizing"},
     {"data"},
     {"retrieval"},
     {"training"},

@@ -5,7 +5,7 @@ import faiss
 import numpy as np
 import pytest
 
-from llmret.data import trec
+from llmret.data import beir, trec
 from llmret.retrieval import faiss_index
 from llmret.training import mining
 from llmret.training.mining import MiningSpec
@@ -42,9 +42,73 @@ def test_positives_never_returned_at_rank_one_or_inside_the_window():
     assert got == ["r4", "r6"]
 
 
-def test_max_negatives_keeps_the_best_ranked():
-    got = mining.select_negatives(by_rank(40), {"r12"}, spec(rank_from=10, rank_to=40, max_negatives=4))
+def test_max_negatives_keeps_the_best_ranked_with_best():
+    got = mining.select_negatives(
+        by_rank(40), {"r12"}, spec(rank_from=10, rank_to=40, max_negatives=4, selection="best")
+    )
     assert got == ["r10", "r11", "r13", "r14"]
+
+
+# -- selection: spread / best ---------------------------------------------------------------
+
+
+def test_spread_rule_on_a_hand_checked_case():
+    # n = 10, k = 4: positions (j * 10) // 4 = 0, 2, 5, 7.
+    assert mining.spread(list("abcdefghij"), 4) == ["a", "c", "f", "h"]
+    assert mining.spread(list("abc"), 3) == ["a", "b", "c"]  # not more than k: all of them
+    assert mining.spread(list("ab"), 5) == ["a", "b"]
+    assert mining.spread(list("abcdefghij"), 1) == ["a"]  # the best-ranked one
+
+
+def test_spread_covers_the_whole_window():
+    positives = {"r1", "r10", "r55"}  # one before, two inside the window
+    s = spec(depth=100, rank_from=10, rank_to=100, max_negatives=30)
+    assert s.selection == "spread"  # the default
+    got = mining.select_negatives(by_rank(120), positives, s)
+    ranks = [int(d[1:]) for d in got]
+    assert len(got) == 30 and len(set(got)) == 30
+    assert ranks[0] == 11  # the best-ranked eligible one (r10 is a positive)
+    assert ranks == sorted(ranks) and 10 <= ranks[0] and ranks[-1] <= 100
+    # 89 eligible (r11..r100 but r55), one every 89/30 = 2.97: the last taken is r98.
+    assert ranks[-1] == 98
+    assert all(2 <= b - a <= 4 for a, b in zip(ranks, ranks[1:], strict=False))
+    assert not set(got) & positives
+
+
+def test_best_reproduces_the_first_max_negatives():
+    s = spec(depth=100, rank_from=10, rank_to=100, max_negatives=30, selection="best")
+    got = mining.select_negatives(by_rank(120), {"r1", "r10", "r25"}, s)
+    assert got == [f"r{i}" for i in [*range(11, 25), *range(26, 42)]]
+
+
+@pytest.mark.parametrize("selection", ["spread", "best"])
+def test_positives_never_taken_and_selection_is_deterministic(selection):
+    rng = np.random.default_rng(3)
+    ids = [f"d{i}" for i in rng.permutation(150)]
+    ranked = [(d, float(200 - n)) for n, d in enumerate(ids)]
+    ranked.insert(40, ranked[20])  # a repeat inside the window
+    positives = set(ids[::7])
+    s = spec(depth=150, rank_from=5, rank_to=150, max_negatives=25, selection=selection)
+    first = mining.select_negatives(ranked, positives, s)
+    assert len(first) == 25 and len(set(first)) == 25
+    assert not set(first) & positives
+    assert mining.select_negatives(list(ranked), set(positives), s) == first
+
+
+def test_spread_thins_what_the_filters_leave_and_counts_the_whole_window():
+    # Positive r50 scores 50.0; margin 0 drops every score above it: r10..r49 (40 candidates).
+    s = spec(depth=100, rank_from=10, rank_to=100, max_negatives=10, margin=0.0)
+    _, stats = mining.mine({"q": by_rank(100)}, {"q": {"r50": 1}}, s)
+    negatives = mining.select_negatives(by_rank(100), {"r50"}, s)
+    # 50 eligible (r51..r100), one every 5: r51, r56, ..., r96.
+    assert negatives == [f"r{i}" for i in range(51, 101, 5)]
+    assert stats["filtered_by_margin"] == 40 and stats["negatives_total"] == 10
+
+
+@pytest.mark.parametrize("value", ["random", "", None, "BEST"])
+def test_selection_must_be_spread_or_best(value):
+    with pytest.raises(ValueError, match=r"selection must be one of \['spread', 'best'\]"):
+        MiningSpec(selection=value)
 
 
 def test_a_document_listed_twice_is_taken_once():
@@ -142,16 +206,20 @@ def test_mine_through_a_faiss_index_matches_brute_force():
     brute = {q: [doc_ids[i] for i in order[n]] for n, q in enumerate(qids)}
     # Positives at brute-force ranks 1 (before the window), 6 (inside) and 40 (not retrieved).
     qrels = {q: {brute[q][0]: 1, brute[q][5]: 1, brute[q][39]: 2} for q in qids}
-    s = MiningSpec(depth=30, rank_from=4, rank_to=20, max_negatives=10, min_negatives=1)
-    negatives, stats = mining.mine(run, qrels, s)
+    best = MiningSpec(depth=30, rank_from=4, rank_to=20, max_negatives=10, min_negatives=1, selection="best")
+    spread = MiningSpec(depth=30, rank_from=4, rank_to=20, max_negatives=10, min_negatives=1)
+    negatives, stats = mining.mine(run, qrels, best)
+    spread_negatives, _ = mining.mine(run, qrels, spread)
 
     assert stats["queries_kept"] == 6 and stats["positives_retrieved_fraction"] == 1.0
     for q in qids:
         window = brute[q][3:20]  # ranks 4..20
-        expected = [d for d in window if d not in qrels[q]][:10]
-        assert negatives[q] == expected
-        assert not set(negatives[q]) & set(qrels[q])
-        assert all(4 <= brute[q].index(d) + 1 <= 20 for d in negatives[q])
+        eligible = [d for d in window if d not in qrels[q]]  # 16: rank 6 is a positive
+        assert negatives[q] == eligible[:10]
+        assert spread_negatives[q] == [eligible[(j * 16) // 10] for j in range(10)]
+        for got in (negatives[q], spread_negatives[q]):
+            assert not set(got) & set(qrels[q])
+            assert all(4 <= brute[q].index(d) + 1 <= 20 for d in got)
 
 
 # -- MiningSpec -----------------------------------------------------------------------------
@@ -173,6 +241,7 @@ def test_mine_through_a_faiss_index_matches_brute_force():
         ({"max_score_ratio": 1.5}, r"max_score_ratio must be a number in \(0, 1\]"),
         ({"depth": "200"}, "depth must be an integer"),
         ({"max_negatives": True}, "max_negatives must be an integer"),
+        ({"selection": "first"}, "selection must be one of"),
     ],
 )
 def test_spec_validation_names_the_field(kwargs, message):
@@ -289,6 +358,84 @@ def test_mine_to_file(beir_folder, tmp_path):
     assert json.loads(stats_path.read_text()) == record
     assert record["queries_kept"] == 2 and record["filtered_by_margin"] == 1
     assert record["settings"]["margin"] == 0.25 and record["run_header"] == {"system": "toy"}
+
+
+def _streaming_case(tmp_path):
+    """A corpus, queries, qrels and a run file over them, for the streamed-vs-dict tests."""
+    d = tmp_path / "data"
+    (d / "qrels").mkdir(parents=True)
+    docs = [f"d{i:02d}" for i in range(40)]
+    (d / "corpus.jsonl").write_text(
+        "".join(json.dumps({"_id": x, "title": "", "text": f"text {x}"}) + "\n" for x in docs)
+    )
+    qids = ["q1", "q2", "q3", "q4", "q5", "q6"]
+    (d / "queries.jsonl").write_text("".join(json.dumps({"_id": q, "text": f"query {q}"}) + "\n" for q in qids))
+    qrels = {
+        "q1": {"d05": 1},  # positive at rank 6, inside the window 3..30
+        "q2": {"d00": 2, "d31": 1},  # positives at rank 1 (before the window) and 32 (after)
+        "q3": {"d07": 1},  # absent from the run
+        "q4": {"d03": 0},  # no positive: not counted
+        "q5": {"d39": 1, "d12": 1},  # positive at rank 40 (beyond the window) and at rank 13
+    }
+    (d / "qrels" / "train.tsv").write_text(
+        "query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{x}\t{g}\n" for q, j in qrels.items() for x, g in j.items())
+    )
+    rng = np.random.default_rng(11)
+    run = {q: [(x, float(s)) for x, s in zip(docs, -np.sort(-rng.random(40)), strict=True)] for q in qids if q != "q3"}
+    # Every ranking lists d00, d01, ... in that order (falling scores); "q6" is not judged.
+    path = tmp_path / "train.trec"
+    trec.write_run(path, run, tag="dense", header={"system": "toy"})
+    return d, qrels, path
+
+
+@pytest.mark.parametrize("selection", ["spread", "best"])
+def test_streamed_mining_writes_the_same_file_as_the_dict_path(tmp_path, selection):
+    d, qrels, run_path = _streaming_case(tmp_path)
+    s = MiningSpec(depth=40, rank_from=3, rank_to=30, max_negatives=8, min_negatives=1, selection=selection)
+    # The dict path: the whole run in memory.
+    by_dict, stats_dict = mining.mine(trec.read_run(run_path), qrels, s)
+    dict_out = tmp_path / "dict.jsonl"
+    mining.write_tevatron(dict_out, beir.load_queries(d / "queries.jsonl"), qrels, by_dict, d / "corpus.jsonl")
+    # The streamed path, as the workflow runs it.
+    out, stats_path = tmp_path / "stream.jsonl", tmp_path / "stats.json"
+    record = mining.mine_to_file(
+        run_path, d / "queries.jsonl", d / "qrels" / "train.tsv", d / "corpus.jsonl", s, out, stats_path
+    )
+    assert out.read_bytes() == dict_out.read_bytes()
+    assert mining.mine(trec.iter_run(run_path), qrels, s) == (by_dict, stats_dict)
+    assert {k: record[k] for k in stats_dict} == stats_dict
+    assert record["settings"]["selection"] == selection
+    assert stats_dict["queries_in"] == 4 and stats_dict["dropped_no_run"] == 1 and stats_dict["queries_kept"] == 3
+    examples = mining.read_tevatron(out)
+    assert [ex["query_id"] for ex in examples] == ["q1", "q2", "q5"]
+    negatives = {ex["query_id"]: [p["docid"] for p in ex["negative_passages"]] for ex in examples}
+    ranks_q2 = [int(x[1:]) + 1 for x in negatives["q2"]]  # q2's ranking is d00, d01, ... by construction
+    assert "d05" not in negatives["q1"] and "d12" not in negatives["q5"]
+    if selection == "best":
+        assert ranks_q2 == list(range(3, 11))
+    else:  # 28 eligible at ranks 3..30, one every 3.5: ranks 3, 6, 10, 13, 17, 20, 24, 27
+        assert ranks_q2 == [3, 6, 10, 13, 17, 20, 24, 27]
+
+
+def test_streamed_mining_refuses_a_run_whose_query_lines_are_not_grouped(tmp_path):
+    d, _, run_path = _streaming_case(tmp_path)
+    lines = run_path.read_text().splitlines(keepends=True)
+    # Move q1's last line after q2's first: q1 reappears after another query's line.
+    q1_last = max(n for n, line in enumerate(lines) if line.startswith("q1 "))
+    moved = lines[:q1_last] + [lines[q1_last + 1], lines[q1_last]] + lines[q1_last + 2 :]
+    run_path.write_text("".join(moved))
+    out = tmp_path / "negatives.jsonl"
+    with pytest.raises(ValueError, match=rf"{run_path}:{q1_last + 2}: query 'q1' appears again"):
+        mining.mine_to_file(
+            run_path,
+            d / "queries.jsonl",
+            d / "qrels" / "train.tsv",
+            d / "corpus.jsonl",
+            MiningSpec(depth=40, rank_from=3, rank_to=30),
+            out,
+            tmp_path / "stats.json",
+        )
+    assert not out.exists()
 
 
 def test_mine_to_file_refuses_an_empty_result(beir_folder, tmp_path):

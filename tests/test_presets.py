@@ -68,17 +68,21 @@ def test_llara_preset_dag(tmp_path):
     assert counts["check_expected"] == 1 and counts["msmarco_table"] == 1
     # Only this preset's systems and runs: none of the default's SmolLM2/MiniLM jobs.
     assert not [j for j in jobs if re.search(r"smollm2|minilm", j["wildcards"])]
-    gpus = {
-        (j["rule"], j["resources"].get("gpu")) for j in jobs if j["rule"] in ("llara_pretrain", "finetune", "encode")
-    }
-    assert gpus == {("llara_pretrain", "8"), ("finetune", "8"), ("encode", "1")}
-    encodes = [j for j in jobs if j["rule"] == "encode"]
+    rules = ("llara_pretrain", "finetune", "encode", "encode_corpus")
+    gpus = {(j["rule"], j["resources"].get("gpu")) for j in jobs if j["rule"] in rules}
+    assert gpus == {("llara_pretrain", "8"), ("finetune", "8"), ("encode", "1"), ("encode_corpus", "1")}
+    # Every corpus in shards of <= 500k passages: MS MARCO's 8.8M in 18, one job each.
+    shards = [j for j in jobs if j["rule"] == "encode_corpus"]
+    msmarco = [j for j in shards if "dataset=msmarco-passage," in j["wildcards"] + ","]
+    assert len(msmarco) == 3 * 18 and len(shards) == 3 * 76  # 3 dense systems; 76 shards over 14 corpora
+    assert counts["faiss_index"] == len(shards) and not counts["encode_corpus"] - len(shards)
+    encodes = [j for j in jobs if j["rule"] in ("encode", "encode_corpus")]
     assert {re.search(r"system=([\w-]+)", j["wildcards"]).group(1) for j in encodes} == {
         "llara-7b",
         "base-ft-7b",
         "llara-ft-7b",
     }
-    assert not [j for j in encodes if "trec-dl" in j["wildcards"] and "side=corpus" in j["wildcards"]]
+    assert not [j for j in shards if "trec-dl" in j["wildcards"]]
     assert "results/mining/msmarco-llara/negatives.jsonl" in out
 
 
@@ -94,12 +98,21 @@ def test_llara_preset_through_the_slurm_profile(tmp_path):
     by_rule = {}
     for j in jobs:
         by_rule.setdefault(j["rule"], []).append(j["resources"])
-    for rule, gpus in (("llara_pretrain", "8"), ("finetune", "8"), ("encode", "1")):
+    for rule, gpus in (("llara_pretrain", "8"), ("finetune", "8"), ("encode", "1"), ("encode_corpus", "1")):
         for res in by_rule[rule]:
             assert res.get("gpu") == gpus, (rule, res)
-            for key in ("cpus_per_gpu", "mem_mb", "runtime"):
+            for key in ("cpus_per_gpu", "runtime"):
                 assert res.get(key) == str(sizes[rule][key]), (rule, key, res)
     assert all(r.get("runtime") == "60" for r in by_rule["bm25_search"])  # the profile's default
+    # Memory from llmret.sizing, not the profile: 8 ranks each holding the 6.74B weights in
+    # bf16, and an MS MARCO shard's 491k float32 4,096-dim vectors plus the 7B weights.
+    assert "mem_mb" not in sizes["llara_pretrain"] and "mem_mb" not in sizes["encode_corpus"]
+    for res in by_rule["llara_pretrain"] + by_rule["finetune"]:
+        assert 8 * 6.74e9 * 2 / 2**20 < int(res["mem_mb"]) < 256_000, res
+    msmarco = [j["resources"] for j in jobs if j["rule"] == "encode_corpus" and "msmarco" in j["wildcards"]]
+    assert len(msmarco) >= 18 and len(msmarco) % 18 == 0  # 18 shards per system encoding it
+    for res in msmarco:
+        assert (8_841_823 / 18 * 4096 * 4 + 6.74e9 * 2) / 2**20 < int(res["mem_mb"]) < 64_000, res
 
 
 def test_csplade_preset_dag(tmp_path):
@@ -116,11 +129,17 @@ def test_csplade_preset_dag(tmp_path):
     assert counts["csplade_adapt"] == 2 and counts["csplade_train"] == 3
     assert counts["mine_negatives"] == 1 and counts["bm25_search_train"] == 1  # BM25 negatives
     assert not counts["finetune"] and not counts["llara_pretrain"] and not counts["encode"]
-    # 5 sparse systems: 13 BEIR corpora + MS MARCO (DL19/DL20 search its index) each
-    assert counts["sparse_index"] == 5 * 14 and counts["sparse_search"] == 5 * 16
+    # 5 sparse systems: 13 BEIR corpora + MS MARCO (DL19/DL20 search its index) each, in
+    # 76 shards of <= 500k passages (MS MARCO 18, the FEVERs and HotpotQA 11, DBPedia 10, ...)
+    assert counts["sparse_encode_corpus"] == counts["sparse_index"] == 5 * 76 and counts["sparse_search"] == 5 * 16
     assert counts["quantization_table"] == 1 and counts["check_expected"] == 1
     gpus = {(j["rule"], j["resources"].get("gpu")) for j in jobs if j["rule"].startswith(("csplade", "sparse_enc"))}
-    assert gpus == {("csplade_adapt", "8"), ("csplade_train", "8"), ("sparse_encode", "1")}
+    assert gpus == {
+        ("csplade_adapt", "8"),
+        ("csplade_train", "8"),
+        ("sparse_encode", "1"),
+        ("sparse_encode_corpus", "1"),
+    }
     # the three trained models, the 8-bit and 4-bit systems reuse csplade-bi's model
     bases = {re.search(r"run=([\w.-]+)", j["wildcards"]).group(1) for j in jobs if j["rule"] == "csplade_train"}
     assert bases == {"csplade-llama31-8b", "csplade-echo-llama31-8b", "csplade-bi-llama31-8b"}
@@ -136,8 +155,13 @@ def test_csplade_preset_through_the_slurm_profile(tmp_path):
     sizes = yaml.safe_load((profile / "config.yaml").read_text())["set-resources"]
     seen = set()
     for j in jobs:
-        if j["rule"] in ("csplade_adapt", "csplade_train", "sparse_encode", "sparse_index"):
+        if j["rule"] in ("csplade_adapt", "csplade_train", "sparse_encode", "sparse_encode_corpus", "sparse_index"):
             seen.add(j["rule"])
             for key in ("mem_mb", "runtime"):
-                assert j["resources"].get(key) == str(sizes[j["rule"]][key]), j
-    assert seen == {"csplade_adapt", "csplade_train", "sparse_encode", "sparse_index"}
+                if key in sizes[j["rule"]]:  # else llmret.sizing's request
+                    assert j["resources"].get(key) == str(sizes[j["rule"]][key]), j
+    assert seen == {"csplade_adapt", "csplade_train", "sparse_encode", "sparse_encode_corpus", "sparse_index"}
+    # 8 ranks, each loading Llama-3.1-8B's weights in bf16 before moving them to its GPU
+    for j in jobs:
+        if j["rule"] in ("csplade_adapt", "csplade_train"):
+            assert 8 * 8.03e9 * 2 / 2**20 < int(j["resources"]["mem_mb"]) < 256_000, j

@@ -329,6 +329,30 @@ def test_manifest_and_dataset(pairs, tok, tmp_path):
         ds.check_compatible(tok, LlaraObjective(max_text_length=21))
 
 
+def test_shards_are_read_lazily_with_the_same_items(pairs, tok, tmp_path):
+    """A shard in memory is its offsets (8 bytes a pair per side); token ids are sliced out of
+    the file per item, and equal the rows of the fully loaded arrays. A dataset pickles
+    without its open file (DataLoader workers started by spawn open their own)."""
+    import pickle
+
+    paths = [tmp_path / f"s{s}.safetensors" for s in range(2)]
+    for s, p in enumerate(paths):
+        tokenize_shard(pairs, s, 2, 0, tok, 24, p)
+    ds = ShardDataset(paths)
+    held = [v for shard in ds.shards for v in vars(shard).values() if isinstance(v, np.ndarray)]
+    assert sum(a.nbytes for a in held) == 8 * 2 * (len(ds) + len(paths))  # offsets only
+    want = []
+    for p in paths:
+        a = load_file(p)
+        for i in range(len(a["text_offsets"]) - 1):
+            t = a["text_ids"][a["text_offsets"][i] : a["text_offsets"][i + 1]].tolist()
+            x = a["next_ids"][a["next_offsets"][i] : a["next_offsets"][i + 1]].tolist()
+            want.append((t, x))
+    assert [ds[i] for i in range(len(ds))] == want and len(want) == len(pairs)
+    copy = pickle.loads(pickle.dumps(ds))
+    assert [copy[i] for i in (0, len(ds) // 2, -1)] == [want[0], want[len(ds) // 2], want[-1]]
+
+
 def test_corrupt_shards_are_refused(pairs, tok, tmp_path):
     good = tmp_path / "good.safetensors"
     tokenize_shard(pairs[:20], 0, 1, 0, tok, 8, good)

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from llmret import config as cfg
+from llmret.sizing import PLANNING_KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = yaml.safe_load((ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text())
@@ -26,7 +27,7 @@ WIRING = {
     "systems.sparse": {"type", "model", "gpus", "sparse_index", "lengths"},
     "systems.dense.index": set(),
     "systems.sparse.sparse_index": set(),
-    "models": set(),
+    "models": set(PLANNING_KEYS),  # memory planning (llmret.sizing), never imported
     "pretraining": {"model", "corpora", "dpr_wiki", "gpus", "training"},
     "mining": {"dataset", "retriever", "file"},
     "finetuning": {"model", "negatives", "lora", "gpus", "training"},

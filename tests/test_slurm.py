@@ -143,6 +143,19 @@ def _profile_resources(rule: str) -> dict:
     return {**cfg["default-resources"], **cfg["set-resources"].get(rule, {})}
 
 
+def _sized_mem(rule: str) -> int:
+    """A smoke training job's memory request (one GPU): llmret.sizing's, not the profile's."""
+    from llmret import sizing
+
+    config = yaml.safe_load(SMOKE.read_text())
+    section = {"llara_pretrain": "pretraining", "finetune": "finetuning"}[rule]
+    mems = {sizing.training_mb(config, section, run, 1) for run in config[section]}
+    assert (
+        len(mems) == 1 and "mem_mb" not in yaml.safe_load((PROFILE / "config.yaml").read_text())["set-resources"][rule]
+    )
+    return mems.pop()
+
+
 def _slurm_jobs() -> list[dict[str, str]]:
     """Slurm's own record of every job (squeue keeps them for MinJobAge)."""
     out = subprocess.run(
@@ -232,7 +245,7 @@ def _assert_submissions(log: str) -> dict[str, list[str]]:
         for call in calls[rule]:
             assert "--gpus=1" in call.split(), call
             assert f"--cpus-per-gpu={res['cpus_per_gpu']}" in call.split(), call
-            assert re.search(rf"--mem {res['mem_mb']}\b", call) and re.search(rf"-t {res['runtime']}\b", call), call
+            assert re.search(rf"--mem {_sized_mem(rule)}\b", call) and re.search(rf"-t {res['runtime']}\b", call), call
     for call in calls["encode"]:
         assert "--gpus" not in call and "--cpus-per-task=2" in call.split(), call
         assert re.search(rf"--mem {_profile_resources('encode')['mem_mb']}\b", call), call
@@ -380,7 +393,8 @@ def test_profile_dry_run_shows_resources_per_job(tmp_path):
     for rule in GPU_RULES:
         res = _profile_resources(rule)
         assert "gpu=1" in resources[rule], resources[rule]
-        for key in ("cpus_per_gpu", "mem_mb", "runtime"):
+        for key in ("cpus_per_gpu", "runtime"):
             assert f"{key}={res[key]}" in resources[rule], (rule, resources[rule])
+        assert f"mem_mb={_sized_mem(rule)}" in resources[rule], (rule, resources[rule])
     assert f"mem_mb={_profile_resources('encode')['mem_mb']}" in resources["encode"]
     assert "runtime=60" in resources["bm25_search"]  # the profile's default, not the local profile's

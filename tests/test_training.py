@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import pickle
 import signal
@@ -27,6 +28,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from llmret.llara.modeling import save_llara
+from llmret.training import arguments, checkpointing
 from llmret.training.arguments import (
     TrainingArgs,
     build_deepspeed_config,
@@ -34,8 +36,15 @@ from llmret.training.arguments import (
     lr_factor,
     recipe,
     recipe_changes,
+    training_dtype,
 )
-from llmret.training.checkpointing import LATEST, TRAINER_STATE, prune_checkpoints, safe_torch_load
+from llmret.training.checkpointing import (
+    LATEST,
+    TRAINER_STATE,
+    checkpoints_to_keep,
+    prune_checkpoints,
+    safe_torch_load,
+)
 from llmret.training.distributed import merge_peaks
 from llmret.training.loop import train
 from llmret.training.sampling import ResumableBatchSampler, epoch_batches
@@ -374,6 +383,177 @@ def test_prune_keeps_the_newest_tags_up_to_latest(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes", "step15"]
 
 
+@pytest.mark.parametrize("keep", [1, 2, 3, 9])
+def test_prune_keeps_exactly_n(tmp_path, keep):
+    steps = (5, 10, 15, 20, 25, 30)
+    for s in steps:
+        (tmp_path / f"step{s}").mkdir()
+    prune_checkpoints(tmp_path, "step25", keep_last=keep)  # step30: a save killed before its marker
+    assert sorted(int(p.name[4:]) for p in tmp_path.iterdir()) == [5, 10, 15, 20, 25][-keep:]
+    with pytest.raises(ValueError, match="keep_last"):
+        prune_checkpoints(tmp_path, "step25", keep_last=0)
+
+
+def test_retention_default_is_one_for_full_parameter_runs_and_two_with_frozen_parameters():
+    full, lora = Regressor(), Regressor()
+    lora.net[0].weight.requires_grad_(False)
+    assert checkpoints_to_keep(None, full) == 1 and checkpoints_to_keep(None, lora) == 2
+    assert checkpoints_to_keep(3, full) == checkpoints_to_keep(3, lora) == 3
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="keep_checkpoints"):
+            regressor_args(Path("/unused"), keep_checkpoints=bad)
+
+
+@pytest.mark.parametrize(("keep", "during"), [(None, [1, 1, 1, 1, 1]), (3, [1, 2, 3, 3, 3])])
+def test_the_loop_keeps_keep_checkpoints_while_training(tmp_path, monkeypatch, keep, during):
+    """The tags left after each save: ``keep_checkpoints`` (default 1: every parameter of the
+    regressor trains) while training, only the last one after the final save."""
+    left = []
+
+    def prune(checkpoint_dir, latest, keep_last=2):
+        prune_checkpoints(checkpoint_dir, latest, keep_last)
+        left.append(sorted(p.name for p in checkpoint_dir.iterdir() if p.name.startswith("step")))
+
+    monkeypatch.setattr(checkpointing, "prune_checkpoints", prune)
+    torch.manual_seed(0)
+    args = regressor_args(tmp_path, max_steps=6, save_every=1, keep_checkpoints=keep)
+    train(Regressor(), Pairs(), collate, args, save_fn=save_regressor)
+    assert [len(tags) for tags in left] == [*during, 1]
+    assert left[-1] == ["step6"] and left[-2][-1] == "step5"
+
+
+def test_dtype_agrees_with_the_deepspeed_config(tmp_path, monkeypatch):
+    cpu, gpu = (str(ROOT / "config" / "deepspeed" / f) for f in ("cpu.json", "gpu_zero2_bf16.json"))
+    assert regressor_args(tmp_path).resolved_dtype == "float32"  # auto under cpu.json: bit-identical CPU runs
+    assert regressor_args(tmp_path, deepspeed_config=gpu).torch_dtype == torch.bfloat16
+    assert training_dtype({}) == torch.float32 and training_dtype({"deepspeed_config": gpu}) == torch.bfloat16
+    with pytest.raises(ValueError, match=r"training.dtype is bfloat16 but .*cpu.json computes in float32"):
+        build_deepspeed_config(regressor_args(tmp_path, dtype="bfloat16", deepspeed_config=cpu), 1)
+    with pytest.raises(ValueError, match=r"training.dtype is float32 but .*computes in bfloat16"):
+        training_dtype({"dtype": "float32", "deepspeed_config": gpu})
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        regressor_args(tmp_path, dtype="fp8")
+
+    # A config that leaves the precision open is filled in from the dtype; auto is bf16 only
+    # on a CUDA device with bf16.
+    open_json = tmp_path / "open.json"
+    open_json.write_text(json.dumps({"bf16": {"enabled": "auto"}, "zero_optimization": {"stage": 2}}))
+
+    def filled(**over):
+        cfg = build_deepspeed_config(regressor_args(tmp_path, deepspeed_config=str(open_json), **over), 1)
+        return cfg["bf16"]["enabled"], cfg["fp16"]["enabled"]
+
+    assert filled() == (False, False)
+    assert filled(dtype="bfloat16") == (True, False) and filled(dtype="float16") == (False, True)
+    monkeypatch.setattr(arguments, "cuda_bf16", lambda: True)
+    assert filled() == (True, False)
+    assert regressor_args(tmp_path, deepspeed_config=cpu).resolved_dtype == "float32"  # the JSON still decides
+    both = tmp_path / "both.json"
+    both.write_text(json.dumps({"bf16": {"enabled": True}, "fp16": {"enabled": True}}))
+    with pytest.raises(ValueError, match="both enabled"):
+        training_dtype({"deepspeed_config": str(both)})
+
+
+def test_bf16_run_with_the_gpu_preset_config_and_refused_mismatches(tmp_path):
+    """ZeRO-2 + bf16 (config/deepspeed/gpu_zero2_bf16.json) trains on CPU too: the model is
+    given in bfloat16 and stays so. A model in another dtype than the run's is refused
+    before DeepSpeed starts (it would cast a float32 copy, or refuse bf16 under fp32)."""
+    gpu = str(ROOT / "config" / "deepspeed" / "gpu_zero2_bf16.json")
+
+    def bf16(items):
+        batch = collate(items)
+        return Batch(batch.x.bfloat16(), batch.y.bfloat16())
+
+    torch.manual_seed(0)
+    model = Regressor().to(torch.bfloat16)
+    args = regressor_args(tmp_path, deepspeed_config=gpu, max_steps=4, save_every=2)
+    result = train(model, Pairs(), bf16, args, save_fn=save_regressor)
+    assert result["dtype"] == "bfloat16" and result["deepspeed_config"]["bf16"]["enabled"]
+    assert math.isfinite(result["final_loss"]) and all(p.dtype == torch.bfloat16 for p in model.parameters())
+    with pytest.raises(ValueError, match=r"computes in bfloat16 .* e.g. net.0.weight in torch.float32"):
+        train(Regressor(), Pairs(), bf16, regressor_args(tmp_path / "b", deepspeed_config=gpu), save_fn=save_regressor)
+    with pytest.raises(ValueError, match="computes in float32"):
+        train(Regressor().bfloat16(), Pairs(), collate, regressor_args(tmp_path / "c"), save_fn=save_regressor)
+
+
+# The load measured in a fresh process: warmed up first (the model classes' imports, torch's
+# ops, PEFT), so the resident-set high-water mark it prints grows by the load alone.
+LOAD_SCRIPT = """
+import json, resource, sys
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+from llmret.csplade.adaptation import load_causal_lora
+from llmret.training.arguments import training_dtype
+from llmret.training.lora import LoraSpec, apply_lora
+
+model_dir, deepspeed_config = sys.argv[1:3]
+cfg = AutoConfig.from_pretrained(model_dir)
+cfg.update(dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, vocab_size=128))
+warm = apply_lora(AutoModelForCausalLM.from_config(cfg), LoraSpec())
+float(sum(p.detach().flatten()[::1024].float().sum() for p in warm.parameters()))
+del warm
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+model = load_causal_lora(model_dir, LoraSpec(), dtype=training_dtype({"deepspeed_config": deepspeed_config}))
+float(sum(p.detach().flatten()[::1024].float().sum() for p in model.parameters()))  # every page read
+grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024  # KiB on Linux
+base = [p for p in model.parameters() if not p.requires_grad]
+print(json.dumps({
+    "grown": grown,
+    "base_dtypes": sorted({str(p.dtype) for p in base}),
+    "base_numel": sum(p.numel() for p in base),
+    "base_bytes": sum(p.numel() * p.element_size() for p in base),
+}))
+"""
+
+
+@pytest.fixture(scope="module")
+def smollm2_bf16_dir(smollm2_dir) -> Path:
+    """SmolLM2 stored in bfloat16 (made once per machine beside the imported copy), as a 7B
+    base model is best imported: loading an fp32 file in bf16 reads the whole file through
+    its memory map, whose pages the resident set counts too (page cache, shared by ranks)."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    out = smollm2_dir.parent / "smollm2-135m-bf16"
+    if not (out / "model.safetensors").is_file():
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        with safe_open(smollm2_dir / "model.safetensors", "pt") as f:
+            weights = {k: f.get_tensor(k).bfloat16() for k in f.keys()}
+            metadata = f.metadata()
+        save_file(weights, tmp / "model.safetensors", metadata=metadata)
+        config = json.loads((smollm2_dir / "config.json").read_text())
+        (tmp / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    return out
+
+
+def test_bf16_run_loads_the_model_in_bf16_without_a_float32_copy(smollm2_bf16_dir):
+    """A stage's load under the GPU preset's DeepSpeed config (dtype auto -> bfloat16) creates
+    the base model in bfloat16: half the float32 bytes, and the load's peak resident-set growth
+    stays well below the float32 size (loading float32 and casting peaks at ~1.4x of it)."""
+    gpu = ROOT / "config" / "deepspeed" / "gpu_zero2_bf16.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    proc = subprocess.run(
+        [sys.executable, "-c", LOAD_SCRIPT, str(smollm2_bf16_dir), str(gpu)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    fp32_bytes = 4 * got["base_numel"]
+    assert got["base_dtypes"] == ["torch.bfloat16"] and got["base_bytes"] * 2 == fp32_bytes
+    assert got["grown"] < 0.75 * fp32_bytes, (got["grown"] / 1e6, fp32_bytes / 1e6)
+
+
 def test_input_digest_is_by_content_and_names_within_a_folder(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     for root in (a, b):
@@ -411,8 +591,11 @@ def test_recipe_holds_the_models_settings():
     constant = regressor_args(Path("/unused"), lr_scheduler="constant")
     assert "max_steps" not in recipe(constant, Regressor())  # extending a constant-rate run resumes
     assert recipe(args, Regressor()) == {
-        k: getattr(args, k)
-        for k in ("max_steps", "learning_rate", "warmup_steps", "weight_decay", "lr_scheduler", "max_grad_norm")
+        **{
+            k: getattr(args, k)
+            for k in ("max_steps", "learning_rate", "warmup_steps", "weight_decay", "lr_scheduler", "max_grad_norm")
+        },
+        "dtype": "float32",  # resolved: cpu.json computes in float32
     }
 
 

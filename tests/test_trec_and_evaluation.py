@@ -29,6 +29,53 @@ def test_bad_run_line_is_named(tmp_path):
         trec.read_run(path)
 
 
+def test_iter_run_streams_what_read_run_reads(tmp_path):
+    path = tmp_path / "r.trec"
+    # Hand-written: queries not in id order, ranks and scores out of order within a query,
+    # a repeated document, a comment and a blank line: both readers keep the file's order.
+    path.write_text(
+        "# llmret-run {}\n"
+        "q2 Q0 b 2 1.0 t\n"
+        "q2 Q0 a 1 3.0 t\n"
+        "q2 Q0 b 3 0.5 t\n"
+        "\n"
+        "q10 Q0 x 1 0.25 t\n"
+        "# a comment\n"
+        "q1 Q0 c 1 2.0 t\n"
+    )
+    streamed = list(trec.iter_run(path))
+    assert [q for q, _ in streamed] == ["q2", "q10", "q1"]
+    assert dict(streamed) == trec.read_run(path)
+    assert streamed[0] == ("q2", [("b", 1.0), ("a", 3.0), ("b", 0.5)])
+    # A file write_run made (ties broken by id) reads back identically both ways.
+    run = {"q2": [("b", 1.0), ("a", 1.0), ("c", 3.0)], "q1": [("x", 0.5)]}
+    trec.write_run(path, run, tag="sys")
+    assert list(trec.iter_run(path)) == list(trec.read_run(path).items())
+    path.write_text("# only a header\n")
+    assert list(trec.iter_run(path)) == []
+
+
+def test_iter_run_names_bad_lines(tmp_path):
+    path = tmp_path / "r.trec"
+    path.write_text("q1 Q0 d1 1 0.5 tag\nq1 Q0 d2 2 tag\n")
+    with pytest.raises(ValueError, match=r"r\.trec:2: expected 6 columns"):
+        list(trec.iter_run(path))
+    path.write_text("q1 Q0 d1 1 0.5 tag\nq1 Q0 d2 2 high tag\n")
+    with pytest.raises(ValueError, match=r"r\.trec:2: score 'high' is not a number"):
+        list(trec.iter_run(path))
+
+
+def test_iter_run_refuses_a_query_whose_lines_are_not_contiguous(tmp_path):
+    path = tmp_path / "r.trec"
+    path.write_text("# llmret-run {}\nq1 Q0 a 1 2.0 t\nq1 Q0 b 2 1.0 t\nq2 Q0 a 1 1.0 t\nq1 Q0 c 3 0.5 t\n")
+    stream = trec.iter_run(path)
+    assert next(stream) == ("q1", [("a", 2.0), ("b", 1.0)])
+    with pytest.raises(ValueError, match=rf"{path}:5: query 'q1' appears again .*started on line 2"):
+        list(stream)
+    # read_run still merges such a file (evaluation accepts it).
+    assert trec.read_run(path)["q1"] == [("a", 2.0), ("b", 1.0), ("c", 0.5)]
+
+
 QRELS = {"q1": {"d1": 1, "d3": 1}, "q2": {"d2": 2, "d4": 1}, "q3": {"d9": 1}}
 RUN = {
     "q1": [("d2", 3.0), ("d1", 2.0), ("d3", 1.0)],

@@ -154,7 +154,7 @@ def test_finetuning_change_retrains_without_remining(smoke_run, tmp_path):
     assert {"finetune", "encode", "evaluate", "beir_table", "msmarco_table", "training_table"} <= rules
     assert not rules & {"mine_negatives", "dense_search_train", "prepare_train_split", "llara_pretrain", "llara_shard"}
     for rule, wc in jobs:
-        if rule in ("finetune", "encode", "faiss_index", "dense_search", "evaluate"):
+        if rule in ("finetune", "encode", "encode_corpus", "faiss_index", "dense_search", "evaluate"):
             assert "llara-ft" in wc, (rule, wc)
 
 
@@ -201,16 +201,16 @@ def test_changed_setting_reruns_only_what_depends_on_it(smoke_run, tmp_path):
     jobs = _overlay_dry_run(smoke_run, tmp_path, "systems:\n  smollm2-135m:\n    max_passage_length: 48\n")
     rules = {r for r, _ in jobs}
     tables = {"beir_table", "msmarco_table", "plot_table", "check_expected", "index_sizes", "all"}
-    assert rules == {"encode", "faiss_index", "dense_search", "evaluate"} | tables
+    assert rules == {"encode", "encode_corpus", "faiss_index", "dense_search", "evaluate"} | tables
     for rule, wc in jobs:
-        if rule in ("encode", "faiss_index", "dense_search", "evaluate"):
+        if rule in ("encode", "encode_corpus", "faiss_index", "dense_search", "evaluate"):
             assert "system=smollm2-135m" in wc, (rule, wc)
 
 
 def test_per_dataset_lengths_rerun_only_that_datasets_encodes(smoke_run, tmp_path):
     overlay = "systems:\n  smollm2-135m:\n    lengths: {msmarco-dl19-5k: {max_passage_length: 48}}\n"
     jobs = _overlay_dry_run(smoke_run, tmp_path, overlay)
-    encodes = [wc for rule, wc in jobs if rule == "encode"]
+    encodes = [wc for rule, wc in jobs if rule in ("encode", "encode_corpus")]
     # Both sides of DL19 (the settings header of the query side carries the lengths too).
     assert encodes and all("system=smollm2-135m" in wc and "dataset=msmarco-dl19-5k" in wc for wc in encodes)
     assert not [wc for rule, wc in jobs if "scifact" in wc]
@@ -431,9 +431,13 @@ def test_sparse_runs_index_sizes_and_quantization_table(smoke_run):
         header = json.loads(lines[0][13:])
         assert header["type"] == "sparse" and header["index"]["engine"] == "exact"
         assert header["index"]["n_docs"] == len(
-            sparse_vectors.load_sparse(workdir / "results" / "sparse" / system / "scifact" / "corpus.safetensors").ids
+            sparse_vectors.load_sparse(
+                workdir / "results" / "sparse" / system / "scifact" / "corpus" / "000-of-001.safetensors"
+            ).ids
         )
-        stats = json.loads((workdir / "results" / "sparse" / system / "scifact" / "corpus.json").read_text())
+        stats = json.loads(
+            (workdir / "results" / "sparse" / system / "scifact" / "corpus" / "000-of-001.json").read_text()
+        )
         assert stats["vocab_size"] == 49152 and stats["texts_per_second"] > 0
         assert 0 < stats["nnz_mean"] <= stats["nnz_max"] <= 128  # the preset's top_k
     sizes = pd.read_csv(workdir / "results" / "index_sizes.csv")
@@ -464,7 +468,9 @@ def test_quantized_sparse_encoders_stay_close_to_full_precision(smoke_run):
     from llmret.retrieval import sparse_vectors
 
     def vectors(system):
-        return sparse_vectors.load_sparse(workdir / "results" / "sparse" / system / "scifact" / "corpus.safetensors")
+        return sparse_vectors.load_sparse(
+            workdir / "results" / "sparse" / system / "scifact" / "corpus" / "000-of-001.safetensors"
+        )
 
     ref = vectors("csplade")
     for system, floor in QUANT_COSINE_FLOOR.items():

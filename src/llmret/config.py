@@ -457,6 +457,19 @@ def run_stages(config: Mapping, runs: Iterable[str]) -> list[tuple[str, str, str
     ]
 
 
+def corpus_shards(config: Mapping, dataset: str) -> list[str]:
+    """Names of a dataset's corpus shards, planned from its ``corpus_size`` (or subsample
+    ``max_docs``) over ``encoding.shard_size``; one shard when the size is unknown."""
+    from llmret.retrieval.shards import shard_count, shard_names
+
+    ds = config["datasets"][dataset]
+    size = ds.get("corpus_size")
+    max_docs = (ds.get("subsample") or {}).get("max_docs")
+    if max_docs:
+        size = min(size, max_docs) if size else max_docs
+    return shard_names(shard_count(size, config["encoding"]["shard_size"]))
+
+
 def table_systems(config: Mapping) -> list[str]:
     return list((config.get("table") or {}).get("systems") or config["systems"])
 

@@ -1,5 +1,6 @@
 import os
 import sys
+from types import SimpleNamespace
 
 from snakemake.utils import min_version, validate
 
@@ -11,6 +12,8 @@ sys.path.insert(0, os.path.join(workflow.basedir, "src"))
 from llmret import config as cfgcheck  # noqa: E402
 from llmret import launch  # noqa: E402
 from llmret.data import sources  # noqa: E402
+from llmret import sizing  # noqa: E402
+from llmret.retrieval import shards  # noqa: E402
 
 cfgcheck.prepare_environment(os.path.join(workflow.basedir, "src"))
 
@@ -116,6 +119,36 @@ def mining_dataset(wildcards):
     return config["mining"][wildcards.mining]["dataset"]
 
 
+def model_source(wildcards):
+    """A base model's import settings: not the sizes that only plan memory requests."""
+    model = config["models"][wildcards.model]
+    return {k: v for k, v in model.items() if k not in sizing.PLANNING_KEYS}
+
+
+def mem_mb(kind, **fixed):
+    """Resource function: a job's host memory in MB by llmret.sizing's formula for ``kind``
+    (encode, index, search, train) from the job's wildcards."""
+
+    def request(wc):
+        if kind == "import":
+            return sizing.import_mb(config, wc.model)
+        if kind == "train":
+            section = fixed["section"]
+            return sizing.training_mb(
+                config, section, wc.run, config[section][wc.run]["gpus"]
+            )
+        count = len(corpus_shards(wc.dataset))
+        corpus = corpus_of(wc.dataset)
+        if kind == "encode":
+            return sizing.encode_mb(config, wc.system, corpus, count)
+        if kind == "index":
+            return sizing.index_mb(config, wc.system, corpus, count)
+        k = (mining_depth(wc) if fixed["train"] else config["evaluation"]["top_k"]) + 1
+        return sizing.search_mb(config, wc.system, corpus, count, k, fixed["train"])
+
+    return request
+
+
 def model_dir(name):
     """Checkpoint folder of a base model (imported) or of a pretraining or fine-tuning
     run (trained)."""
@@ -190,10 +223,15 @@ def mined_run(wildcards):
 
 
 def training_settings(section, run):
-    """A run's training settings without the DeepSpeed file's path: the file is an input
-    (its content triggers reruns), so moving the checkout does not retrain."""
+    """A run's training settings without those that do not change the model: the DeepSpeed
+    file's path (the file is an input, its content triggers reruns, so moving the checkout
+    does not retrain) and checkpoint retention (the job reads it from the config)."""
     training = config[section][run]["training"]
-    return {k: v for k, v in training.items() if k != "deepspeed_config"}
+    return {
+        k: v
+        for k, v in training.items()
+        if k not in ("deepspeed_config", "keep_checkpoints")
+    }
 
 
 def run_spec(section, run):
@@ -212,12 +250,30 @@ def index_path(wc, kind):
     return f"results/index/{wc.system}/{corpus_of(wc.dataset)}/{kind}"
 
 
+SHARD_PATTERN = shards.SHARD_PATTERN
+
+
+def corpus_shards(dataset):
+    """Shard names of the corpus a dataset searches (llmret.retrieval.shards)."""
+    return cfgcheck.corpus_shards(config, corpus_of(dataset))
+
+
+def shard_files(top, folder, suffix):
+    """Input function: one file per corpus shard of the job's system and dataset, under
+    results/{top}/{system}/{corpus}/{folder}/, in shard order."""
+    return lambda wc: [
+        f"results/{top}/{wc.system}/{corpus_of(wc.dataset)}/{folder}/{shard}{suffix}"
+        for shard in corpus_shards(wc.dataset)
+    ]
+
+
 def system_index(system, dataset):
-    """The index a dense (FAISS file) or sparse (folder) system searches for a dataset."""
-    kind = {"dense": "faiss.index", "sparse": "sparse"}[
+    """The index files (one per shard) a dense (FAISS file) or sparse (folder) system
+    searches for a dataset."""
+    kind = {"dense": ("faiss", ".index"), "sparse": ("sparse", "")}[
         config["systems"][system]["type"]
     ]
-    return f"results/index/{system}/{corpus_of(dataset)}/{kind}"
+    return shard_files("index", *kind)(SimpleNamespace(system=system, dataset=dataset))
 
 
 def corpus_stats(system, dataset):

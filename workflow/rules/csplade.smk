@@ -27,7 +27,7 @@ rule csplade_adapt:
         "../../envs/training.yaml"
     threads: 8
     resources:
-        mem_mb=16000,
+        mem_mb=mem_mb("train", section="adaptation"),
         gpu=lookup(dpath="adaptation/{run}/gpus", within=config),
     params:
         task="adapt",
@@ -35,6 +35,7 @@ rule csplade_adapt:
         spec=lambda wc: run_spec("adaptation", wc.run),
         lora=lookup(dpath="adaptation/{run}/lora", within=config),
         training=lambda wc: training_settings("adaptation", wc.run),
+        section="adaptation",
         checkpoint_dir=lambda wc: f"results/checkpoints/{wc.run}",
     script:
         "../scripts/train_lora.py"
@@ -59,7 +60,7 @@ rule csplade_train:
         "../../envs/training.yaml"
     threads: 8
     resources:
-        mem_mb=16000,
+        mem_mb=mem_mb("train", section="csplade"),
         gpu=lookup(dpath="csplade/{run}/gpus", within=config),
     params:
         task="csplade",
@@ -67,6 +68,7 @@ rule csplade_train:
         spec=lambda wc: run_spec("csplade", wc.run),
         lora=lookup(dpath="csplade/{run}/lora", within=config),
         training=lambda wc: training_settings("csplade", wc.run),
+        section="csplade",
         checkpoint_dir=lambda wc: f"results/checkpoints/{wc.run}",
     script:
         "../scripts/train_lora.py"

@@ -1,9 +1,40 @@
-# Dense systems: encode corpus and queries, exact FAISS inner-product index, top-k search.
+# Dense systems: encode corpus shards and queries, a FAISS inner-product index per shard,
+# top-k search over the shards.
+
+
+rule encode_corpus:
+    """One shard of a corpus (llmret.retrieval.shards): a killed encode resumes at the
+    first missing shard, and no job holds more than one shard's vectors."""
+    input:
+        model=model_of("systems", "system"),
+        texts=lambda wc: prepared(wc.dataset, "corpus"),
+        info=lambda wc: prepared(wc.dataset, "info"),
+    output:
+        vectors="results/embeddings/{system}/{dataset}/corpus/{shard}.npy",
+        ids="results/embeddings/{system}/{dataset}/corpus/{shard}.ids",
+        stats="results/embeddings/{system}/{dataset}/corpus/{shard}.json",
+    log:
+        "logs/encode/{system}/{dataset}/corpus-{shard}.log",
+    benchmark:
+        "results/benchmarks/encode/{system}/{dataset}/corpus-{shard}.tsv"
+    wildcard_constraints:
+        system=one_of(DENSE_SYSTEMS),
+        shard=SHARD_PATTERN,
+    conda:
+        "../../envs/retrieval.yaml"
+    threads: 8
+    resources:
+        mem_mb=mem_mb("encode"),
+        gpu=lookup(dpath="systems/{system}/gpus", within=config),
+    params:
+        settings=system_settings,
+    script:
+        "../scripts/encode.py"
 
 
 rule encode:
-    """One rule for every side: the corpus, the evaluation queries, or the training
-    queries (train-queries) that hard-negative mining retrieves for."""
+    """The evaluation queries, or the training queries (train-queries) that hard-negative
+    mining retrieves for: one job each."""
     input:
         model=model_of("systems", "system"),
         texts=lambda wc: prepared(wc.dataset, wc.side),
@@ -17,7 +48,7 @@ rule encode:
         "results/benchmarks/encode/{system}/{dataset}/{side}.tsv"
     wildcard_constraints:
         system=one_of(DENSE_SYSTEMS),
-        side="corpus|queries|train-queries",
+        side="queries|train-queries",
     conda:
         "../../envs/retrieval.yaml"
     threads: 8
@@ -31,18 +62,21 @@ rule encode:
 
 
 rule faiss_index:
-    """Exact inner product by default; IVF or HNSW (on GPU when faiss has one) per the
-    system's index settings."""
+    """One index per corpus shard: exact inner product by default; IVF or HNSW (on GPU when
+    faiss has one) per the system's index settings."""
     input:
-        vectors="results/embeddings/{system}/{dataset}/corpus.npy",
+        vectors="results/embeddings/{system}/{dataset}/corpus/{shard}.npy",
     output:
-        "results/index/{system}/{dataset}/faiss.index",
+        "results/index/{system}/{dataset}/faiss/{shard}.index",
     log:
-        "logs/faiss_index/{system}/{dataset}.log",
+        "logs/faiss_index/{system}/{dataset}/{shard}.log",
     wildcard_constraints:
         system=one_of(DENSE_SYSTEMS),
+        shard=SHARD_PATTERN,
     conda:
         "../../envs/retrieval.yaml"
+    resources:
+        mem_mb=mem_mb("index"),
     params:
         index=index_settings,
     script:
@@ -50,9 +84,10 @@ rule faiss_index:
 
 
 rule dense_search:
+    """Every shard's index in turn, merged into the exact top-k."""
     input:
-        index=lambda wc: index_path(wc, "faiss.index"),
-        doc_ids=lambda wc: f"results/embeddings/{wc.system}/{corpus_of(wc.dataset)}/corpus.ids",
+        indexes=shard_files("index", "faiss", ".index"),
+        doc_ids=shard_files("embeddings", "corpus", ".ids"),
         queries="results/embeddings/{system}/{dataset}/queries.npy",
         query_ids="results/embeddings/{system}/{dataset}/queries.ids",
     output:
@@ -66,6 +101,8 @@ rule dense_search:
     conda:
         "../../envs/retrieval.yaml"
     threads: 2
+    resources:
+        mem_mb=mem_mb("search", train=False),
     params:
         top_k=config["evaluation"]["top_k"],
         ignore_identical_ids=lookup(

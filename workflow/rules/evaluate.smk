@@ -152,7 +152,12 @@ rule index_sizes:
     """Index size on disk of every learned system of the table, sparse inverted indexes
     next to FAISS indexes."""
     input:
-        indexes=[system_index(s, d) for s in INDEXED_SYSTEMS for d in INDEXED_CORPORA],
+        indexes=[
+            path
+            for s in INDEXED_SYSTEMS
+            for d in INDEXED_CORPORA
+            for path in system_index(s, d)
+        ],
     output:
         report(
             "results/index_sizes.csv",
@@ -165,7 +170,7 @@ rule index_sizes:
         "../../envs/retrieval.yaml"
     params:
         entries=[
-            (s, config["systems"][s]["type"], d)
+            (s, config["systems"][s]["type"], d, len(corpus_shards(d)))
             for s in INDEXED_SYSTEMS
             for d in INDEXED_CORPORA
         ],
@@ -198,6 +203,29 @@ rule training_table:
 
 
 localrules:
+    corpus_stats,
+
+
+rule corpus_stats:
+    """A corpus's encoding figures (throughput, weight size) from its shards'."""
+    input:
+        shards=lambda wc: [
+            f"results/{wc.folder}/{wc.system}/{wc.dataset}/corpus/{shard}.json"
+            for shard in corpus_shards(wc.dataset)
+        ],
+    output:
+        "results/{folder}/{system}/{dataset}/corpus.json",
+    log:
+        "logs/corpus_stats/{folder}/{system}/{dataset}.log",
+    wildcard_constraints:
+        folder="embeddings|sparse",
+    conda:
+        "../../envs/evaluation.yaml"
+    script:
+        "../scripts/corpus_stats.py"
+
+
+localrules:
     quantization_table,
 
 
@@ -206,7 +234,7 @@ rule quantization_table:
     metric, per system: the CSPLADE paper's quantization trade-off."""
     input:
         stats=[corpus_stats(s, QUANT_DATASET) for s in QUANT_SYSTEMS],
-        indexes=[system_index(s, QUANT_DATASET) for s in QUANT_SYSTEMS],
+        indexes=[path for s in QUANT_SYSTEMS for path in system_index(s, QUANT_DATASET)],
         metrics=[f"results/metrics/{s}/{QUANT_DATASET}.json" for s in QUANT_SYSTEMS],
     output:
         table=report(
@@ -226,6 +254,7 @@ rule quantization_table:
     params:
         systems=QUANT_SYSTEMS,
         dataset=QUANT_DATASET,
+        shards=len(corpus_shards(QUANT_DATASET)),
         metric=QUANT_METRIC,
     script:
         "../scripts/quantization_table.py"

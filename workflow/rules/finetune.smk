@@ -43,8 +43,8 @@ use rule bm25_search as bm25_search_train with:
 
 use rule dense_search as dense_search_train with:
     input:
-        index=lambda wc: index_path(wc, "faiss.index"),
-        doc_ids=lambda wc: f"results/embeddings/{wc.system}/{corpus_of(wc.dataset)}/corpus.ids",
+        indexes=shard_files("index", "faiss", ".index"),
+        doc_ids=shard_files("embeddings", "corpus", ".ids"),
         queries="results/embeddings/{system}/{dataset}/train-queries.npy",
         query_ids="results/embeddings/{system}/{dataset}/train-queries.ids",
     output:
@@ -53,6 +53,8 @@ use rule dense_search as dense_search_train with:
         "logs/dense_search/{system}/{dataset}-train.log",
     benchmark:
         "results/benchmarks/dense_search/{system}/{dataset}-train.tsv"
+    resources:
+        mem_mb=mem_mb("search", train=True),
     params:
         top_k=mining_depth,
         ignore_identical_ids=lookup(
@@ -146,7 +148,7 @@ rule finetune:
         "../../envs/training.yaml"
     threads: 8
     resources:
-        mem_mb=16000,
+        mem_mb=mem_mb("train", section="finetuning"),
         gpu=lookup(dpath="finetuning/{run}/gpus", within=config),
     params:
         task="finetune",
@@ -154,6 +156,7 @@ rule finetune:
         spec=lambda wc: run_spec("finetuning", wc.run),
         lora=lookup(dpath="finetuning/{run}/lora", within=config),
         training=lambda wc: training_settings("finetuning", wc.run),
+        section="finetuning",
         checkpoint_dir=lambda wc: f"results/checkpoints/{wc.run}",
     script:
         "../scripts/train_lora.py"

@@ -115,11 +115,12 @@ rule llara_pretrain:
         "../../envs/training.yaml"
     threads: 8
     resources:
-        mem_mb=16000,
+        mem_mb=mem_mb("train", section="pretraining"),
         gpu=lookup(dpath="pretraining/{run}/gpus", within=config),
     params:
         spec=lambda wc: pretrain_spec(wc.run),
         training=lambda wc: training_settings("pretraining", wc.run),
+        section="pretraining",
         checkpoint_dir=lambda wc: f"results/checkpoints/{wc.run}",
     script:
         "../scripts/llara_pretrain.py"

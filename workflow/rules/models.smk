@@ -12,8 +12,8 @@ rule import_model:
     conda:
         "../../envs/retrieval.yaml"
     resources:
-        mem_mb=4000,
+        mem_mb=mem_mb("import"),
     params:
-        source=lookup(dpath="models/{model}", within=config),
+        source=model_source,
     script:
         "../scripts/import_model.py"

@@ -1,10 +1,38 @@
 # Learned sparse systems (CSPLADE): SPLADE vectors of corpus and queries from a causal LM,
-# an inverted index (exact scorer or Seismic), top-k search.
+# an inverted index per corpus shard (exact scorer or Seismic), top-k search over the shards.
+
+
+rule sparse_encode_corpus:
+    """One corpus shard as sparse vectors (safetensors CSR + ids) and its encoding figures."""
+    input:
+        model=model_of("systems", "system"),
+        texts=lambda wc: prepared(wc.dataset, "corpus"),
+        info=lambda wc: prepared(wc.dataset, "info"),
+    output:
+        vectors="results/sparse/{system}/{dataset}/corpus/{shard}.safetensors",
+        stats="results/sparse/{system}/{dataset}/corpus/{shard}.json",
+    log:
+        "logs/sparse_encode/{system}/{dataset}/corpus-{shard}.log",
+    benchmark:
+        "results/benchmarks/sparse_encode/{system}/{dataset}/corpus-{shard}.tsv"
+    wildcard_constraints:
+        system=one_of(SPARSE_SYSTEMS),
+        shard=SHARD_PATTERN,
+    conda:
+        "../../envs/retrieval.yaml"
+    threads: 8
+    resources:
+        mem_mb=mem_mb("encode"),
+        gpu=lookup(dpath="systems/{system}/gpus", within=config),
+    params:
+        settings=system_settings,
+    script:
+        "../scripts/sparse_encode.py"
 
 
 rule sparse_encode:
-    """Corpus, evaluation queries or training queries as sparse vectors (safetensors CSR
-    + ids) and the encoding's figures (throughput, weight size at its precision)."""
+    """Evaluation queries or training queries as sparse vectors (safetensors CSR + ids)
+    and the encoding's figures (throughput, weight size at its precision)."""
     input:
         model=model_of("systems", "system"),
         texts=lambda wc: prepared(wc.dataset, wc.side),
@@ -17,7 +45,7 @@ rule sparse_encode:
         "results/benchmarks/sparse_encode/{system}/{dataset}/{side}.tsv"
     wildcard_constraints:
         system=one_of(SPARSE_SYSTEMS),
-        side="corpus|queries|train-queries",
+        side="queries|train-queries",
     conda:
         "../../envs/retrieval.yaml"
     threads: 8
@@ -31,16 +59,18 @@ rule sparse_encode:
 
 
 rule sparse_index:
+    """One inverted index per corpus shard."""
     input:
-        vectors="results/sparse/{system}/{dataset}/corpus.safetensors",
+        vectors="results/sparse/{system}/{dataset}/corpus/{shard}.safetensors",
     output:
-        directory("results/index/{system}/{dataset}/sparse"),
+        directory("results/index/{system}/{dataset}/sparse/{shard}"),
     log:
-        "logs/sparse_index/{system}/{dataset}.log",
+        "logs/sparse_index/{system}/{dataset}/{shard}.log",
     benchmark:
-        "results/benchmarks/sparse_index/{system}/{dataset}.tsv"
+        "results/benchmarks/sparse_index/{system}/{dataset}/{shard}.tsv"
     wildcard_constraints:
         system=one_of(SPARSE_SYSTEMS),
+        shard=SHARD_PATTERN,
     conda:
         "../../envs/retrieval.yaml"
     threads: 2
@@ -51,8 +81,9 @@ rule sparse_index:
 
 
 rule sparse_search:
+    """Every shard's index in turn, merged into the exact top-k."""
     input:
-        index=lambda wc: index_path(wc, "sparse"),
+        indexes=shard_files("index", "sparse", ""),
         queries="results/sparse/{system}/{dataset}/queries.safetensors",
     output:
         "results/runs/{system}/{dataset}.trec",
@@ -65,6 +96,8 @@ rule sparse_search:
     conda:
         "../../envs/retrieval.yaml"
     threads: 2
+    resources:
+        mem_mb=mem_mb("search", train=False),
     params:
         top_k=config["evaluation"]["top_k"],
         ignore_identical_ids=lookup(
@@ -78,7 +111,7 @@ rule sparse_search:
 
 use rule sparse_search as sparse_search_train with:
     input:
-        index=lambda wc: index_path(wc, "sparse"),
+        indexes=shard_files("index", "sparse", ""),
         queries="results/sparse/{system}/{dataset}/train-queries.safetensors",
     output:
         "results/runs/{system}/{dataset}/train.trec",
@@ -86,6 +119,8 @@ use rule sparse_search as sparse_search_train with:
         "logs/sparse_search/{system}/{dataset}-train.log",
     benchmark:
         "results/benchmarks/sparse_search/{system}/{dataset}-train.tsv"
+    resources:
+        mem_mb=mem_mb("search", train=True),
     params:
         top_k=mining_depth,
         ignore_identical_ids=lookup(

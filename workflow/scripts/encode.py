@@ -1,4 +1,4 @@
-"""Snakemake entry point: encode a prepared corpus or query set with a dense system."""
+"""Snakemake entry point: encode one corpus shard or a query set with a dense system."""
 
 from llmret import io, launch, logs
 from llmret.results import tables
@@ -8,12 +8,16 @@ sm = snakemake  # noqa: F821
 logs.to_file(sm.log[0])
 io.remove_stale_temporaries(sm.output)
 spec = encoder.EncoderSpec.from_config({k: v for k, v in sm.params.settings.items() if k != "model"})
-ids, texts, kind = encoder.read_side(sm.input.texts, sm.wildcards.side)
+if "shard" in sm.wildcards.keys():
+    ids, texts, kind = encoder.read_shard(sm.input.texts, sm.input.info, sm.wildcards.shard)
+else:
+    ids, texts, kind = encoder.read_side(sm.input.texts, sm.wildcards.side)
 with launch.visible_devices(sm.resources.gpu):  # outside Slurm: claim free GPUs first
     device = encoder.device_for(sm.resources.gpu)
     text_encoder = encoder.TextEncoder(sm.input.model, spec, device=device, threads=sm.threads)
     vectors, stats = encoder.timed_encode(
         lambda: text_encoder.encode(texts, kind), len(texts), spec, text_encoder.model, device
     )
-faiss_index.save_embeddings(vectors, ids, sm.output.vectors, sm.output.ids)
+dtype = faiss_index.storage_dtype(spec.dtype)
+faiss_index.save_embeddings(vectors, ids, sm.output.vectors, sm.output.ids, dtype=dtype)
 tables.write_json(stats.to_dict(), sm.output.stats)

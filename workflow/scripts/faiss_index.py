@@ -1,5 +1,5 @@
-"""Snakemake entry point: FAISS inner-product index over corpus embeddings (exact by
-default; IVF or HNSW per the system's index settings)."""
+"""Snakemake entry point: FAISS inner-product index over one corpus shard's embeddings
+(exact by default; IVF or HNSW per the system's index settings)."""
 
 import numpy as np
 

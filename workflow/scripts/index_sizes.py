@@ -6,8 +6,9 @@ from llmret.results import footprint, tables
 sm = snakemake  # noqa: F821
 logs.to_file(sm.log[0])
 io.remove_stale_temporaries(sm.output)
+paths = iter(sm.input.indexes)  # each entry's shards, in entry order
 rows = [
-    footprint.index_entry(system, kind, dataset, path)
-    for (system, kind, dataset), path in zip(sm.params.entries, sm.input.indexes, strict=True)
+    footprint.index_entry(system, kind, dataset, [next(paths) for _ in range(shards)])
+    for system, kind, dataset, shards in sm.params.entries
 ]
 tables.write_csv(footprint.index_sizes_table(rows), sm.output[0])

@@ -9,6 +9,8 @@ sm = snakemake  # noqa: F821
 logs.to_file(sm.log[0])
 io.remove_stale_temporaries(sm.output)
 training = {**sm.params.training, "deepspeed_config": sm.input.deepspeed}
+# Retention changes no model, so it is read from the config, not params (no rerun when it changes).
+training["keep_checkpoints"] = sm.config[sm.params.section][sm.wildcards.run]["training"].get("keep_checkpoints")
 training["log_path"] = str(Path(sm.params.checkpoint_dir) / "train_log.jsonl")
 launch.run(
     "pretrain",

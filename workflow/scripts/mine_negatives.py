@@ -1,4 +1,7 @@
-"""Snakemake entry point: hard negatives from a retriever's run, in Tevatron's JSONL format."""
+"""Snakemake entry point: hard negatives from a retriever's run, in Tevatron's JSONL format.
+
+The run is streamed one query at a time (its lines grouped by query, as write_run writes them).
+"""
 
 from pathlib import Path
 

@@ -7,11 +7,17 @@ sm = snakemake  # noqa: F821
 logs.to_file(sm.log[0])
 io.remove_stale_temporaries(sm.output)
 p = sm.params
+indexes = iter(sm.input.indexes)  # each system's shards, in system order
 rows = [
     footprint.quantization_entry(
-        system, tables.read_metrics(stats), index, tables.read_metrics(metrics), p.dataset, p.metric
+        system,
+        tables.read_metrics(stats),
+        [next(indexes) for _ in range(p.shards)],
+        tables.read_metrics(metrics),
+        p.dataset,
+        p.metric,
     )
-    for system, stats, index, metrics in zip(p.systems, sm.input.stats, sm.input.indexes, sm.input.metrics, strict=True)
+    for system, stats, metrics in zip(p.systems, sm.input.stats, sm.input.metrics, strict=True)
 ]
 table = footprint.quantization_table(rows, p.metric)
 tables.write_csv(table, sm.output.table)

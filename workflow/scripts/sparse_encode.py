@@ -1,4 +1,4 @@
-"""Snakemake entry point: encode a prepared corpus or query set with a sparse (CSPLADE) system."""
+"""Snakemake entry point: encode one corpus shard or a query set with a sparse (CSPLADE) system."""
 
 from transformers import AutoTokenizer
 
@@ -10,7 +10,10 @@ sm = snakemake  # noqa: F821
 logs.to_file(sm.log[0])
 io.remove_stale_temporaries(sm.output)
 spec = sparse_encoder.SparseEncoderSpec.from_config({k: v for k, v in sm.params.settings.items() if k != "model"})
-ids, texts, kind = encoder.read_side(sm.input.texts, sm.wildcards.side)
+if "shard" in sm.wildcards.keys():
+    ids, texts, kind = encoder.read_shard(sm.input.texts, sm.input.info, sm.wildcards.shard)
+else:
+    ids, texts, kind = encoder.read_side(sm.input.texts, sm.wildcards.side)
 encoder.set_threads(sm.threads)
 tokenizer = AutoTokenizer.from_pretrained(sm.input.model)
 with launch.visible_devices(sm.resources.gpu):  # outside Slurm: claim free GPUs first

@@ -1,4 +1,5 @@
-"""Snakemake entry point: top-k sparse retrieval for every query, written as a TREC run."""
+"""Snakemake entry point: top-k sparse retrieval for every query over the corpus's shards,
+one shard's index in memory at a time, written as a TREC run."""
 
 from llmret import io, logs
 from llmret.data import trec
@@ -8,10 +9,9 @@ sm = snakemake  # noqa: F821
 logs.to_file(sm.log[0])
 io.remove_stale_temporaries(sm.output)
 spec = sparse_index.SparseIndexSpec.from_config(sm.params.index)
-index = sparse_index.read_sparse_index(sm.input.index, spec)
 queries = sparse_vectors.load_sparse(sm.input.queries)
 depth = trec.search_depth(sm.params.top_k, sm.params.ignore_identical_ids)
-run = sparse_index.search_sparse(index, queries.matrix, queries.ids, k=depth)
+run, index_info = sparse_index.search_sparse_shards(sm.input.indexes, queries.matrix, queries.ids, k=depth, spec=spec)
 if sm.params.ignore_identical_ids:
     run = trec.drop_identical_ids(run, sm.params.top_k)
 header = {
@@ -20,7 +20,7 @@ header = {
     "type": "sparse",
     "top_k": sm.params.top_k,
     "ignore_identical_ids": sm.params.ignore_identical_ids,
-    "index": sparse_index.describe_sparse_index(index),
+    "index": index_info,
     "settings": dict(sm.params.settings),
 }
 trec.write_run(sm.output[0], run, tag=sm.wildcards.system, header=header)

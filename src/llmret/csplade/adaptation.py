@@ -34,9 +34,8 @@ from llmret.retrieval.sparse_encoder import (
 )
 from llmret.retrieval.tokenization import pad_id_of, special_frame, tokenize_kind
 from llmret.specs import settings
-from llmret.training.contrastive import (
-    training_seed,
-)
+from llmret.training.arguments import training_dtype
+from llmret.training.contrastive import training_seed
 from llmret.training.lora import LoraSpec, apply_lora, save_merged_lora, train_lora_stage
 
 log = logging.getLogger(__name__)
@@ -179,7 +178,8 @@ def save_adapted(model: AdaptationModel, out_dir: Path) -> None:
 def load_causal_lora(
     model_dir: str | os.PathLike, lora: LoraSpec, dtype: torch.dtype = torch.float32, seed: int = 0
 ) -> nn.Module:
-    """``AutoModelForCausalLM`` (SDPA: honours the 4-D mask) with LoRA adapters on ``lora``'s targets."""
+    """``AutoModelForCausalLM`` (SDPA: honours the 4-D mask) created directly in ``dtype`` (the
+    run's, :func:`llmret.training.arguments.training_dtype`), with LoRA adapters on ``lora``'s targets."""
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
@@ -223,7 +223,8 @@ def adapt(
     texts = corpus_texts(corpus_path, spec.max_docs)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     vocab = AutoConfig.from_pretrained(model_dir).vocab_size
-    model = AdaptationModel(load_causal_lora(model_dir, lora, seed=training_seed(training)), spec, lora)
+    encoder = load_causal_lora(model_dir, lora, dtype=training_dtype(training), seed=training_seed(training))
+    model = AdaptationModel(encoder, spec, lora)
     log.info("CSPLADE adaptation of %s on %d passages from %s", model_dir, len(texts), corpus_path)
     return train_lora_stage(
         model,

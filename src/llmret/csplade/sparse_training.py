@@ -26,6 +26,7 @@ from llmret.retrieval.sparse_encoder import (
     sparse_vectors,
 )
 from llmret.specs import settings
+from llmret.training.arguments import training_dtype
 from llmret.training.contrastive import (
     GroupCollator,
     check_negatives,
@@ -181,10 +182,11 @@ def train(
         spec = CspladeSpec.from_config(spec)
     if not isinstance(lora, LoraSpec):
         lora = LoraSpec.from_config(lora)
-    groups = load_groups(negatives_path)
+    groups = load_groups(negatives_path)  # validated, then read a batch at a time
     check_negatives(groups, spec.group_size)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = SparseModel(load_causal_lora(model_dir, lora, seed=training_seed(training)), spec, lora)
+    encoder = load_causal_lora(model_dir, lora, dtype=training_dtype(training), seed=training_seed(training))
+    model = SparseModel(encoder, spec, lora)
     log.info("CSPLADE training of %s on %d queries from %s", model_dir, len(groups), negatives_path)
     return train_lora_stage(
         model,

@@ -157,10 +157,19 @@ def _unique_records(path: Path, what: str) -> Iterator[tuple[int, str, dict]]:
         yield lineno, rec_id, rec
 
 
-def iter_corpus(path: str | Path) -> Iterator[tuple[str, str, str]]:
-    """Stream validated ``(id, title, text)`` records: corpora may not fit in memory."""
+def iter_corpus(path: str | Path, check_ids: bool = True) -> Iterator[tuple[str, str, str]]:
+    """Stream validated ``(id, title, text)`` records: corpora may not fit in memory.
+
+    ``check_ids`` refuses a repeated id, remembering every id read (memory that grows with
+    the corpus); a reader of a corpus already checked whole may skip it.
+    """
     path = Path(path)
-    for lineno, doc_id, rec in _unique_records(path, "document"):
+    records = (
+        _unique_records(path, "document")
+        if check_ids
+        else ((lineno, _id_of(rec, path, lineno), rec) for lineno, rec in jsonl_records(path))
+    )
+    for lineno, doc_id, rec in records:
         yield (
             doc_id,
             _text_field(rec, "title", path, lineno, required=False),
@@ -184,6 +193,26 @@ def load_corpus(path: str | Path) -> Corpus:
     if empty:
         log.warning("%s: %d documents have neither title nor text (kept; e.g. %s)", path, len(empty), empty[:3])
     return corpus
+
+
+def corpus_rows(path: str | Path, start: int, end: int) -> Corpus:
+    """Documents ``start <= i < end`` of a prepared corpus (one encode shard), read no further.
+
+    Ids are not checked for repeats here: the prepared copy was checked whole when written,
+    and remembering every id would grow with the corpus, not the shard.
+    """
+    path = Path(path)
+    out = Corpus()
+    for i, (lineno, rec) in enumerate(jsonl_records(path)):
+        if i >= end:
+            break
+        if i >= start:
+            out.ids.append(_id_of(rec, path, lineno))
+            out.titles.append(_text_field(rec, "title", path, lineno, required=False))
+            out.texts.append(_text_field(rec, "text", path, lineno, required=True))
+    if len(out) != end - start:
+        raise BeirFormatError(f"{path}: rows {start}-{end} asked for, the corpus ends after {start + len(out)}")
+    return out
 
 
 def load_queries(path: str | Path) -> Queries:

@@ -27,12 +27,31 @@ BEIR_MD5 = {
     "scifact": "5f7d1de60b170fc8027bb7898e2efca1",
 }
 
+# Corpus sizes (passages) as the BEIR paper lists them (Thakur et al. 2021, Table 1), to
+# plan encode shards before a corpus is downloaded.
+BEIR_CORPUS_SIZE = {
+    "msmarco": 8_841_823,
+    "trec-covid": 171_332,
+    "nfcorpus": 3_633,
+    "nq": 2_681_468,
+    "hotpotqa": 5_233_329,
+    "fiqa": 57_638,
+    "arguana": 8_674,
+    "webis-touche2020": 382_545,
+    "quora": 522_931,
+    "dbpedia-entity": 4_635_922,
+    "scidocs": 25_657,
+    "fever": 5_416_568,
+    "climate-fever": 5_416_593,
+    "scifact": 5_183,
+}
+
 # The split BEIR evaluates on, where it is not "test".
 BEIR_EVAL_SPLIT = {"msmarco": "dev"}
 
 
 def complete_dataset(name: str, cfg: Mapping) -> dict:
-    """Fill ``url``, ``md5``, ``split``, ``zip_folder`` and ``mirror_path`` of a BEIR zip
+    """Fill ``url``, ``md5``, ``corpus_size``, ``split``, ``zip_folder`` and ``mirror_path`` of a BEIR zip
     dataset where the config omits them. A known BEIR dataset is found by its zip's folder
     (``zip_folder``, default the dataset's name), so ``scifact-small: {zip_folder: scifact,
     subsample: ...}`` is a second, differently subsampled copy of SciFact."""
@@ -48,6 +67,7 @@ def complete_dataset(name: str, cfg: Mapping) -> dict:
     if folder in BEIR_MD5:
         out.setdefault("url", BEIR_URL.format(name=folder))
         out.setdefault("md5", BEIR_MD5[folder])
+        out.setdefault("corpus_size", BEIR_CORPUS_SIZE[folder])
     out.setdefault("mirror_path", f"beir/{folder}.zip")
     out.setdefault("split", BEIR_EVAL_SPLIT.get(folder, "test"))
     return out

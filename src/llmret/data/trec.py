@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 Run = dict[str, list[tuple[str, float]]]
@@ -46,9 +46,9 @@ def write_run(
     os.replace(tmp, path)
 
 
-def read_run(path: str | Path) -> Run:
-    path = Path(path)
-    run: Run = {}
+def _run_lines(path: Path) -> Iterator[tuple[int, str, str, float]]:
+    """``(line number, query id, doc id, score)`` of each ranking line, in file order; the
+    header, other ``#`` comments and blank lines are skipped. Errors name ``file:line``."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip() or line.startswith("#"):
@@ -60,8 +60,46 @@ def read_run(path: str | Path) -> Run:
                 score = float(cols[4])
             except ValueError:
                 raise ValueError(f"{path}:{lineno}: score {cols[4]!r} is not a number") from None
-            run.setdefault(cols[0], []).append((cols[2], score))
+            yield lineno, cols[0], cols[2], score
+
+
+def read_run(path: str | Path) -> Run:
+    """The whole run: query id -> ``[(doc id, score), ...]`` in file order (the rank column is
+    not read; :func:`write_run` writes best first). A query's lines may be spread over the file."""
+    path = Path(path)
+    run: Run = {}
+    for _, qid, doc, score in _run_lines(path):
+        run.setdefault(qid, []).append((doc, score))
     return run
+
+
+def iter_run(path: str | Path) -> Iterator[tuple[str, list[tuple[str, float]]]]:
+    """The run one query at a time, reading line by line: ``(query id, [(doc id, score), ...])``
+    in file order, each list exactly as :func:`read_run` gives it, so only one query's ranking is
+    in memory (a training run at MS MARCO scale is 100M lines).
+
+    Each query's lines must be contiguous (as :func:`write_run` writes them); a query whose lines
+    resume after another query's is an error naming ``file:line``, since its ranking would
+    otherwise come out in two parts.
+    """
+    path = Path(path)
+    started: dict[str, int] = {}  # query id -> line its block started on
+    qid: str | None = None
+    ranked: list[tuple[str, float]] = []
+    for lineno, q, doc, score in _run_lines(path):
+        if q != qid:
+            if q in started:
+                raise ValueError(
+                    f"{path}:{lineno}: query {q!r} appears again after other queries' lines (its lines "
+                    f"started on line {started[q]}); a run's lines must be grouped by query, as write_run does"
+                )
+            if qid is not None:
+                yield qid, ranked
+            qid, ranked = q, []
+            started[q] = lineno
+        ranked.append((doc, score))
+    if qid is not None:
+        yield qid, ranked
 
 
 def read_header(path: str | Path) -> dict:

@@ -139,7 +139,6 @@ def pretrain(
     """Train LLaRA from ``model_dir`` on the manifest's shards; resumes from ``checkpoint_dir``."""
     if not isinstance(spec, PretrainSpec):  # a config mapping (llmret.launch passes JSON)
         spec = PretrainSpec.from_config(spec)
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from llmret.llara.modeling import LlaraModel, save_llara
@@ -150,7 +149,10 @@ def pretrain(
 
     args = settings(TrainingArgs, {**training, "output_dir": out_dir, "checkpoint_dir": checkpoint_dir}, "training")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    # Created in the run's dtype (training.dtype, agreeing with the DeepSpeed config): a 7B
+    # model never exists as a float32 copy that DeepSpeed would cast afterwards.
+    dtype = args.torch_dtype
+    lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     objective = spec.objective()
     # flagembedding: the summary tokens join the vocabulary (as in make_shard) and the
     # embeddings grow to hold them; the tokenizer is saved with the checkpoint by train().
@@ -162,7 +164,7 @@ def pretrain(
     return train(
         model,
         dataset,
-        collate(tokenizer, objective, lm.config.vocab_size),
+        collate(tokenizer, objective, lm.config.vocab_size, dtype),
         args,
         tokenizer=tokenizer,
         save_fn=save_llara,

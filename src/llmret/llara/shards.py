@@ -16,7 +16,6 @@ import random
 import struct
 import weakref
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -217,43 +216,58 @@ def tokenize_shard(
 # --------------------------------------------------------------------------- reading shards
 
 
-@dataclass
-class TokenShard:
-    """One shard in memory: pair i is ``text_ids[text_offsets[i]:text_offsets[i+1]]`` and likewise for next."""
+# safetensors' dtype names of the arrays a shard holds
+_SAFETENSORS_DTYPES = {"I32": np.int32, "I64": np.int64}
 
-    path: Path
-    metadata: dict[str, str]
-    text_ids: np.ndarray
-    text_offsets: np.ndarray
-    next_ids: np.ndarray
-    next_offsets: np.ndarray
+
+class TokenShard:
+    """One shard, read lazily: pair i is ``text_ids[text_offsets[i]:text_offsets[i+1]]`` and
+    likewise for next. The offsets (8 bytes a pair) are in memory; the token ids stay in the
+    file and each item slices its own rows out of it (safetensors ``get_slice`` over a
+    memory map), so what a rank holds does not grow with the corpus. Shards are written once
+    and published atomically (a new shard replaces the file; an open map keeps the old one)."""
+
+    def __init__(self, path: Path, metadata: dict[str, str], text_offsets: np.ndarray, next_offsets: np.ndarray):
+        self.path, self.metadata = path, metadata
+        self.text_offsets, self.next_offsets = text_offsets, next_offsets
+        self._file = None  # safe_open handle, opened on first use (in each DataLoader worker)
 
     def __len__(self) -> int:
         return len(self.text_offsets) - 1
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_file": None}  # a worker started by spawn opens its own
+
+    def _rows(self, name: str, start: int, stop: int) -> list[int]:
+        if self._file is None:
+            self._file = safe_open(str(self.path), framework="np")
+        return self._file.get_slice(name)[start:stop].tolist()
 
     def __getitem__(self, i: int) -> tuple[list[int], list[int]]:
         n = len(self)
         if not -n <= i < n:
             raise IndexError(f"pair {i} out of range for {self.path} ({n} pairs)")
         i %= n
-        t = self.text_ids[self.text_offsets[i] : self.text_offsets[i + 1]]
-        x = self.next_ids[self.next_offsets[i] : self.next_offsets[i + 1]]
-        return t.tolist(), x.tolist()
+        t = self._rows("text_ids", int(self.text_offsets[i]), int(self.text_offsets[i + 1]))
+        x = self._rows("next_ids", int(self.next_offsets[i]), int(self.next_offsets[i + 1]))
+        return t, x
 
     @property
     def max_text_length(self) -> int:
         return int(self.metadata["max_text_length"])
 
 
-def _check_offsets(path: Path, name: str, offsets: np.ndarray, ids: np.ndarray, n: int) -> None:
+def _check_offsets(path: Path, name: str, offsets: np.ndarray, tokens: int, n: int) -> None:
     if offsets.shape != (n + 1,):
         raise ValueError(f"{path}: {name} has shape {offsets.shape}, expected ({n + 1},) for {n} pairs")
-    if offsets[0] != 0 or offsets[-1] != len(ids) or (np.diff(offsets) < 0).any():
-        raise ValueError(f"{path}: {name} is not a valid CSR offset array over {len(ids)} tokens")
+    if offsets[0] != 0 or offsets[-1] != tokens or (np.diff(offsets) < 0).any():
+        raise ValueError(f"{path}: {name} is not a valid CSR offset array over {tokens} tokens")
 
 
 def load_shard(path: PathLike) -> TokenShard:
-    """Read and validate a shard; anything truncated, missing or inconsistent is a ValueError naming the file."""
+    """Open and validate a shard (header, offsets, the token arrays' dtype and length; the ids
+    themselves are read per item); anything truncated, missing or inconsistent is a ValueError
+    naming the file."""
     path = Path(path)
     try:
         with safe_open(str(path), framework="np") as f:
@@ -262,7 +276,12 @@ def load_shard(path: PathLike) -> TokenShard:
             missing = [k for k in ARRAYS if k not in keys]
             if missing:
                 raise ValueError(f"{path}: not a pretraining shard, missing arrays {missing}")
-            arrays = {k: f.get_tensor(k) for k in ARRAYS}
+            layout = {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in ARRAYS}
+            for k, dtype in ARRAYS.items():
+                got, shape = layout[k]
+                if _SAFETENSORS_DTYPES.get(got) is not dtype or len(shape) != 1:
+                    raise ValueError(f"{path}: {k} is {got} with shape {shape}, expected 1-D {np.dtype(dtype)}")
+            offsets = {k: f.get_tensor(k) for k in ("text_offsets", "next_offsets")}
     except SafetensorError as e:
         raise ValueError(f"{path}: unreadable safetensors file ({e})") from None
     missing = [k for k in METADATA_KEYS if k not in metadata]
@@ -270,18 +289,13 @@ def load_shard(path: PathLike) -> TokenShard:
         raise ValueError(f"{path}: not a pretraining shard, missing metadata {missing}")
     if metadata["format"] != FORMAT:
         raise ValueError(f"{path}: format {metadata['format']!r}, expected {FORMAT!r}")
-    for k, dtype in ARRAYS.items():
-        if arrays[k].dtype != dtype or arrays[k].ndim != 1:
-            raise ValueError(
-                f"{path}: {k} is {arrays[k].dtype} with shape {arrays[k].shape}, expected 1-D {np.dtype(dtype)}"
-            )
     try:
         n = int(metadata["num_pairs"])
     except ValueError:
         raise ValueError(f"{path}: num_pairs {metadata['num_pairs']!r} is not an integer") from None
-    _check_offsets(path, "text_offsets", arrays["text_offsets"], arrays["text_ids"], n)
-    _check_offsets(path, "next_offsets", arrays["next_offsets"], arrays["next_ids"], n)
-    return TokenShard(path=path, metadata=metadata, **arrays)
+    for side in ("text", "next"):
+        _check_offsets(path, f"{side}_offsets", offsets[f"{side}_offsets"], layout[f"{side}_ids"][1][0], n)
+    return TokenShard(path, metadata, offsets["text_offsets"], offsets["next_offsets"])
 
 
 # --------------------------------------------------------------------------- manifest
@@ -375,8 +389,9 @@ def read_manifest(path: PathLike) -> dict[str, Any]:
 class ShardDataset(torch.utils.data.Dataset):
     """Several shards as one dataset: global index -> (text_ids, next_ids).
 
-    Shards are loaded (and validated) up front; the arrays are plain numpy, so DataLoader
-    workers forked later share them copy-on-write.
+    Shards are opened (and validated) up front; only their offsets are held, and an item's
+    token ids are sliced out of its file when it is asked for (:class:`TokenShard`), so every
+    rank's memory stays the same whatever the corpus size.
     """
 
     def __init__(self, shard_paths: Sequence[PathLike]):

@@ -20,6 +20,7 @@ from torch import nn
 from llmret.retrieval.encoder import EncoderSpec
 from llmret.retrieval.pooling import pool
 from llmret.specs import check_at_least, settings
+from llmret.training.arguments import training_dtype
 from llmret.training.contrastive import (
     GroupCollator,
     check_negatives,
@@ -101,6 +102,7 @@ class ContrastiveModel(nn.Module):
         dtype: torch.dtype = torch.float32,
         seed: int = 0,
     ) -> ContrastiveModel:
+        """The base model created directly in ``dtype`` (the run's, :func:`training_dtype`), LoRA applied."""
         from transformers import AutoModel
 
         base = AutoModel.from_pretrained(model_dir, dtype=dtype)
@@ -169,10 +171,12 @@ def finetune(
         spec = ContrastiveSpec.from_config(spec)
     if not isinstance(lora, LoraSpec):
         lora = LoraSpec.from_config(lora)
-    groups = load_groups(negatives_path)
+    groups = load_groups(negatives_path)  # validated, then read a batch at a time
     check_negatives(groups, spec.group_size)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = ContrastiveModel.from_pretrained(model_dir, spec, lora, seed=training_seed(training))
+    model = ContrastiveModel.from_pretrained(
+        model_dir, spec, lora, dtype=training_dtype(training), seed=training_seed(training)
+    )
     log.info("fine-tuning %s on %d queries from %s", model_dir, len(groups), negatives_path)
     return train_lora_stage(
         model,

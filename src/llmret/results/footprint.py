@@ -46,21 +46,33 @@ def path_bytes(path: str | Path) -> int:
     return index_size_bytes(path) if path.is_dir() else path.stat().st_size
 
 
-def index_entry(system: str, kind: str, dataset: str, index_path: str | Path) -> dict:
-    """One row of the index-size table: a FAISS index file (dense) or a sparse-index folder."""
-    if kind == "dense":
-        import faiss
+def _paths(paths: str | Path | Sequence[str | Path]) -> list:
+    """One path or a corpus's shard paths, as a list."""
+    return [paths] if isinstance(paths, str | Path) else list(paths)
 
-        index = faiss.read_index(str(index_path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
-        engine, docs, width = f"faiss {type(index).__name__}", int(index.ntotal), float(index.d)
-    elif kind == "sparse":
-        from llmret.retrieval.sparse_index import META_FILE
 
-        meta = json.loads((Path(index_path) / META_FILE).read_text(encoding="utf-8"))
-        docs = int(meta["n_docs"])
-        engine, width = meta["engine"], round(meta["nnz"] / max(1, docs), 1)
-    else:
-        raise ValueError(f"{system}: system type {kind!r} has no index to measure")
+def index_entry(system: str, kind: str, dataset: str, index_paths: str | Path | Sequence[str | Path]) -> dict:
+    """One row of the index-size table over a corpus's shards: FAISS index files (dense) or
+    sparse-index folders; documents and bytes add up over the shards."""
+    index_paths = _paths(index_paths)
+    docs, nnz = 0, 0
+    for path in index_paths:
+        if kind == "dense":
+            import faiss
+
+            index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+            engine, width = f"faiss {type(index).__name__}", float(index.d)
+            docs += int(index.ntotal)
+        elif kind == "sparse":
+            from llmret.retrieval.sparse_index import META_FILE
+
+            meta = json.loads((Path(path) / META_FILE).read_text(encoding="utf-8"))
+            engine = meta["engine"]
+            docs, nnz = docs + int(meta["n_docs"]), nnz + int(meta["nnz"])
+        else:
+            raise ValueError(f"{system}: system type {kind!r} has no index to measure")
+    if kind == "sparse":
+        width = round(nnz / max(1, docs), 1)
     return {
         "system": system,
         "type": kind,
@@ -68,7 +80,7 @@ def index_entry(system: str, kind: str, dataset: str, index_path: str | Path) ->
         "engine": engine,
         "documents": docs,
         "dim_or_nnz_per_doc": width,
-        "index_mb": round(path_bytes(index_path) / MB, 3),
+        "index_mb": round(sum(path_bytes(p) for p in index_paths) / MB, 3),
     }
 
 
@@ -77,7 +89,12 @@ def index_sizes_table(rows: Sequence[Mapping]) -> pd.DataFrame:
 
 
 def quantization_entry(
-    system: str, stats: Mapping, index_path: str | Path, metrics: Mapping, dataset: str, metric: str
+    system: str,
+    stats: Mapping,
+    index_paths: str | Path | Sequence[str | Path],
+    metrics: Mapping,
+    dataset: str,
+    metric: str,
 ) -> dict:
     """One row of the quantization table from an encoding job's statistics (``EncodeStats``),
     the index and the run's metrics JSON."""
@@ -89,7 +106,7 @@ def quantization_entry(
         "weights_mb": round(stats["weight_bytes"] / MB, 2),
         "encode_texts_per_s": stats["texts_per_second"],
         "device": stats["device"],
-        "index_mb": round(path_bytes(index_path) / MB, 3),
+        "index_mb": round(sum(path_bytes(p) for p in _paths(index_paths)) / MB, 3),
         "dataset": dataset,
         metric: round(float(metrics["metrics"][metric]), 4),
     }

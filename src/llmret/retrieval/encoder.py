@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
@@ -144,6 +145,43 @@ def read_side(path: str, side: str) -> tuple[list[str], list[str], str]:
         return list(corpus.ids), corpus.contents(), "passage"
     queries = beir.load_queries(path)
     return list(queries), list(queries.values()), "query"
+
+
+def read_shard(corpus_path: str, info_path: str, shard: str) -> tuple[list[str], list[str], str]:
+    """(ids, texts, "passage") of one corpus shard: its rows of the prepared corpus, whose
+    size the prepared dataset's ``dataset.json`` records."""
+    import json
+
+    from llmret.data import beir
+    from llmret.retrieval.shards import parse_shard, shard_rows
+
+    n = json.loads(Path(info_path).read_text(encoding="utf-8"))["documents"]
+    start, end = shard_rows(n, *parse_shard(shard))
+    corpus = beir.corpus_rows(corpus_path, start, end)
+    return list(corpus.ids), corpus.contents(), "passage"
+
+
+def merge_stats(parts: Sequence[dict]) -> dict:
+    """The encoding figures of a whole corpus from its shards': counts and seconds add up,
+    throughput is their ratio, means are weighted by texts, maxima are maxima."""
+    if not parts:
+        raise ValueError("no shard statistics to merge")
+    out = dict(parts[0])
+    texts = sum(p["texts"] for p in parts)
+    for key in ("texts", "seconds", "vectors", "nnz"):
+        if key in out:
+            out[key] = sum(p[key] for p in parts)
+    out["seconds"] = round(out["seconds"], 3)
+    out["texts_per_second"] = round(texts / out["seconds"], 3) if out["seconds"] > 0 else float("inf")
+    if "nnz_mean" in out:
+        out["nnz_mean"] = out["nnz"] / max(1, out["vectors"])
+    if "nnz_max" in out:
+        out["nnz_max"] = max(p["nnz_max"] for p in parts)
+    if "terms_used" in out and len(parts) > 1:  # the shards' counts do not give their union
+        del out["terms_used"]
+        out["terms_used_max_shard"] = max(p["terms_used"] for p in parts)
+    out["shards"] = len(parts)
+    return out
 
 
 def set_threads(threads: int | None) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from llmret.retrieval.shards import NO_ROW, TopK
 from llmret.specs import settings
 
 log = logging.getLogger(__name__)
@@ -31,13 +32,22 @@ MIN_POINTS_PER_LIST = 39
 GPU_MAX_K = 2048
 
 
-def save_embeddings(vectors: np.ndarray, ids: Sequence[str], npy_path: str | Path, ids_path: str | Path) -> None:
+def storage_dtype(encoder_dtype: str) -> str:
+    """How vectors are stored: float16 for an encoder computing in 16 bits (numpy has no
+    bfloat16; pooled, normalised vectors fit float16's range), else float32, so a float32
+    encoder's scores are exactly what it computed."""
+    return "float16" if encoder_dtype in ("float16", "bfloat16") else "float32"
+
+
+def save_embeddings(
+    vectors: np.ndarray, ids: Sequence[str], npy_path: str | Path, ids_path: str | Path, dtype: str = "float32"
+) -> None:
     if len(ids) != vectors.shape[0]:
         raise ValueError(f"{len(ids)} ids for {vectors.shape[0]} vectors")
     npy_path, ids_path = Path(npy_path), Path(ids_path)
     npy_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = npy_path.with_name(f".{npy_path.name}.tmp.npy")
-    np.save(tmp, vectors.astype(np.float32, copy=False))
+    np.save(tmp, vectors.astype(dtype, copy=False))
     os.replace(tmp, npy_path)
     tmp_ids = ids_path.with_name(f".{ids_path.name}.tmp")
     tmp_ids.write_text("".join(f"{i}\n" for i in ids), encoding="utf-8")
@@ -46,10 +56,14 @@ def save_embeddings(vectors: np.ndarray, ids: Sequence[str], npy_path: str | Pat
 
 def load_embeddings(npy_path: str | Path, ids_path: str | Path) -> tuple[np.ndarray, list[str]]:
     vectors = np.load(npy_path, allow_pickle=False)
-    ids = Path(ids_path).read_text(encoding="utf-8").splitlines()
+    ids = read_ids(ids_path)
     if len(ids) != vectors.shape[0]:
         raise ValueError(f"{ids_path} has {len(ids)} ids but {npy_path} holds {vectors.shape[0]} vectors")
     return vectors, ids
+
+
+def read_ids(ids_path: str | Path) -> list[str]:
+    return Path(ids_path).read_text(encoding="utf-8").splitlines()
 
 
 @dataclass(frozen=True)
@@ -263,3 +277,44 @@ def search(
         for qid, srow, irow in zip(query_ids[start : start + batch_size], scores, rows, strict=True):
             out[qid] = [(doc_ids[i], float(s)) for s, i in zip(srow, irow, strict=True) if i >= 0]
     return out
+
+
+def search_shards(
+    index_paths: Sequence[str | Path],
+    ids_paths: Sequence[str | Path],
+    query_vectors: np.ndarray,
+    query_ids: Sequence[str],
+    k: int,
+    spec: IndexSpec | None = None,
+    batch_size: int = 256,
+    show_progress: bool = True,
+) -> tuple[TopK, dict]:
+    """Top-k over a sharded corpus, one shard's index in memory at a time, and a description
+    of the index (:func:`describe_index` over all shards). Each shard is searched to depth
+    k and merged into a running top-k with FAISS's tie order (lower row first), which is
+    exactly one index's top-k over the concatenated shards."""
+    if len(index_paths) != len(ids_paths) or not index_paths:
+        raise ValueError(f"{len(index_paths)} shard indexes for {len(ids_paths)} id files")
+    q = np.ascontiguousarray(query_vectors, dtype=np.float32)
+    top = TopK(len(query_ids), k)
+    offset = 0
+    info: dict = {}
+    for index_path, ids_path in zip(index_paths, ids_paths, strict=True):
+        index = read_index(index_path, spec)
+        doc_ids = np.array(read_ids(ids_path), dtype=object)
+        if index.ntotal != len(doc_ids):
+            raise ValueError(f"{index_path} holds {index.ntotal} vectors but {ids_path} lists {len(doc_ids)} ids")
+        depth = min(k, index.ntotal)
+        if _is_gpu(index) and depth > GPU_MAX_K:
+            raise ValueError(f"a GPU index returns at most {GPU_MAX_K} results per query, {depth} were asked for")
+        desc = f"search {Path(index_path).stem}"
+        for start in tqdm(range(0, len(q), batch_size), desc=desc, mininterval=5.0, disable=not show_progress):
+            scores, rows = index.search(q[start : start + batch_size], depth)
+            found = rows >= 0
+            tie = np.where(found, rows + offset, NO_ROW)
+            docs = np.where(found, doc_ids[np.maximum(rows, 0)], None)
+            top.add(start, np.where(found, scores, -np.inf), tie, docs)
+        offset += index.ntotal
+        info = describe_index(index)
+        del index
+    return top, {**info, "ntotal": offset, "shards": len(index_paths)}

@@ -7,6 +7,7 @@ Design notes (engine choice, knobs, measurements): docs/retrieval.md.
 
 from __future__ import annotations
 
+import heapq
 import json
 import logging
 import os
@@ -419,6 +420,33 @@ def index_size_bytes(folder: str | Path) -> int:
     return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
 
 
+def search_sparse_shards(
+    index_paths: Sequence[str | Path],
+    queries: sp.spmatrix,
+    query_ids: Sequence[str],
+    k: int,
+    spec: SparseIndexSpec | None = None,
+    show_progress: bool = True,
+) -> tuple[Run, dict]:
+    """Top-k over a sharded corpus, one shard's index in memory at a time, and a description
+    of the index. Exact search breaks ties by document id in every shard, so keeping the
+    best k by (score, id) over the shards is exactly one index's top-k."""
+    if not index_paths:
+        raise ValueError("no shard index to search")
+    merged: Run = {}
+    info: dict = {}
+    n_docs = nnz = size = 0
+    for path in index_paths:
+        index = read_sparse_index(path, spec)
+        run = search_sparse(index, queries, query_ids, k=k, show_progress=show_progress)
+        for qid, ranked in run.items():
+            merged[qid] = heapq.nsmallest(k, merged.get(qid, []) + ranked, key=lambda x: (-x[1], x[0]))
+        info = describe_sparse_index(index)
+        n_docs, nnz, size = n_docs + info["n_docs"], nnz + info["nnz"], size + info.get("size_bytes", 0)
+        del index
+    return merged, {**info, "n_docs": n_docs, "nnz": nnz, "size_bytes": size, "shards": len(index_paths)}
+
+
 def describe_sparse_index(index: SparseIndex) -> dict:
     """Engine, settings and sizes of an index, small enough for a run file's header."""
     info = {
@@ -446,5 +474,6 @@ __all__ = [
     "index_size_bytes",
     "read_sparse_index",
     "search_sparse",
+    "search_sparse_shards",
     "write_sparse_index",
 ]

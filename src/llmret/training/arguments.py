@@ -11,11 +11,12 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from llmret.io import file_sha256
@@ -25,6 +26,11 @@ DEFAULT_DEEPSPEED_CONFIG = REPO_ROOT / "config" / "deepspeed" / "cpu.json"
 DEFAULT_TORCH_EXTENSIONS_DIR = REPO_ROOT / ".cache" / "torch_extensions"
 
 LR_SCHEDULERS = ("linear", "constant", "cosine")
+# The dtype the model is loaded and computes in ("auto": see resolve_dtype).
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+# DeepSpeed config section -> the dtype it makes the model compute in (DeepSpeed reads
+# "bfloat16" as another name of "bf16").
+PRECISION_SECTIONS = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16"}
 # Keys of the DeepSpeed config that TrainingArgs decides; the JSON may only say "auto".
 ARGS_OWNED_KEYS = (
     "train_micro_batch_size_per_gpu",
@@ -56,6 +62,8 @@ class TrainingArgs:
     max_grad_norm: float = 1.0  # 0 = no clipping
     num_workers: int = 0  # DataLoader workers
     deterministic: bool = False  # torch.use_deterministic_algorithms(True)
+    dtype: str = "auto"  # load and compute dtype, agreeing with the DeepSpeed config (resolve_dtype)
+    keep_checkpoints: int | None = None  # None: 1, or 2 when the model has frozen parameters (LoRA)
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "per_device_batch_size", "gradient_accumulation_steps", "log_every"):
@@ -68,6 +76,14 @@ class TrainingArgs:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise ValueError(f"lr_scheduler must be one of {LR_SCHEDULERS}, got {self.lr_scheduler!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.keep_checkpoints is not None and (
+            not isinstance(self.keep_checkpoints, int)
+            or isinstance(self.keep_checkpoints, bool)
+            or self.keep_checkpoints < 1
+        ):
+            raise ValueError(f"keep_checkpoints must be an integer >= 1 or null, got {self.keep_checkpoints!r}")
 
     @property
     def resolved_log_path(self) -> Path:
@@ -76,6 +92,88 @@ class TrainingArgs:
     @property
     def resolved_deepspeed_config(self) -> Path:
         return Path(self.deepspeed_config) if self.deepspeed_config else DEFAULT_DEEPSPEED_CONFIG
+
+    @property
+    def resolved_dtype(self) -> str:
+        """The dtype the model loads and computes in: :func:`resolve_dtype` against the DeepSpeed config."""
+        path = self.resolved_deepspeed_config
+        return resolve_dtype(self.dtype, _read_json(path), path)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.resolved_dtype)
+
+
+# --------------------------------------------------------------------------- precision
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def deepspeed_precision(cfg: Mapping, where: str | os.PathLike = "the DeepSpeed config") -> str | None:
+    """The dtype a DeepSpeed config computes in: ``bfloat16`` (``bf16.enabled: true``),
+    ``float16`` (``fp16.enabled: true``), ``float32`` (a section says ``enabled: false`` and
+    none true), or None when it leaves the choice to ``training.dtype`` (no such section, or
+    ``enabled: "auto"``)."""
+    stated = {}
+    for section, dtype in PRECISION_SECTIONS.items():
+        block = cfg.get(section) or {}
+        if not isinstance(block, Mapping):
+            raise ValueError(f"{where}: {section} must be an object, got {block!r}")
+        enabled = block.get("enabled", "auto")
+        if enabled not in (True, False, "auto"):
+            raise ValueError(f'{where}: {section}.enabled must be true, false or "auto", got {enabled!r}')
+        if enabled != "auto":
+            stated[section] = (enabled, dtype)
+    on = {dtype for enabled, dtype in stated.values() if enabled}
+    if len(on) > 1:
+        raise ValueError(f"{where}: bf16 and fp16 are both enabled")
+    if on:
+        return on.pop()
+    return "float32" if stated else None
+
+
+def cuda_bf16() -> bool:
+    """Whether this rank trains on a CUDA (or ROCm) device with native bf16 (compute capability
+    8.0 or later: A100, H100...). Asks the device's properties only: no CUDA context is made on
+    a device another rank may own."""
+    if not torch.cuda.is_available():
+        return False
+    if torch.version.hip:
+        return True
+    return torch.cuda.get_device_capability(int(os.environ.get("LOCAL_RANK", "0")))[0] >= 8
+
+
+def resolve_dtype(dtype: str, cfg: Mapping, where: str | os.PathLike = "the DeepSpeed config") -> str:
+    """The dtype a run loads its model in and computes in, as a name.
+
+    The DeepSpeed config's ``bf16``/``fp16`` sections decide how DeepSpeed casts the model and
+    whether it keeps float32 master weights; ``training.dtype`` must agree with them, so the
+    model is created in that dtype (never as a float32 copy cast later). ``auto`` takes the
+    config's precision; a config that leaves it open (no section, or ``enabled: "auto"``)
+    gets ``bfloat16`` on a CUDA device with bf16 and ``float32`` elsewhere (CPU). An explicit
+    dtype that contradicts the config is an error."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    stated = deepspeed_precision(cfg, where)
+    if dtype == "auto":
+        return stated or ("bfloat16" if cuda_bf16() else "float32")
+    if stated is not None and stated != dtype:
+        raise ValueError(
+            f"training.dtype is {dtype} but {where} computes in {stated} (its bf16/fp16 sections): "
+            f"set dtype to auto or {stated}, or use a DeepSpeed config for {dtype} "
+            '(or one whose bf16/fp16 "enabled" is "auto")'
+        )
+    return dtype
+
+
+def training_dtype(training: Mapping) -> torch.dtype:
+    """:attr:`TrainingArgs.torch_dtype` of a config's ``training`` mapping (before the run's
+    folders are known): the dtype a stage loads its model in."""
+    dtype = training.get("dtype", TrainingArgs.dtype)
+    path = Path(training["deepspeed_config"]) if training.get("deepspeed_config") else DEFAULT_DEEPSPEED_CONFIG
+    return getattr(torch, resolve_dtype(dtype, _read_json(path), path))
 
 
 # --------------------------------------------------------------------------- schedule
@@ -105,7 +203,7 @@ def lr_factor(step: int, kind: str, warmup_steps: int, max_steps: int) -> float:
 def build_deepspeed_config(args: TrainingArgs, world_size: int) -> dict:
     """The JSON's device settings plus the run's batch sizes, clipping, lr and weight decay."""
     path = args.resolved_deepspeed_config
-    cfg = json.loads(path.read_text())
+    cfg = _read_json(path)
     for key in ARGS_OWNED_KEYS:
         if key in cfg and cfg[key] != "auto":
             raise ValueError(f"{path}: {key!r} comes from TrainingArgs; remove it from the JSON")
@@ -125,6 +223,12 @@ def build_deepspeed_config(args: TrainingArgs, world_size: int) -> dict:
     params["lr"] = args.learning_rate
     params["weight_decay"] = args.weight_decay
     cfg.setdefault("steps_per_print", 10**9)  # our JSONL log is the record
+    dtype = resolve_dtype(args.dtype, cfg, path)  # an explicit dtype must agree with the JSON
+    if deepspeed_precision(cfg, path) is None:  # the JSON leaves the precision to training.dtype
+        if "bfloat16" in cfg:
+            cfg["bf16"] = {**(cfg.pop("bfloat16") or {}), **(cfg.get("bf16") or {})}
+        for section, name in (("bf16", "bfloat16"), ("fp16", "float16")):
+            cfg[section] = {**(cfg.get(section) or {}), "enabled": dtype == name}
     return cfg
 
 
@@ -134,13 +238,15 @@ RECIPE_ARGS = ("max_steps", "learning_rate", "warmup_steps", "weight_decay", "lr
 
 
 def recipe(args: TrainingArgs, model: nn.Module, inputs: Sequence[str | os.PathLike] = ()) -> dict:
-    """What makes a checkpoint this run's: :data:`RECIPE_ARGS`, the model's own settings (its
-    ``spec``, ``lora`` and ``objective`` dataclasses) and the digests of ``inputs`` (see
-    :func:`input_digest`), as JSON values. Under a constant learning rate ``max_steps``
-    changes no step's update, so a run may be extended: it is left out there."""
+    """What makes a checkpoint this run's: :data:`RECIPE_ARGS`, the resolved ``dtype``, the
+    model's own settings (its ``spec``, ``lora`` and ``objective`` dataclasses) and the
+    digests of ``inputs`` (see :func:`input_digest`), as JSON values. Under a constant
+    learning rate ``max_steps`` changes no step's update, so a run may be extended: it is
+    left out there."""
     out: dict[str, Any] = {k: getattr(args, k) for k in RECIPE_ARGS}
     if args.lr_scheduler == "constant":
         del out["max_steps"]
+    out["dtype"] = args.resolved_dtype  # a bf16 checkpoint does not resume a float32 run
     for name in ("spec", "lora", "objective"):
         value = getattr(model, name, None)
         if is_dataclass(value) and not isinstance(value, type):

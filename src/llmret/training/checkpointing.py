@@ -25,7 +25,13 @@ log = logging.getLogger(__name__)
 LATEST = "latest"  # marker file in checkpoint_dir naming the newest complete checkpoint
 TRAINER_STATE = "trainer_state.json"  # in each checkpoint tag folder
 TRAINING_STATE = "training_state.json"  # in output_dir
-KEEP_CHECKPOINTS = 2
+# Checkpoints kept while a run trains (``TrainingArgs.keep_checkpoints`` None): a full-parameter
+# checkpoint holds the weights, float32 master weights and Adam moments, ~14-16 bytes a
+# parameter (~100-112 GB for 7B), so one; a LoRA checkpoint holds only the adapters and their
+# optimizer state (MBs), so the newest two (the older one a fallback).
+KEEP_FULL = 1
+KEEP_FROZEN = 2
+KEEP_CHECKPOINTS = KEEP_FROZEN  # prune_checkpoints' default
 _TAG = re.compile(r"^step(\d+)$")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
@@ -95,6 +101,8 @@ def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> str | None:
 def prune_checkpoints(checkpoint_dir: Path, latest: str, keep_last: int = KEEP_CHECKPOINTS) -> None:
     """Keep ``latest`` and the newest ``keep_last - 1`` tags before it; remove every other
     ``step<N>`` folder, including partial ones left above ``latest`` by a killed save."""
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
     newest = _tag_step(latest)
     steps = sorted(s for p in checkpoint_dir.iterdir() if p.is_dir() and (s := _tag_step(p.name)) is not None)
     keep = {s for s in steps if s <= newest}
@@ -146,7 +154,19 @@ def has_frozen(module: nn.Module) -> bool:
     return any(not p.requires_grad for p in module.parameters())
 
 
-def save_checkpoint(engine, ckpt_dir: Path, tag: str, state: dict, rank: int, final: bool = False) -> None:
+def checkpoints_to_keep(setting: int | None, module: nn.Module) -> int:
+    """``TrainingArgs.keep_checkpoints``, or when None :data:`KEEP_FULL` if every parameter
+    trains and :data:`KEEP_FROZEN` if some are frozen (LoRA)."""
+    if setting is not None:
+        return setting
+    return KEEP_FROZEN if has_frozen(module) else KEEP_FULL
+
+
+def save_checkpoint(
+    engine, ckpt_dir: Path, tag: str, state: dict, rank: int, final: bool = False, keep: int = KEEP_CHECKPOINTS
+) -> None:
+    """Save tag ``tag``, then point ``latest`` at it and prune to the newest ``keep`` tags (only
+    itself when ``final``: the final model is written next). A save briefly holds ``keep + 1``."""
     import deepspeed.comm as dist
 
     # LoRA stages freeze the base model: its weights come back from the model folder on a
@@ -157,5 +177,5 @@ def save_checkpoint(engine, ckpt_dir: Path, tag: str, state: dict, rank: int, fi
     if rank == 0:
         atomic_write_text(ckpt_dir / tag / TRAINER_STATE, json.dumps(state, indent=2))
         atomic_write_text(ckpt_dir / LATEST, tag)
-        prune_checkpoints(ckpt_dir, tag, keep_last=1 if final else KEEP_CHECKPOINTS)
+        prune_checkpoints(ckpt_dir, tag, keep_last=1 if final else keep)
     dist.barrier()

@@ -7,18 +7,23 @@ Design notes: docs/finetuning.md.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from array import array
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from llmret.data.beir import join_title
 from llmret.retrieval.tokenization import pad_id_of, special_frame, tokenize_kind
+from llmret.training.mining import check_tevatron_record
 
 BATCH_KEYS = ("query_input_ids", "query_attention_mask", "passage_input_ids", "passage_attention_mask")
 
@@ -40,30 +45,132 @@ def _passage_text(p: Mapping) -> str:
     return join_title(p.get("title") or "", p["text"])
 
 
+def group_from_record(rec: Mapping) -> TrainGroup:
+    """One Tevatron record (``query_id``, ``query``, ``positive_passages``, ``negative_passages``)
+    as a :class:`TrainGroup`."""
+    group = TrainGroup(
+        query_id=str(rec["query_id"]),
+        query=rec["query"],
+        positives=tuple(_passage_text(p) for p in rec["positive_passages"]),
+        negatives=tuple(_passage_text(p) for p in rec.get("negative_passages") or ()),
+    )
+    if not group.positives:
+        raise ValueError(f"query {group.query_id!r} has no positive passage")
+    return group
+
+
 def groups_from_records(records: Iterable[Mapping]) -> list[TrainGroup]:
-    """Tevatron records (``query_id``, ``query``, ``positive_passages``, ``negative_passages``)
-    to :class:`TrainGroup`s; the map-style dataset of :func:`finetune` is this list."""
-    out = []
-    for rec in records:
-        group = TrainGroup(
-            query_id=str(rec["query_id"]),
-            query=rec["query"],
-            positives=tuple(_passage_text(p) for p in rec["positive_passages"]),
-            negatives=tuple(_passage_text(p) for p in rec.get("negative_passages") or ()),
-        )
-        if not group.positives:
-            raise ValueError(f"query {group.query_id!r} has no positive passage")
-        out.append(group)
+    """Tevatron records to :class:`TrainGroup`s, all in memory (:class:`LazyGroups` reads a
+    file's on demand)."""
+    out = [group_from_record(rec) for rec in records]
     if not out:
         raise ValueError("no training queries")
     return out
+
+
+class _Positions:
+    """A binary file's lines, remembering the byte range of the line last yielded."""
+
+    def __init__(self, f):
+        self.f, self.start, self.end = f, 0, 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        for raw in self.f:
+            self.start, self.end = self.end, self.end + len(raw)
+            yield raw
+
+
+def _json_object(text: str, where: str) -> dict:
+    """A line's JSON object; errors as :func:`llmret.data.beir.jsonl_records` words them."""
+    from llmret.data.beir import BeirFormatError
+
+    try:
+        rec = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BeirFormatError(f"{where}: invalid JSON at column {e.colno}: {e.msg.removesuffix(' at')}") from None
+    if not isinstance(rec, dict):
+        raise BeirFormatError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    return rec
+
+
+class LazyGroups(Sequence[TrainGroup]):
+    """The :class:`TrainGroup`s of a plain Tevatron JSONL file, parsed only when indexed.
+
+    One streaming pass validates every line as :func:`llmret.training.mining.read_tevatron`
+    does (errors name ``file:line``; repeated query ids too) and keeps, per group, only the
+    byte range and line number of its line (int64 arrays, 24 bytes a query): a rank holds no
+    more than the groups of its current batch, however large the file. ``self[i]`` reads
+    and re-checks line i, so the sequence equals ``groups_from_records(read_tevatron(path))``
+    and training samples exactly the same groups. A file changed after the pass is an error.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        from llmret.data.beir import decoded_lines
+
+        self.path = Path(path)
+        starts, ends, lines = array("q"), array("q"), array("q")
+        no_negatives = array("q")
+        first_line: dict[str, int] = {}  # for the repeat check; dropped after the pass
+        with open(self.path, "rb") as f:
+            pos = _Positions(f)
+            for lineno, text in decoded_lines(self.path, pos):
+                if not text.strip():
+                    continue
+                where = f"{self.path}:{lineno}"
+                ex = _json_object(text, where)
+                check_tevatron_record(ex, where)
+                qid = ex["query_id"]
+                if qid in first_line:
+                    raise ValueError(f"{where}: duplicate query id {qid!r} (first on line {first_line[qid]})")
+                first_line[qid] = lineno
+                if not ex["negative_passages"]:
+                    no_negatives.append(len(starts))
+                starts.append(pos.start)
+                ends.append(pos.end)
+                lines.append(lineno)
+            self._size = pos.end
+        if not starts:
+            raise ValueError(f"{self.path}: no training queries")
+        self._starts, self._ends, self._lines = (np.frombuffer(a, dtype=np.int64) for a in (starts, ends, lines))
+        self._no_negatives = np.frombuffer(no_negatives, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self._starts)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"group {i} out of range ({n} groups in {self.path})")
+        i = int(i) % n
+        where = f"{self.path}:{int(self._lines[i])}"
+        with open(self.path, "rb") as f:
+            if os.fstat(f.fileno()).st_size != self._size:
+                raise ValueError(f"{self.path} changed after it was indexed")
+            f.seek(int(self._starts[i]))
+            raw = f.read(int(self._ends[i] - self._starts[i]))
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{where}: not UTF-8 ({e.reason}); the file changed after it was indexed?") from None
+        ex = _json_object(text, where)
+        check_tevatron_record(ex, where)
+        return group_from_record(ex)
+
+    def without_negatives(self) -> list[str]:
+        """Query ids of the groups that have no negative passage."""
+        return [self[int(i)].query_id for i in self._no_negatives]
 
 
 def check_negatives(groups: Sequence[TrainGroup], group_size: int) -> None:
     """Fail before training, not at some later step, if a query cannot fill its group."""
     if group_size < 2:
         return
-    empty = [g.query_id for g in groups if not g.negatives]
+    if isinstance(groups, LazyGroups):
+        empty = groups.without_negatives()
+    else:
+        empty = [g.query_id for g in groups if not g.negatives]
     if empty:
         raise ValueError(f"{len(empty)} queries have no negative passage for group_size={group_size}: {empty[:5]}")
 
@@ -217,8 +324,14 @@ def training_seed(training: Mapping) -> int:
 # --------------------------------------------------------------------------- workflow stage
 
 
-def load_groups(path: str | os.PathLike) -> list[TrainGroup]:
-    """The Tevatron JSONL file of mined negatives as :class:`TrainGroup`s."""
-    from llmret.training.mining import read_tevatron  # validates the file (file:line errors)
+def load_groups(path: str | os.PathLike) -> Sequence[TrainGroup]:
+    """The Tevatron JSONL file of mined negatives as :class:`TrainGroup`s: a :class:`LazyGroups`
+    (validated, read on demand) for a plain file, the stages' own; a gzip file (no random
+    access) is read whole into a list. Both validate with file:line errors."""
+    with open(path, "rb") as probe:
+        gzipped = probe.read(2) == b"\x1f\x8b"
+    if not gzipped:
+        return LazyGroups(path)
+    from llmret.training.mining import read_tevatron
 
     return groups_from_records(read_tevatron(path))

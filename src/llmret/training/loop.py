@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from llmret.training.arguments import TrainingArgs, build_deepspeed_config, lr_factor, recipe, recipe_changes
 from llmret.training.checkpointing import (
     TRAINER_STATE,
+    checkpoints_to_keep,
     has_frozen,
     latest_checkpoint,
     save_checkpoint,
@@ -116,6 +117,26 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         raise ValueError("the model has no trainable parameters")
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
+
+
+def _check_dtype(model: nn.Module, dtype: str) -> None:
+    """The model must already be in the run's dtype (``TrainingArgs.torch_dtype``): DeepSpeed
+    would otherwise cast a float32 model to 16 bits after it was loaded whole, or refuse a
+    16-bit one under a float32 config. Trainable parameters of a model with frozen ones (LoRA
+    adapters, which PEFT keeps in float32) may differ: DeepSpeed casts those few itself."""
+    want = getattr(torch, dtype)
+    lora = has_frozen(model)
+    wrong = {
+        name: p.dtype
+        for name, p in model.named_parameters()
+        if p.is_floating_point() and p.dtype != want and not (lora and p.requires_grad)
+    }
+    if wrong:
+        name, got = next(iter(wrong.items()))
+        raise ValueError(
+            f"the run computes in {dtype} (training.dtype and the DeepSpeed config) but {len(wrong)} parameters "
+            f"are not, e.g. {name} in {got}: load the model with dtype=TrainingArgs.torch_dtype"
+        )
 
 
 def _enable_gradient_checkpointing(model: nn.Module) -> None:
@@ -219,6 +240,10 @@ def train(
         "world_size": world_size,
         "dataset_len": n,
     }
+
+    dtype = args.resolved_dtype
+    _check_dtype(model, dtype)
+    keep = checkpoints_to_keep(args.keep_checkpoints, model)
 
     seed_step(args.seed, 0, rank)
     if args.gradient_checkpointing:
@@ -337,7 +362,7 @@ def train(
                     ),
                     "args": asdict(args),
                 }
-                save_checkpoint(engine, ckpt_dir, f"step{step}", state, rank, final=step == args.max_steps)
+                save_checkpoint(engine, ckpt_dir, f"step{step}", state, rank, final=step == args.max_steps, keep=keep)
         bar.close()
         del batches  # stops DataLoader workers, if any
         train_s = elapsed0 + time.perf_counter() - t0
@@ -354,6 +379,7 @@ def train(
             "deepspeed_init_s": init_s,
             "world_size": world_size,
             "device": str(engine.device),
+            "dtype": dtype,
             "peak_memory_mb": peak,  # the largest rank, over resumed attempts too (merge_peaks)
             "args": asdict(args),
             "deepspeed_config": ds_config,

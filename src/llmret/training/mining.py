@@ -5,6 +5,11 @@ unlabelled relevant passages). Two optional score filters drop candidates that s
 too close to the query's best positive, since those are likely false negatives: a fixed
 ``margin`` below it, or a ``max_score_ratio`` of it (NV-Retriever's "TopK-PercPos"; meant
 for positive scores such as cosine similarities: below zero a share of the score is above it).
+When the window holds more eligible candidates than ``max_negatives``, ``selection`` says
+which: ``spread`` (evenly across the window) or ``best`` (the best-ranked ones).
+
+The run is read one query at a time (:func:`llmret.data.trec.iter_run`), so mining holds one
+query's ranking, the qrels and the chosen negative ids, never the whole run.
 
 Tevatron's format is one JSON object per line: ``query_id``, ``query``,
 ``positive_passages`` and ``negative_passages``, each passage ``{docid, title, text}``.
@@ -15,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO
@@ -27,6 +32,7 @@ from llmret.specs import settings
 log = logging.getLogger(__name__)
 
 TEVATRON_KEYS = ("query_id", "query", "positive_passages", "negative_passages")
+SELECTIONS = ("spread", "best")
 
 
 @dataclass(frozen=True)
@@ -36,10 +42,11 @@ class MiningSpec:
     depth: int = 200  # retrieval depth of the run over training queries
     rank_from: int = 10  # 1-based, inclusive
     rank_to: int = 200  # inclusive, <= depth
-    max_negatives: int = 30  # per query, best-ranked first
+    max_negatives: int = 30  # per query
     margin: float | None = None  # drop score > best_positive - margin
     max_score_ratio: float | None = None  # drop score > ratio * best_positive
     min_negatives: int = 1  # queries left with fewer are dropped
+    selection: str = "spread"  # more eligible than max_negatives: "spread" over the window, or "best"-ranked
 
     def __post_init__(self) -> None:
         for name, minimum in (("depth", 1), ("rank_from", 1), ("max_negatives", 1), ("min_negatives", 0)):
@@ -59,6 +66,8 @@ class MiningSpec:
             _is_number(self.max_score_ratio) and 0 < self.max_score_ratio <= 1
         ):
             raise ValueError(f"mining max_score_ratio must be a number in (0, 1] or null, got {self.max_score_ratio!r}")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"mining selection must be one of {list(SELECTIONS)}, got {self.selection!r}")
 
     @classmethod
     def from_config(cls, cfg: Mapping) -> MiningSpec:
@@ -86,9 +95,11 @@ def _select(ranked: list[tuple[str, float]], positives: set[str], spec: MiningSp
     scores = [s for d, s in ranked if d in positives]
     best = max(scores) if scores else None
     out = _Selection(negatives=[], positive_retrieved=best is not None)
+    # "best" stops once the list is full; "spread" needs every eligible candidate of the window.
+    limit = spec.max_negatives if spec.selection == "best" else None
     seen: set[str] = set()
     for rank, (doc, score) in enumerate(ranked, start=1):
-        if rank > spec.rank_to or len(out.negatives) >= spec.max_negatives:
+        if rank > spec.rank_to or (limit is not None and len(out.negatives) >= limit):
             break
         if rank < spec.rank_from or doc in positives or doc in seen:
             continue
@@ -101,7 +112,22 @@ def _select(ranked: list[tuple[str, float]], positives: set[str], spec: MiningSp
                 out.by_ratio += 1
                 continue
         out.negatives.append(doc)
+    if limit is None:
+        out.negatives = spread(out.negatives, spec.max_negatives)
     return out
+
+
+def spread(eligible: list[str], k: int) -> list[str]:
+    """``k`` items of ``eligible`` (in rank order) at evenly spaced positions, all of them when
+    there are at most ``k``: cut the ``n`` items into ``k`` consecutive, equally long stretches
+    and take the first of each, i.e. the items at positions ``(j * n) // k`` for
+    ``j = 0 .. k-1`` (0-based). The first item (the best-ranked) is always taken; positions
+    are strictly increasing, so the result keeps rank order and has no repeats; the last one
+    taken is within ``n / k`` places of the end."""
+    n = len(eligible)
+    if n <= k:
+        return list(eligible)
+    return [eligible[(j * n) // k] for j in range(k)]
 
 
 def select_negatives(ranked: list[tuple[str, float]], positives: set[str], spec: MiningSpec) -> list[str]:
@@ -111,37 +137,51 @@ def select_negatives(ranked: list[tuple[str, float]], positives: set[str], spec:
     Labelled positives are never returned, whatever their rank. The score filters compare
     with the best score of any positive found anywhere in ``ranked``; when no positive was
     retrieved there is nothing to compare with, so the filters drop nothing. A document
-    listed twice is judged at its first rank only.
+    listed twice inside the window is judged at its first rank there only.
+
+    Which ones when more are eligible (not a positive, not a repeat, not filtered) than
+    ``max_negatives``: with ``selection="spread"`` the eligible candidates of the whole window
+    are thinned evenly (:func:`spread`: the best-ranked one, then one every ``n / k`` eligible
+    candidates), so a window "ranks 10-200" really reaches down to rank ~200; with ``"best"``
+    the first ``max_negatives`` eligible ones from ``rank_from`` on are taken.
     """
     return _select(ranked, positives, spec).negatives
 
 
 def mine(
-    run: Mapping[str, list[tuple[str, float]]], qrels: Mapping[str, Mapping[str, int]], spec: MiningSpec
+    run: Mapping[str, list[tuple[str, float]]] | Iterable[tuple[str, list[tuple[str, float]]]],
+    qrels: Mapping[str, Mapping[str, int]],
+    spec: MiningSpec,
 ) -> tuple[dict[str, list[str]], dict]:
     """Negatives for every judged query that has a positive (grade > 0), and stats.
 
-    ``queries_in`` counts those queries; each is kept, or dropped for having no ranking in
-    the run or fewer than ``min_negatives`` negatives. ``positives_retrieved_fraction`` is
-    the share of queries with a ranking whose ranking holds a positive (only there can the
-    score filters apply); ``filtered_by_*`` count candidates each filter removed (margin
-    is tried first) while a query's list was filling.
+    ``run`` is a mapping query id -> ranking (:func:`llmret.data.trec.read_run`) or a stream of
+    ``(query id, ranking)`` pairs (:func:`llmret.data.trec.iter_run`), each query once; a stream
+    is consumed one query at a time, so only the chosen ids are kept. The result is the same
+    either way, keyed in query id order.
+
+    ``queries_in`` counts the judged queries with a positive; each is kept, or dropped for having
+    no ranking in the run or fewer than ``min_negatives`` negatives. ``positives_retrieved_fraction``
+    is the share of queries with a ranking whose ranking holds a positive (only there can the
+    score filters apply); ``filtered_by_*`` count candidates each filter removed (margin is tried
+    first): with ``selection="best"`` those met while a query's list was filling, with
+    ``"spread"`` those of the whole window (every candidate there is examined before thinning).
     """
-    negatives: dict[str, list[str]] = {}
+    pairs = run.items() if isinstance(run, Mapping) else run
+    judged_with_positive = sum(1 for judged in qrels.values() if any(grade > 0 for grade in judged.values()))
+    chosen: dict[str, list[str]] = {}
+    ranked_queries: set[str] = set()
     stats = dict.fromkeys(
         ("queries_in", "queries_kept", "dropped_no_run", "dropped_too_few_negatives", "negatives_total"), 0
     )
-    by_margin = by_ratio = with_run = with_positive = 0
-    for qid in sorted(qrels):
-        positives = {d for d, grade in qrels[qid].items() if grade > 0}
-        if not positives:
+    by_margin = by_ratio = with_positive = 0
+    for qid, ranked in pairs:
+        positives = {d for d, grade in qrels.get(qid, {}).items() if grade > 0}
+        if not positives or not ranked:
             continue
-        stats["queries_in"] += 1
-        ranked = run.get(qid)
-        if not ranked:
-            stats["dropped_no_run"] += 1
-            continue
-        with_run += 1
+        if qid in ranked_queries:
+            raise ValueError(f"query {qid!r} has two rankings in the run")
+        ranked_queries.add(qid)
         sel = _select(ranked, positives, spec)
         by_margin += sel.by_margin
         by_ratio += sel.by_ratio
@@ -149,8 +189,12 @@ def mine(
         if len(sel.negatives) < spec.min_negatives:
             stats["dropped_too_few_negatives"] += 1
             continue
-        negatives[qid] = sel.negatives
+        chosen[qid] = sel.negatives
         stats["negatives_total"] += len(sel.negatives)
+    with_run = len(ranked_queries)
+    stats["queries_in"] = judged_with_positive
+    stats["dropped_no_run"] = judged_with_positive - with_run
+    negatives = {qid: chosen[qid] for qid in sorted(chosen)}
     stats["queries_kept"] = len(negatives)
     return negatives, {
         **stats,
@@ -167,10 +211,11 @@ def _positives(judged: Mapping[str, int]) -> list[str]:
 
 
 def _passages(ids: list[str], corpus_path: str | Path) -> dict[str, dict[str, str]]:
-    """Title and text of ``ids``, from one pass over the corpus keeping only those."""
+    """Title and text of ``ids``, from one pass over the corpus keeping only those (its ids
+    were checked for repeats when the dataset was prepared, so they are not remembered here)."""
     wanted = set(ids)
     found: dict[str, dict[str, str]] = {}
-    for doc_id, title, text in beir.iter_corpus(corpus_path):
+    for doc_id, title, text in beir.iter_corpus(corpus_path, check_ids=False):
         if doc_id in wanted:
             found[doc_id] = {"docid": doc_id, "title": title, "text": text}
     missing = sorted(wanted - found.keys())
@@ -224,6 +269,24 @@ def _check_passage(p: object, where: str) -> None:
         raise ValueError(f"{where}: passage {p['docid']!r} has a 'title' that is not a string")
 
 
+def check_tevatron_record(ex: dict, where: str) -> None:
+    """One Tevatron example's keys and types (all of :func:`read_tevatron`'s checks but repeats)."""
+    for key in TEVATRON_KEYS:
+        if key not in ex:
+            raise ValueError(f"{where}: missing key {key!r}")
+    if not isinstance(ex["query_id"], str) or not ex["query_id"]:
+        raise ValueError(f"{where}: 'query_id' must be a non-empty string, got {ex['query_id']!r}")
+    if not isinstance(ex["query"], str):
+        raise ValueError(f"{where}: 'query' must be a string")
+    for key in ("positive_passages", "negative_passages"):
+        if not isinstance(ex[key], list):
+            raise ValueError(f"{where}: {key!r} must be a list")
+        for p in ex[key]:
+            _check_passage(p, where)
+    if not ex["positive_passages"]:
+        raise ValueError(f"{where}: 'positive_passages' is empty")
+
+
 def read_tevatron(path: str | Path) -> list[dict]:
     """Read and validate a Tevatron training file; errors name ``file:line``, since a bad
     example would otherwise surface deep inside a training run."""
@@ -232,25 +295,12 @@ def read_tevatron(path: str | Path) -> list[dict]:
     first_line: dict[str, int] = {}
     for lineno, ex in beir.jsonl_records(path):
         where = f"{path}:{lineno}"
-        for key in TEVATRON_KEYS:
-            if key not in ex:
-                raise ValueError(f"{where}: missing key {key!r}")
-        if not isinstance(ex["query_id"], str) or not ex["query_id"]:
-            raise ValueError(f"{where}: 'query_id' must be a non-empty string, got {ex['query_id']!r}")
-        if not isinstance(ex["query"], str):
-            raise ValueError(f"{where}: 'query' must be a string")
+        check_tevatron_record(ex, where)
         if ex["query_id"] in first_line:
             raise ValueError(
                 f"{where}: duplicate query id {ex['query_id']!r} (first on line {first_line[ex['query_id']]})"
             )
         first_line[ex["query_id"]] = lineno
-        for key in ("positive_passages", "negative_passages"):
-            if not isinstance(ex[key], list):
-                raise ValueError(f"{where}: {key!r} must be a list")
-            for p in ex[key]:
-                _check_passage(p, where)
-        if not ex["positive_passages"]:
-            raise ValueError(f"{where}: 'positive_passages' is empty")
         examples.append(ex)
     return examples
 
@@ -283,17 +333,25 @@ def mine_to_file(
     out_path: str | Path,
     stats_path: str | Path,
 ) -> dict:
-    """Mine negatives from a run over training queries; write the Tevatron file and a stats
-    JSON (the stats, the settings and the run's header). Returns what the stats file holds."""
-    run = trec.read_run(run_path)
+    """Mine negatives from a run over training queries, read one query at a time (its lines
+    must be grouped by query, as :func:`llmret.data.trec.write_run` writes them); write the
+    Tevatron file and a stats JSON (the stats, the settings and the run's header). Returns what
+    the stats file holds."""
     queries = beir.load_queries(queries_path)
     qrels = beir.load_qrels(qrels_path)
-    deepest = max((len(r) for r in run.values()), default=0)
+    deepest = 0
+
+    def rankings() -> Iterator[tuple[str, list[tuple[str, float]]]]:
+        nonlocal deepest
+        for qid, ranked in trec.iter_run(run_path):  # one query at a time
+            deepest = max(deepest, len(ranked))
+            yield qid, ranked
+
+    negatives, stats = mine(rankings(), qrels, spec)
     if deepest < spec.rank_to:
         log.warning(
             "%s ranks at most %d documents per query; the window ends at rank %d", run_path, deepest, spec.rank_to
         )
-    negatives, stats = mine(run, qrels, spec)
     if not negatives:
         raise ValueError(f"{run_path}: no query kept for training ({json.dumps(stats)})")
     no_text = sorted(q for q in negatives if q not in queries)
