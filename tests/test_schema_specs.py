@@ -27,6 +27,7 @@ WIRING = {
     "systems.sparse": {"type", "model", "gpus", "sparse_index", "lengths"},
     "systems.dense.index": set(),
     "systems.sparse.sparse_index": set(),
+    "systems.bow": {"type", "model", "gpus", "sparse_index", "lengths"},
     "models": set(PLANNING_KEYS),  # memory planning (llmret.sizing), never imported
     "pretraining": {"model", "corpora", "dpr_wiki", "gpus", "training"},
     "mining": {"dataset", "retriever", "file"},

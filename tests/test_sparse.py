@@ -238,11 +238,15 @@ def test_bf16_encoding_stays_close_to_fp32(smollm2_dir, tok):
         assert len(top_a & top_b) >= 8
 
 
-# Measured on SmolLM2-135M (base model, 4 short queries), per quantization against float32:
+# Measured on SmolLM2-135M (base model, 3 short queries), per quantization against float32:
 # int8 (weight-only) relative L2 error 0.002-0.005, top-10 terms 9/10 shared, cosine 1.0000;
-# int8-dynamic 0.04-0.08, 2-7/10, cosine >= 0.9986; int4 (group 64) 0.05-0.06, 1-6/10,
-# cosine >= 0.9986. Bounds below: ~3x the worst relative error, cosine 0.995.
-QUANTIZED_SPARSE_BOUNDS = {"int8": (0.02, 8), "int8-dynamic": (0.25, 0), "int4": (0.2, 0)}
+# int8-dynamic 0.04-0.08, 3-5/10, cosine >= 0.9988; int4 (group 64) 0.05-0.06, 1-6/10,
+# cosine >= 0.9986. The base model's top terms nearly tie (the 10th weighs 96-99% of the
+# first), so which of them make a top-10 is fragile; what the quantized top-10 keeps of the
+# float32 top-10's weight is not: int8 0.9999-1.0, int8-dynamic 0.931-0.984, int4
+# 0.960-0.990. Bounds: ~3x the worst relative error, shared terms at the measured minimum,
+# weight kept 0.995 / 0.9 / 0.9 (a garbled head picks light terms and fails it), cosine 0.995.
+QUANTIZED_SPARSE_BOUNDS = {"int8": (0.02, 8, 0.995), "int8-dynamic": (0.25, 2, 0.9), "int4": (0.2, 1, 0.9)}
 
 
 def test_quantized_sparse_encoders_stay_close_to_float32(smollm2_dir, tok):
@@ -254,13 +258,16 @@ def test_quantized_sparse_encoders_stay_close_to_float32(smollm2_dir, tok):
         spec = SparseEncoderSpec(max_query_length=16, quantize=quantize)
         vecs[quantize] = encode_sparse(load_sparse_encoder(str(smollm2_dir), spec), tok, texts, "query", spec, False)
     a = vecs["none"].toarray()
-    for quantize, (max_rel, min_shared) in QUANTIZED_SPARSE_BOUNDS.items():
+    for quantize, (max_rel, min_shared, min_kept) in QUANTIZED_SPARSE_BOUNDS.items():
         b = vecs[quantize].toarray()
         assert abs(b - a).max() > 0, quantize  # the quantized model did run
         for i in range(len(texts)):
             rel = np.linalg.norm(a[i] - b[i]) / np.linalg.norm(a[i])
             cosine = a[i] @ b[i] / np.linalg.norm(a[i]) / np.linalg.norm(b[i])
-            shared = len(set(np.argsort(-a[i])[:10]) & set(np.argsort(-b[i])[:10]))
-            assert rel < max_rel and cosine > 0.995 and shared >= min_shared, (quantize, rel, cosine, shared)
+            top_a, top_b = np.argsort(-a[i])[:10], np.argsort(-b[i])[:10]
+            shared = len(set(top_a) & set(top_b))
+            kept = a[i][top_b].sum() / a[i][top_a].sum()
+            assert rel < max_rel and cosine > 0.995, (quantize, rel, cosine)
+            assert shared >= min_shared and kept >= min_kept, (quantize, shared, kept)
     with pytest.raises(ValueError, match="quantize int4 needs dtype float32"):
         SparseEncoderSpec(quantize="int4", dtype="bfloat16")

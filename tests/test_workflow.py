@@ -35,15 +35,17 @@ def test_table_has_every_system_and_dataset(smoke_run):
     workdir, _ = smoke_run
     table = pd.read_csv(workdir / "results" / "beir_table.csv")
     dense = ["bm25", "smollm2-135m", "llara", "base-ft", "llara-ft", "minilm-l6"]
-    assert list(table["system"]) == dense + SPARSE_SYSTEMS
+    assert list(table["system"]) == dense + ["bow"] + SPARSE_SYSTEMS
     assert list(table.columns) == ["system", "scifact", "msmarco-dl19-5k", "avg"]
     values = table[["scifact", "msmarco-dl19-5k"]].to_numpy()
     assert ((values >= 0) & (values <= 1)).all()
     # a few training steps give sparse systems near-chance scores; the others beat chance
     assert (table.set_index("system").loc[dense, ["scifact", "msmarco-dl19-5k"]] > 0).all().all()
     assert table["avg"].tolist() == pytest.approx(values.mean(axis=1).tolist(), abs=1e-3)
-    # Even on a subsample, BM25 and a trained sentence encoder beat chance by far.
+    # Even on a subsample, BM25 and a trained sentence encoder beat chance by far, and so does
+    # the bag of SmolLM2's tokens (the CSPLADE rows' lexical reference).
     assert table.set_index("system").loc["bm25", "scifact"] > 0.5
+    assert table.set_index("system").loc["bow", "scifact"] > 0.3
 
 
 def test_cells_trace_back_to_metrics_and_runs(smoke_run):
@@ -451,6 +453,8 @@ def test_sparse_runs_index_sizes_and_quantization_table(smoke_run):
     sparse_rows = sizes[sizes["type"] == "sparse"]
     assert len(sparse_rows) == 2 * len(SPARSE_SYSTEMS) and (sparse_rows["engine"] == "exact").all()
     assert (sparse_rows["dim_or_nnz_per_doc"] <= 128).all()
+    assert len(sizes[sizes["type"] == "bow"]) == 2  # the bag of tokens: at most 32 a passage here
+    assert (sizes[sizes["type"] == "bow"]["dim_or_nnz_per_doc"] <= 32).all()
 
     quant = pd.read_csv(workdir / "results" / "quantization_table.csv")
     assert list(quant["system"]) == ["csplade", "csplade-int8", "csplade-int8-dynamic", "csplade-int4"]

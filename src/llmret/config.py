@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from llmret.data.sources import raw_files
 from llmret.specs import ConfigError, own_settings
 
-SYSTEM_TYPES = ("bm25", "dense", "sparse")
+SYSTEM_TYPES = ("bm25", "dense", "sparse", "bow")
 # Settings a dense system must share with the fine-tuning run whose model it encodes with.
 ENCODER_KEYS_FROM_TRAINING = ("query_template", "passage_template", "append_eos", "pooling", "normalize")
 # ... and a sparse system with the CSPLADE run it encodes with (llmret.retrieval.sparse_encoder.MODEL_KEYS less
@@ -35,6 +35,7 @@ SPEC_CLASSES = {
     "systems.bm25": "llmret.retrieval.bm25:BM25Params",
     "systems.dense": "llmret.retrieval.encoder:EncoderSpec",
     "systems.sparse": "llmret.retrieval.sparse_encoder:SparseEncoderSpec",
+    "systems.bow": "llmret.retrieval.bow:BowSpec",
     "systems.dense.index": "llmret.retrieval.faiss_index:IndexSpec",
     "systems.sparse.sparse_index": "llmret.retrieval.sparse_index:SparseIndexSpec",
     "models": "llmret.retrieval.checkpoints:ModelSource",
@@ -279,10 +280,13 @@ def _check_sparse_systems(config: Mapping) -> None:
     known = {**(config.get("models") or {})}
     for section in ("pretraining", "adaptation", "csplade"):
         known.update(config.get(section) or {})
+    tokenizers = {**known, **(config.get("finetuning") or {})}
     for name, sys_cfg in (config.get("systems") or {}).items():
+        model = sys_cfg.get("model")
+        if sys_cfg.get("type") == "bow" and model not in tokenizers:
+            raise ConfigError(f"systems.{name}.model: {model!r} (whose tokenizer a bow system uses) is unknown")
         if sys_cfg.get("type") != "sparse":
             continue
-        model = sys_cfg.get("model")
         if model not in known:
             raise ConfigError(
                 f"systems.{name}.model: {model!r} is not in models, pretraining, adaptation or csplade "

@@ -31,7 +31,9 @@ TABLE_SYSTEMS = cfgcheck.table_systems(config)
 TABLE_DATASETS = cfgcheck.table_datasets(config)
 BM25_SYSTEMS = cfgcheck.systems_of_type(config, "bm25")
 DENSE_SYSTEMS = cfgcheck.systems_of_type(config, "dense")
-SPARSE_SYSTEMS = cfgcheck.systems_of_type(config, "sparse")
+# bow systems (bag-of-words, no model) are encoded, indexed and searched as sparse ones.
+BOW_SYSTEMS = cfgcheck.systems_of_type(config, "bow")
+SPARSE_SYSTEMS = cfgcheck.systems_of_type(config, "sparse") + BOW_SYSTEMS
 PRETRAIN_RUNS = list(config["pretraining"])
 FINETUNE_RUNS = list(config["finetuning"])
 ADAPTATION_RUNS = list(config["adaptation"])
@@ -186,6 +188,13 @@ def system_settings(wildcards):
     )
 
 
+def bow_corpus(wildcards):
+    """A bow system's corpus shard vectors (its search weighs queries by their idf); [] else."""
+    if wildcards.system not in BOW_SYSTEMS:
+        return []
+    return shard_files("sparse", "corpus", ".safetensors")(wildcards)
+
+
 def index_settings(wildcards):
     """A dense system's FAISS index settings (llmret.retrieval.faiss_index.IndexSpec); {} = exact."""
     return dict(config["systems"][wildcards.system].get("index") or {})
@@ -270,15 +279,17 @@ def shard_files(top, folder, suffix):
 def system_index(system, dataset):
     """The index files (one per shard) a dense (FAISS file) or sparse (folder) system
     searches for a dataset."""
-    kind = {"dense": ("faiss", ".index"), "sparse": ("sparse", "")}[
-        config["systems"][system]["type"]
-    ]
+    kind = {
+        "dense": ("faiss", ".index"),
+        "sparse": ("sparse", ""),
+        "bow": ("sparse", ""),
+    }[config["systems"][system]["type"]]
     return shard_files("index", *kind)(SimpleNamespace(system=system, dataset=dataset))
 
 
 def corpus_stats(system, dataset):
     """The statistics JSON of a system's corpus encoding (throughput, weight size)."""
-    folder = {"dense": "embeddings", "sparse": "sparse"}[
+    folder = {"dense": "embeddings", "sparse": "sparse", "bow": "sparse"}[
         config["systems"][system]["type"]
     ]
     return f"results/{folder}/{system}/{corpus_of(dataset)}/corpus.json"

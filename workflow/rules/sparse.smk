@@ -1,4 +1,5 @@
-# Learned sparse systems (CSPLADE): SPLADE vectors of corpus and queries from a causal LM,
+# Sparse systems: CSPLADE (SPLADE vectors of corpus and queries from a causal LM) and the
+# bag-of-words reference (bow: a model's tokenizer, no model);
 # an inverted index per corpus shard (exact scorer or Seismic), top-k search over the shards.
 
 
@@ -25,6 +26,7 @@ rule sparse_encode_corpus:
         mem_mb=mem_mb("encode"),
         gpu=lookup(dpath="systems/{system}/gpus", within=config),
     params:
+        kind=lookup(dpath="systems/{system}/type", within=config),
         settings=system_settings,
     script:
         "../scripts/sparse_encode.py"
@@ -53,6 +55,7 @@ rule sparse_encode:
         mem_mb=8000,
         gpu=lookup(dpath="systems/{system}/gpus", within=config),
     params:
+        kind=lookup(dpath="systems/{system}/type", within=config),
         settings=system_settings,
     script:
         "../scripts/sparse_encode.py"
@@ -84,6 +87,7 @@ rule sparse_search:
     """Every shard's index in turn, merged into the exact top-k."""
     input:
         indexes=shard_files("index", "sparse", ""),
+        corpus=bow_corpus,
         queries="results/sparse/{system}/{dataset}/queries.safetensors",
     output:
         "results/runs/{system}/{dataset}.trec",
@@ -103,6 +107,7 @@ rule sparse_search:
         ignore_identical_ids=lookup(
             dpath="datasets/{dataset}/ignore_identical_ids", within=config
         ),
+        kind=lookup(dpath="systems/{system}/type", within=config),
         settings=system_settings,
         index=sparse_index_settings,
     script:
@@ -112,6 +117,7 @@ rule sparse_search:
 use rule sparse_search as sparse_search_train with:
     input:
         indexes=shard_files("index", "sparse", ""),
+        corpus=bow_corpus,
         queries="results/sparse/{system}/{dataset}/train-queries.safetensors",
     output:
         "results/runs/{system}/{dataset}/train.trec",
@@ -126,5 +132,6 @@ use rule sparse_search as sparse_search_train with:
         ignore_identical_ids=lookup(
             dpath="datasets/{dataset}/ignore_identical_ids", within=config
         ),
+        kind=lookup(dpath="systems/{system}/type", within=config),
         settings=system_settings,
         index=sparse_index_settings,

@@ -3,21 +3,29 @@ one shard's index in memory at a time, written as a TREC run."""
 
 from llmret import io, logs
 from llmret.data import trec
-from llmret.retrieval import sparse_index, sparse_vectors
+from llmret.retrieval import bow, sparse_index, sparse_vectors
 
 sm = snakemake  # noqa: F821
 logs.to_file(sm.log[0])
 io.remove_stale_temporaries(sm.output)
 spec = sparse_index.SparseIndexSpec.from_config(sm.params.index)
 queries = sparse_vectors.load_sparse(sm.input.queries)
+matrix = queries.matrix
+if (
+    sm.params.kind == "bow"
+    and bow.BowSpec.from_config({k: v for k, v in sm.params.settings.items() if k != "model"}).idf == "bm25"
+):
+    shards = (sparse_vectors.load_sparse(p).matrix for p in sm.input.corpus)
+    df, n = bow.document_frequencies(shards, matrix.shape[1])
+    matrix = bow.weight_queries(matrix, bow.bm25_idf(df, n))
 depth = trec.search_depth(sm.params.top_k, sm.params.ignore_identical_ids)
-run, index_info = sparse_index.search_sparse_shards(sm.input.indexes, queries.matrix, queries.ids, k=depth, spec=spec)
+run, index_info = sparse_index.search_sparse_shards(sm.input.indexes, matrix, queries.ids, k=depth, spec=spec)
 if sm.params.ignore_identical_ids:
     run = trec.drop_identical_ids(run, sm.params.top_k)
 header = {
     "system": sm.wildcards.system,
     "dataset": sm.wildcards.dataset,
-    "type": "sparse",
+    "type": sm.params.kind,
     "top_k": sm.params.top_k,
     "ignore_identical_ids": sm.params.ignore_identical_ids,
     "index": index_info,

@@ -63,7 +63,7 @@ def index_entry(system: str, kind: str, dataset: str, index_paths: str | Path | 
             index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
             engine, width = f"faiss {type(index).__name__}", float(index.d)
             docs += int(index.ntotal)
-        elif kind == "sparse":
+        elif kind in ("sparse", "bow"):
             from llmret.retrieval.sparse_index import META_FILE
 
             meta = json.loads((Path(path) / META_FILE).read_text(encoding="utf-8"))
@@ -71,7 +71,7 @@ def index_entry(system: str, kind: str, dataset: str, index_paths: str | Path | 
             docs, nnz = docs + int(meta["n_docs"]), nnz + int(meta["nnz"])
         else:
             raise ValueError(f"{system}: system type {kind!r} has no index to measure")
-    if kind == "sparse":
+    if kind != "dense":
         width = round(nnz / max(1, docs), 1)
     return {
         "system": system,

@@ -66,13 +66,18 @@ QUANTIZE = ("none", "int8", "int8-dynamic", "int4")
 def check_text_encoding(spec) -> None:
     """What a dense and a sparse encoder spec share: templates with one ``{text}``, max
     lengths that hold a token and EOS, a token budget, the dtype and the quantization."""
+    check_templates_and_lengths(spec)
+    check_at_least(spec, 1, "batch_tokens")
+    check_choice(spec, DTYPES, "dtype")
+    check_quantize(spec)
+
+
+def check_templates_and_lengths(spec) -> None:
+    """Templates with one ``{text}`` and max lengths that hold a token and EOS."""
     for name in ("query_template", "passage_template"):
         if getattr(spec, name).count("{text}") != 1:
             raise ValueError(f"{name} must contain '{{text}}' exactly once: {getattr(spec, name)!r}")
     check_at_least(spec, 2, "max_query_length", "max_passage_length")
-    check_at_least(spec, 1, "batch_tokens")
-    check_choice(spec, DTYPES, "dtype")
-    check_quantize(spec)
 
 
 def check_quantize(spec) -> None:

@@ -1,0 +1,49 @@
+"""The bag-of-words reference: token weights, corpus idf applied on the query side, ranking."""
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from llmret.retrieval import bow
+
+DOCS = [
+    "Cats purr when they are content and warm.",
+    "Mitochondria produce adenosine triphosphate in eukaryotic cells.",
+    "Dogs bark at night and cats sleep.",
+    "The weather is warm and sunny today.",
+]
+
+
+def test_passages_weigh_log_counts_and_queries_are_sets(tok):
+    spec = bow.BowSpec(passage_template="{text}", query_template="{text}", max_passage_length=64)
+    docs = bow.encode_bow(tok, ["cats cats cats dogs"], "passage", spec)
+    ids = tok("cats cats cats dogs", add_special_tokens=False)["input_ids"]
+    cat, dog = ids[0], ids[-1]
+    assert docs[0, cat] == pytest.approx(1 + np.log(ids.count(cat))) and docs[0, dog] == pytest.approx(1.0)
+    query = bow.encode_bow(tok, ["cats cats cats dogs"], "query", spec)
+    assert set(query.data) == {1.0} and query.nnz == len(set(ids))
+    raw = bow.encode_bow(tok, ["cats cats cats dogs"], "query", bow.BowSpec(query_template="{text}", query_tf="raw"))
+    assert raw[0, cat] == ids.count(cat)
+    # The prompt is part of the bag (as a sparse system frames text), no EOS or special token.
+    framed = bow.encode_bow(tok, ["cats and dogs"], "query", bow.BowSpec(max_query_length=4))
+    prompt = tok("query: ", add_special_tokens=False)["input_ids"]
+    assert set(framed.indices) == set(prompt + tok("cats and dogs", add_special_tokens=False)["input_ids"][:1])
+    assert tok.eos_token_id not in bow.encode_bow(tok, DOCS, "passage", bow.BowSpec()).indices
+    with pytest.raises(ValueError, match="doc_tf must be one of"):
+        bow.BowSpec(doc_tf="sqrt")
+
+
+def test_idf_on_the_query_scores_as_tf_idf_passages_and_ranks_the_rare_match_first(tok):
+    spec = bow.BowSpec()
+    docs = bow.encode_bow(tok, DOCS, "passage", spec)
+    queries = bow.encode_bow(tok, ["what produces adenosine triphosphate", "which cats are warm"], "query", spec)
+    halves = [docs[:2], docs[2:]]  # two shards: the same frequencies as the whole
+    df, n = bow.document_frequencies(halves, docs.shape[1])
+    assert n == 4 and (df == np.bincount(docs.indices, minlength=docs.shape[1])).all()
+    idf = bow.bm25_idf(df, n)
+    scores = (bow.weight_queries(queries, idf) @ docs.T).toarray()
+    tfidf_docs = docs @ sp.diags(idf)
+    np.testing.assert_allclose(scores, (queries @ tfidf_docs.T).toarray(), rtol=1e-6)
+    assert scores[0].argmax() == 1  # the only passage with the query's rare words
+    assert scores[1].argmax() == 0  # "are" and "warm"; passage 2 has "cats", passage 3 "warm"
+    assert idf[tok("passage", add_special_tokens=False)["input_ids"][0]] < idf.max() / 5  # the prompt: in every passage
