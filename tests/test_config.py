@@ -323,3 +323,13 @@ def test_corpus_shards_are_planned_from_the_corpus_size_and_subsample():
     assert cfg.corpus_shards(c, "own") == ["000-of-001"]  # size unknown
     c["encoding"]["shard_size"] = 500
     assert cfg.corpus_shards(c, "nfcorpus") == ["000-of-003", "001-of-003", "002-of-003"]  # max_docs 1200
+
+
+def test_a_csplade_run_must_attend_as_its_adaptation_run_did():
+    c = load("smoke.yaml")
+    cfg.complete(c)
+    c["csplade"]["csplade-bi-smollm2"]["model"] = "adapt-smollm2"  # adapted causally
+    with pytest.raises(
+        cfg.ConfigError, match=r"csplade.csplade-bi-smollm2.bidirectional: True differs from adaptation"
+    ):
+        cfg.check(c)

@@ -329,6 +329,13 @@ def _check_sparse_training(config: Mapping) -> None:
             )
         if r.get("negatives") not in mining:
             raise ConfigError(f"csplade.{run}.negatives: {r.get('negatives')!r} is not in mining ({sorted(mining)})")
+        adapted = (config.get("adaptation") or {}).get(r["model"])
+        if adapted is not None and bool(r.get("bidirectional")) != bool(adapted.get("bidirectional")):
+            # Attention the model never adapted to (or lost) breaks its vectors from step one.
+            raise ConfigError(
+                f"csplade.{run}.bidirectional: {bool(r.get('bidirectional'))} differs from adaptation."
+                f"{r['model']}.bidirectional {bool(adapted.get('bidirectional'))}; adapt the model as it will train"
+            )
     for run, section in ((r, s) for s in ("adaptation", "csplade") for r in config.get(s) or {}):
         model = config[section][run]["model"]
         if models.get(model, {}).get("kind") == "encoder":
