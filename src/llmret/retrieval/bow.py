@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import scipy.sparse as sp
 
-from llmret.retrieval.encoder import check_templates_and_lengths
+from llmret.retrieval.encoder import EncodeStats, check_templates_and_lengths
 from llmret.retrieval.tokenization import KINDS, frame_texts
 from llmret.specs import check_choice, settings
 
@@ -86,23 +86,10 @@ def encode_bow(tokenizer, texts: Sequence[str], kind: str, spec: BowSpec) -> sp.
 
 
 def timed_encode_bow(tokenizer, texts: Sequence[str], kind: str, spec: BowSpec) -> tuple[sp.csr_matrix, dict]:
-    """:func:`encode_bow` and the figures an encode job records (as ``EncodeStats``: no
-    weights, the CPU)."""
-    import torch
-
+    """:func:`encode_bow` and the figures an encode job records (no weights, the CPU)."""
     start = time.perf_counter()
     vectors = encode_bow(tokenizer, texts, kind, spec)
-    seconds = time.perf_counter() - start
-    stats = {
-        "texts": len(texts),
-        "seconds": round(seconds, 3),
-        "texts_per_second": round(len(texts) / seconds, 3) if seconds > 0 else float("inf"),
-        "precision": "bow",
-        "weight_bytes": 0,
-        "device": "cpu",
-        "threads": torch.get_num_threads(),
-    }
-    return vectors, stats
+    return vectors, EncodeStats.measured(len(texts), time.perf_counter() - start, "bow", 0, "cpu").to_dict()
 
 
 def document_frequencies(shards: Sequence[sp.csr_matrix], vocab_size: int) -> tuple[np.ndarray, int]:

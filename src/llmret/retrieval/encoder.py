@@ -119,6 +119,19 @@ class EncodeStats:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def measured(cls, n: int, seconds: float, precision: str, weight_bytes: int, device: str) -> EncodeStats:
+        """The figures of ``n`` texts encoded in ``seconds`` by this process."""
+        return cls(
+            texts=n,
+            seconds=round(seconds, 3),
+            texts_per_second=round(n / seconds, 3) if seconds > 0 else float("inf"),
+            precision=precision,
+            weight_bytes=weight_bytes,
+            device=str(device),
+            threads=torch.get_num_threads(),
+        )
+
 
 def timed_encode(encode: Callable[[], T], n: int, spec, model: torch.nn.Module, device: str) -> tuple[T, EncodeStats]:
     """``encode()``'s result and the :class:`EncodeStats` of the call (``n`` texts)."""
@@ -130,15 +143,7 @@ def timed_encode(encode: Callable[[], T], n: int, spec, model: torch.nn.Module, 
 def encode_stats(n: int, seconds: float, spec, model: torch.nn.Module, device: str) -> EncodeStats:
     from llmret.retrieval.quantization import weight_bytes
 
-    return EncodeStats(
-        texts=n,
-        seconds=round(seconds, 3),
-        texts_per_second=round(n / seconds, 3) if seconds > 0 else float("inf"),
-        precision=precision_of(spec),
-        weight_bytes=weight_bytes(model),
-        device=str(device),
-        threads=torch.get_num_threads(),
-    )
+    return EncodeStats.measured(n, seconds, precision_of(spec), weight_bytes(model), device)
 
 
 def read_side(path: str, side: str) -> tuple[list[str], list[str], str]:
