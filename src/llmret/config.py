@@ -472,12 +472,9 @@ def corpus_shards(config: Mapping, dataset: str) -> list[str]:
     """Names of a dataset's corpus shards, planned from its ``corpus_size`` (or subsample
     ``max_docs``) over ``encoding.shard_size``; one shard when the size is unknown."""
     from llmret.retrieval.shards import shard_count, shard_names
+    from llmret.sizing import planned_corpus_size
 
-    ds = config["datasets"][dataset]
-    size = ds.get("corpus_size")
-    max_docs = (ds.get("subsample") or {}).get("max_docs")
-    if max_docs:
-        size = min(size, max_docs) if size else max_docs
+    size = planned_corpus_size(config["datasets"][dataset])
     return shard_names(shard_count(size, config["encoding"]["shard_size"]))
 
 

@@ -81,13 +81,17 @@ def model_size(config: Mapping, name: str) -> tuple[float, int]:
     return float(model.get("parameters") or DEFAULT_PARAMETERS), int(model.get("hidden_size") or DEFAULT_HIDDEN)
 
 
+def planned_corpus_size(dataset: Mapping) -> int | None:
+    """Passages a dataset's corpus is planned to have before it exists: its ``corpus_size``,
+    capped by a subsample's ``max_docs``; None when neither is known."""
+    sizes = [n for n in (dataset.get("corpus_size"), (dataset.get("subsample") or {}).get("max_docs")) if n]
+    return min(sizes) if sizes else None
+
+
 def shard_rows(config: Mapping, dataset: str, shards: int) -> int:
-    """Passages in the largest shard of a dataset's corpus, as planned."""
-    ds = config["datasets"][dataset]
-    size = ds.get("corpus_size") or config["encoding"]["shard_size"]
-    max_docs = (ds.get("subsample") or {}).get("max_docs")
-    if max_docs:
-        size = min(size, max_docs)
+    """Passages in the largest shard of a dataset's corpus, as planned (a full shard when the
+    corpus size is unknown)."""
+    size = planned_corpus_size(config["datasets"][dataset]) or config["encoding"]["shard_size"]
     return math.ceil(size / shards)
 
 

@@ -8,10 +8,7 @@ sm = snakemake  # noqa: F821
 logs.to_file(sm.log[0])
 io.remove_stale_temporaries(sm.output)
 spec = encoder.EncoderSpec.from_config({k: v for k, v in sm.params.settings.items() if k != "model"})
-if "shard" in sm.wildcards.keys():
-    ids, texts, kind = encoder.read_shard(sm.input.texts, sm.input.info, sm.wildcards.shard)
-else:
-    ids, texts, kind = encoder.read_side(sm.input.texts, sm.wildcards.side)
+ids, texts, kind = encoder.read_job_texts(sm.input, sm.wildcards)
 with launch.visible_devices(sm.resources.gpu):  # outside Slurm: claim free GPUs first
     device = encoder.device_for(sm.resources.gpu)
     text_encoder = encoder.TextEncoder(sm.input.model, spec, device=device, threads=sm.threads)

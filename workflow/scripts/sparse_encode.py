@@ -11,10 +11,7 @@ sm = snakemake  # noqa: F821
 logs.to_file(sm.log[0])
 io.remove_stale_temporaries(sm.output)
 settings = {k: v for k, v in sm.params.settings.items() if k != "model"}
-if "shard" in sm.wildcards.keys():
-    ids, texts, kind = encoder.read_shard(sm.input.texts, sm.input.info, sm.wildcards.shard)
-else:
-    ids, texts, kind = encoder.read_side(sm.input.texts, sm.wildcards.side)
+ids, texts, kind = encoder.read_job_texts(sm.input, sm.wildcards)
 encoder.set_threads(sm.threads)
 tokenizer = AutoTokenizer.from_pretrained(sm.input.model)
 if sm.params.kind == "bow":

@@ -171,6 +171,14 @@ def read_shard(corpus_path: str, info_path: str, shard: str) -> tuple[list[str],
     return list(corpus.ids), corpus.contents(), "passage"
 
 
+def read_job_texts(inputs, wildcards) -> tuple[list[str], list[str], str]:
+    """(ids, texts, kind) an encode job reads: its corpus shard (``shard`` wildcard, with the
+    prepared corpus and its ``dataset.json`` as inputs ``texts`` and ``info``) or its query side."""
+    if "shard" in wildcards.keys():
+        return read_shard(inputs.texts, inputs.info, wildcards.shard)
+    return read_side(inputs.texts, wildcards.side)
+
+
 def merge_stats(parts: Sequence[dict]) -> dict:
     """The encoding figures of a whole corpus from its shards': counts and seconds add up,
     throughput is their ratio, means are weighted by texts, maxima are maxima."""
