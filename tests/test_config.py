@@ -175,8 +175,8 @@ def test_training_sections_share_one_schema_with_defaults(tmp_path, monkeypatch)
         and sp["lambda_q"] == 1e-3
         and (adapt["bow_weight"], adapt["scale_weight"]) == (1.0, 0.0)
     )
-    bi = c["adaptation"]["adapt-bi-smollm2"]  # schema defaults: the logit-scale objective
-    assert (bi["bow_weight"], bi["scale_weight"], bi["scale_target"]) == (0.0, 0.3, 6.0)
+    bi = c["adaptation"]["adapt-bi-smollm2"]  # schema defaults: MNTP alone (the public recipe)
+    assert (bi["bow_weight"], bi["scale_weight"], bi["mask_fraction"]) == (0.0, 0.0, 0.2)
     assert c["systems"]["csplade"]["sparse_index"] == {"engine": "exact"}
     # relative DeepSpeed paths resolve against the workflow for runs in another directory
     monkeypatch.chdir(tmp_path)

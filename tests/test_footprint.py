@@ -40,7 +40,13 @@ def test_dense_index_entry_reads_faiss_header(tmp_path):
 
 def test_quantization_rows_and_missing_metric(tmp_path):
     (tmp_path / "idx").write_bytes(b"x" * 2_000_000)
-    stats = {"precision": "int8", "weight_bytes": 150_000_000, "texts_per_second": 12.5, "device": "cpu"}
+    stats = {
+        "precision": "int8",
+        "head_precision": "float32",
+        "weight_bytes": 150_000_000,
+        "texts_per_second": 12.5,
+        "device": "cpu",
+    }
     metrics = {"metrics": {"ndcg@10": 0.51234567}}
     row = footprint.quantization_entry("s-int8", stats, tmp_path / "idx", metrics, "scifact", "ndcg@10")
     table = footprint.quantization_table([row], "ndcg@10")
@@ -48,6 +54,7 @@ def test_quantization_rows_and_missing_metric(tmp_path):
     assert table.iloc[0].to_dict() == {
         "system": "s-int8",
         "precision": "int8",
+        "head_precision": "float32",
         "weights_mb": 150.0,
         "encode_texts_per_s": 12.5,
         "device": "cpu",

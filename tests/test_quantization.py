@@ -11,6 +11,7 @@ from llmret.retrieval.quantization import (
     PRECISIONS,
     QuantSpec,
     WeightOnlyLinear,
+    head_precision,
     pack_int4,
     quantization_error,
     quantize_model,
@@ -196,13 +197,14 @@ def tiny_reference():
     return model, ids, logits
 
 
+@pytest.mark.parametrize("quantize_head", [False, True])
 @pytest.mark.parametrize("precision", PRECISIONS)
-def test_quantize_tiny_llama(tiny_reference, precision):
+def test_quantize_tiny_llama(tiny_reference, precision, quantize_head):
     base, ids, ref = tiny_reference
     model = copy.deepcopy(base)
     embedding = model.model.embed_tokens.weight
     table = embedding.detach().clone()
-    model = quantize_model(model, QuantSpec(precision, group_size=64))
+    model = quantize_model(model, QuantSpec(precision, group_size=64, quantize_head=quantize_head))
     with torch.inference_mode():
         logits = model(ids).logits.float().numpy()
     err = quantization_error(ref, logits)
@@ -227,9 +229,23 @@ def test_quantize_tiny_llama(tiny_reference, precision):
         "int8-dynamic": torch.ao.nn.quantized.dynamic.Linear,
         "int4": WeightOnlyLinear,
     }[precision]
-    assert type(model.lm_head) is expected_head
+    # The LM head is quantized only on request; bfloat16 casts it with the rest.
+    assert type(model.lm_head) is (expected_head if quantize_head else nn.Linear)
+    kept = not quantize_head and precision not in ("float32", "bfloat16")
+    assert head_precision(model) == ("float32" if kept else precision)
     for layer in model.model.layers:
         assert type(layer.mlp.down_proj) is expected_head
+
+
+def test_a_kept_head_loses_less_than_a_quantized_one(tiny_reference):
+    base, ids, ref = tiny_reference
+    errors = {}
+    for quantize_head in (False, True):
+        model = quantize_model(copy.deepcopy(base), QuantSpec("int4", group_size=64, quantize_head=quantize_head))
+        with torch.inference_mode():
+            errors[quantize_head] = quantization_error(ref, model(ids).logits.numpy())["cosine_mean"]
+        assert weight_bytes(model) < weight_bytes(base)
+    assert errors[False] > errors[True], errors
 
 
 def test_weight_bytes_decrease_with_precision(tiny_reference):
@@ -243,8 +259,9 @@ def test_int8_is_weight_only_on_every_device_and_dynamic_is_cpu_only(tiny_refere
     # the "meta" device stands in for CUDA here (no data, but the routing and the module
     # types are what is tested)
     model = quantize_model(copy.deepcopy(tiny_reference[0]), QuantSpec("int8", 32), device="meta")
-    assert type(model.lm_head) is WeightOnlyLinear and model.lm_head.bits == 8
-    assert model.lm_head.qweight.device.type == "meta"
+    down = model.model.layers[0].mlp.down_proj
+    assert type(down) is WeightOnlyLinear and down.bits == 8
+    assert down.qweight.device.type == "meta" and model.lm_head.weight.device.type == "meta"
     with pytest.raises(ValueError, match="int8-dynamic runs on CPU only"):
         quantize_model(copy.deepcopy(tiny_reference[0]), QuantSpec("int8-dynamic"), device="meta")
 

@@ -238,36 +238,50 @@ def test_bf16_encoding_stays_close_to_fp32(smollm2_dir, tok):
         assert len(top_a & top_b) >= 8
 
 
-# Measured on SmolLM2-135M (base model, 3 short queries), per quantization against float32:
-# int8 (weight-only) relative L2 error 0.002-0.005, top-10 terms 9/10 shared, cosine 1.0000;
-# int8-dynamic 0.04-0.08, 3-5/10, cosine >= 0.9988; int4 (group 64) 0.05-0.06, 1-6/10,
-# cosine >= 0.9986. The base model's top terms nearly tie (the 10th weighs 96-99% of the
-# first), so which of them make a top-10 is fragile; what the quantized top-10 keeps of the
-# float32 top-10's weight is not: int8 0.9999-1.0, int8-dynamic 0.931-0.984, int4
-# 0.960-0.990. Bounds: ~3x the worst relative error, shared terms at the measured minimum,
-# weight kept 0.995 / 0.9 / 0.9 (a garbled head picks light terms and fails it), cosine 0.995.
-QUANTIZED_SPARSE_BOUNDS = {"int8": (0.02, 8, 0.995), "int8-dynamic": (0.25, 2, 0.9), "int4": (0.2, 1, 0.9)}
+# Measured on SmolLM2-135M (base model, 3 short queries), per quantization against float32,
+# the LM head kept in float32 (the default): int8 (weight-only) relative L2 error
+# 0.002-0.005, top-10 terms 9-10/10 shared, cosine 1.0000; int8-dynamic 0.04-0.09, 3-5/10,
+# cosine >= 0.9988; int4 (group 64) 0.04-0.055, 1-7/10, cosine >= 0.9989. Quantizing the head
+# too (quantize_head) adds little here: int4 0.047-0.058, 1-6/10, cosine >= 0.9986. The base
+# model's top terms nearly tie (the 10th weighs 96-99% of the first), so which of them make a
+# top-10 is fragile; what the quantized top-10 keeps of the float32 top-10's weight is not:
+# int8 0.9999-1.0, int8-dynamic 0.938-0.987, int4 0.956-0.990 (head int4: 0.960-0.990).
+# Bounds: ~3x the worst relative error, shared terms at the measured minimum, weight kept
+# 0.995 / 0.9 / 0.9 (a garbled head picks light terms and fails it), cosine 0.995.
+QUANTIZED_SPARSE_BOUNDS = {  # (quantize, quantize_head): (max relative error, min shared, min kept)
+    ("int8", False): (0.02, 8, 0.995),
+    ("int8-dynamic", False): (0.25, 2, 0.9),
+    ("int4", False): (0.2, 1, 0.9),
+    ("int4", True): (0.2, 1, 0.9),
+}
 
 
 def test_quantized_sparse_encoders_stay_close_to_float32(smollm2_dir, tok):
+    from llmret.retrieval.quantization import head_precision
     from llmret.retrieval.sparse_encoder import load_sparse_encoder
 
     texts = ["what do cats eat", "Mount Everest is 8849 metres high.", "the capital of France is Paris"]
     vecs = {}
-    for quantize in ("none", *QUANTIZED_SPARSE_BOUNDS):
-        spec = SparseEncoderSpec(max_query_length=16, quantize=quantize)
-        vecs[quantize] = encode_sparse(load_sparse_encoder(str(smollm2_dir), spec), tok, texts, "query", spec, False)
-    a = vecs["none"].toarray()
-    for quantize, (max_rel, min_shared, min_kept) in QUANTIZED_SPARSE_BOUNDS.items():
-        b = vecs[quantize].toarray()
-        assert abs(b - a).max() > 0, quantize  # the quantized model did run
+    for quantize, quantize_head in (("none", False), *QUANTIZED_SPARSE_BOUNDS):
+        spec = SparseEncoderSpec(max_query_length=16, quantize=quantize, quantize_head=quantize_head)
+        model = load_sparse_encoder(str(smollm2_dir), spec)
+        expected_head = quantize if quantize_head else "float32"
+        assert head_precision(model) == expected_head, (quantize, quantize_head)
+        vecs[quantize, quantize_head] = encode_sparse(model, tok, texts, "query", spec, False)
+    a = vecs["none", False].toarray()
+    for key, (max_rel, min_shared, min_kept) in QUANTIZED_SPARSE_BOUNDS.items():
+        b = vecs[key].toarray()
+        assert abs(b - a).max() > 0, key  # the quantized model did run
         for i in range(len(texts)):
             rel = np.linalg.norm(a[i] - b[i]) / np.linalg.norm(a[i])
             cosine = a[i] @ b[i] / np.linalg.norm(a[i]) / np.linalg.norm(b[i])
             top_a, top_b = np.argsort(-a[i])[:10], np.argsort(-b[i])[:10]
             shared = len(set(top_a) & set(top_b))
             kept = a[i][top_b].sum() / a[i][top_a].sum()
-            assert rel < max_rel and cosine > 0.995, (quantize, rel, cosine)
-            assert shared >= min_shared and kept >= min_kept, (quantize, shared, kept)
+            assert rel < max_rel and cosine > 0.995, (key, rel, cosine)
+            assert shared >= min_shared and kept >= min_kept, (key, shared, kept)
+    assert not np.array_equal(vecs["int4", True].toarray(), vecs["int4", False].toarray())
+    with pytest.raises(ValueError, match="quantize_head needs a quantize precision"):
+        SparseEncoderSpec(quantize_head=True)
     with pytest.raises(ValueError, match="quantize int4 needs dtype float32"):
         SparseEncoderSpec(quantize="int4", dtype="bfloat16")

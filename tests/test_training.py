@@ -581,7 +581,7 @@ def test_recipe_holds_the_models_settings():
 
     args = regressor_args(Path("/unused"))
     a, b = recipe(args, Staged(AdaptationSpec())), recipe(args, Staged(AdaptationSpec(scale_weight=0.5)))
-    assert a["spec"]["scale_weight"] == 0.3 and a["learning_rate"] == args.learning_rate
+    assert a["spec"]["scale_weight"] == 0.0 and a["learning_rate"] == args.learning_rate
     assert set(recipe_changes(a, b)) == {"spec"}
     assert recipe_changes(None, b) == {}  # a checkpoint from before recipes were recorded resumes
     assert recipe_changes(a, {**a, "inputs": ["0" * 64]}) == {}  # nor before inputs were

@@ -1,8 +1,8 @@
-"""CSPLADE's adaptation phase: a short unsupervised LoRA stage on corpus passages
-(next-token or masked next-token loss, the logit-scale term and the optional keep-alive term)
-that starts contrastive sparse training from sparse, lexical vectors.
-
-This objective is this project's own design, not the paper's. Design notes: docs/csplade.md.
+"""CSPLADE's adaptation phase: a short unsupervised LoRA stage on corpus passages before
+contrastive sparse training. By default the public recipe's objective: next-token prediction
+for a causal model, masked next-token prediction (LLM2Vec's MNTP) for a bidirectional one.
+The logit-scale and keep-alive terms are this project's own additions, off unless weighted
+(``scale_weight``, ``bow_weight``). Design notes and provenance: docs/csplade.md.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class AdaptationSpec:
     ntp_weight: float = 1.0
     bow_weight: float = 0.0
     neg_weight: float = 1.0
-    scale_weight: float = 0.3
+    scale_weight: float = 0.0  # this project's logit-scale term (off: the public recipe)
     scale_target: float = 6.0  # logsumexp of a position's logits the scale term aims at
     mask_fraction: float = 0.2  # MNTP, only with bidirectional
     max_docs: int = 0  # 0 = the whole corpus

@@ -35,7 +35,16 @@ TRAINING_COLUMNS = [
     "final_loss",
     "resumed_from_step",
 ]
-QUANT_COLUMNS = ["system", "precision", "weights_mb", "encode_texts_per_s", "device", "index_mb", "dataset"]
+QUANT_COLUMNS = [
+    "system",
+    "precision",
+    "head_precision",
+    "weights_mb",
+    "encode_texts_per_s",
+    "device",
+    "index_mb",
+    "dataset",
+]
 
 
 def path_bytes(path: str | Path) -> int:
@@ -103,6 +112,7 @@ def quantization_entry(
     return {
         "system": system,
         "precision": stats["precision"],
+        "head_precision": stats["head_precision"],
         "weights_mb": round(stats["weight_bytes"] / MB, 2),
         "encode_texts_per_s": stats["texts_per_second"],
         "device": stats["device"],

@@ -88,6 +88,8 @@ def check_quantize(spec) -> None:
     check_at_least(spec, MIN_GROUP_SIZE, "quantize_group_size")
     if spec.quantize != "none" and spec.dtype != "float32":
         raise ValueError(f"quantize {spec.quantize} needs dtype float32 (the weights it quantizes), got {spec.dtype}")
+    if getattr(spec, "quantize_head", False) and spec.quantize == "none":
+        raise ValueError("quantize_head needs a quantize precision (int8, int8-dynamic or int4), got quantize none")
 
 
 def precision_of(spec) -> str:
@@ -96,12 +98,14 @@ def precision_of(spec) -> str:
 
 
 def apply_quantization(model: torch.nn.Module, spec, device: str) -> torch.nn.Module:
-    """``model`` (float32, on ``device``) with ``spec.quantize`` applied; unchanged for none."""
+    """``model`` (float32, on ``device``) with ``spec.quantize`` applied; unchanged for none.
+    Only sparse specs have ``quantize_head``: a dense encoder is loaded without an output head."""
     if spec.quantize == "none":
         return model
     from llmret.retrieval.quantization import QuantSpec, quantize_model
 
-    return quantize_model(model, QuantSpec(spec.quantize, spec.quantize_group_size), device=device)
+    quant = QuantSpec(spec.quantize, spec.quantize_group_size, getattr(spec, "quantize_head", False))
+    return quantize_model(model, quant, device=device)
 
 
 @dataclass(frozen=True)
@@ -115,12 +119,15 @@ class EncodeStats:
     weight_bytes: int  # the encoder's weights at that precision
     device: str
     threads: int
+    head_precision: str = ""  # the output head's ("" without one: dense encoders, bow)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def measured(cls, n: int, seconds: float, precision: str, weight_bytes: int, device: str) -> EncodeStats:
+    def measured(
+        cls, n: int, seconds: float, precision: str, weight_bytes: int, device: str, head_precision: str = ""
+    ) -> EncodeStats:
         """The figures of ``n`` texts encoded in ``seconds`` by this process."""
         return cls(
             texts=n,
@@ -130,6 +137,7 @@ class EncodeStats:
             weight_bytes=weight_bytes,
             device=str(device),
             threads=torch.get_num_threads(),
+            head_precision=head_precision,
         )
 
 
@@ -141,9 +149,9 @@ def timed_encode(encode: Callable[[], T], n: int, spec, model: torch.nn.Module, 
 
 
 def encode_stats(n: int, seconds: float, spec, model: torch.nn.Module, device: str) -> EncodeStats:
-    from llmret.retrieval.quantization import weight_bytes
+    from llmret.retrieval.quantization import head_precision, weight_bytes
 
-    return EncodeStats.measured(n, seconds, precision_of(spec), weight_bytes(model), device)
+    return EncodeStats.measured(n, seconds, precision_of(spec), weight_bytes(model), device, head_precision(model))
 
 
 def read_side(path: str, side: str) -> tuple[list[str], list[str], str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -28,10 +29,14 @@ SCALE_DTYPE = torch.float16
 @dataclass(frozen=True)
 class QuantSpec:
     """The precision an encoder runs at; ``group_size`` is the number of input columns that
-    share one scale in the weight-only path (int4 everywhere, int8 off CPU)."""
+    share one scale in the weight-only path (int4 everywhere, int8 off CPU). The output head
+    (a causal LM's vocabulary projection, which computes every sparse weight) stays at the
+    compute precision unless ``quantize_head`` is set, as transformers' bitsandbytes loading
+    keeps it by default."""
 
     precision: str = "float32"
     group_size: int = 64
+    quantize_head: bool = False
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -149,11 +154,36 @@ def linear_names(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if type(m) is nn.Linear]
 
 
-def quantize_weight_only(model: nn.Module, bits: int, group_size: int) -> nn.Module:
-    """Replace every eligible ``nn.Linear`` by a ``WeightOnlyLinear`` in place; layers whose
-    ``in_features`` is not a multiple of ``group_size`` stay float (logged)."""
+def output_head_names(model: nn.Module) -> list[str]:
+    """The qualified name of the model's output head (``get_output_embeddings()``, e.g. a
+    causal LM's ``lm_head``), or nothing for a model without one (a bare encoder)."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return [name for name, m in model.named_modules() if head is not None and m is head]
+
+
+def head_precision(model: nn.Module) -> str:
+    """The precision the output head computes at ("" for a model without one): what the
+    quantization table shows next to the encoder's precision."""
+    names = output_head_names(model)
+    if not names:
+        return ""
+    head = model.get_submodule(names[0])
+    if isinstance(head, WeightOnlyLinear):
+        return f"int{head.bits}"
+    if isinstance(head, torch.ao.nn.quantized.dynamic.Linear):
+        return "int8-dynamic"
+    return str(head.weight.dtype).removeprefix("torch.")
+
+
+def quantize_weight_only(model: nn.Module, bits: int, group_size: int, keep: Sequence[str] = ()) -> nn.Module:
+    """Replace every eligible ``nn.Linear`` but those named in ``keep`` by a
+    ``WeightOnlyLinear`` in place; layers whose ``in_features`` is not a multiple of
+    ``group_size`` stay float (logged)."""
     done, skipped = 0, []
     for name in linear_names(model):
+        if name in keep:
+            continue
         linear = model.get_submodule(name)
         if linear.in_features % group_size:
             skipped.append(f"{name} (in_features={linear.in_features})")
@@ -172,13 +202,15 @@ def quantize_weight_only(model: nn.Module, bits: int, group_size: int) -> nn.Mod
     return model
 
 
-def quantize_dynamic_int8(model: nn.Module) -> nn.Module:
-    """torch's CPU dynamic int8 quantization of every ``nn.Linear``, in place; the
-    deprecation warnings of ``torch.ao.quantization`` are silenced only here."""
+def quantize_dynamic_int8(model: nn.Module, keep: Sequence[str] = ()) -> nn.Module:
+    """torch's CPU dynamic int8 quantization of every ``nn.Linear`` but those named in
+    ``keep``, in place; the deprecation warnings of ``torch.ao.quantization`` are silenced
+    only here."""
+    names = {name for name in linear_names(model) if name not in keep}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated")
         warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor, torch\.quantize_per_channel")
-        return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
+        return torch.ao.quantization.quantize_dynamic(model, names, dtype=torch.qint8, inplace=True)
 
 
 def quantize_model(model: nn.Module, spec: QuantSpec, device: str = "cpu") -> nn.Module:
@@ -190,12 +222,15 @@ def quantize_model(model: nn.Module, spec: QuantSpec, device: str = "cpu") -> nn
         return model.to(device)
     if spec.precision == "bfloat16":
         return model.to(device=device, dtype=torch.bfloat16)
+    keep = [] if spec.quantize_head else output_head_names(model)
+    if keep:
+        log.info("%s: output head %s kept in float32 (quantize_head: false)", spec.precision, ", ".join(keep))
     if spec.precision == "int8-dynamic":
         if kind != "cpu":
             raise ValueError(f"precision int8-dynamic runs on CPU only (torch's kernels), not {device!r}; use int8")
-        return quantize_dynamic_int8(model.to("cpu"))
+        return quantize_dynamic_int8(model.to("cpu"), keep)
     bits = 8 if spec.precision == "int8" else 4
-    return quantize_weight_only(model, bits, spec.group_size).to(device)
+    return quantize_weight_only(model, bits, spec.group_size, keep).to(device)
 
 
 def _dynamic_linear_bytes(m: nn.Module) -> int:

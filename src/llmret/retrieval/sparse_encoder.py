@@ -46,6 +46,7 @@ class SparseEncoderSpec:
     dtype: str = "float32"
     quantize: str = "none"  # none | int8 | int4 (llmret.retrieval.quantization)
     quantize_group_size: int = 64
+    quantize_head: bool = False  # the LM head stays float32 unless set (it computes every weight)
 
     def __post_init__(self) -> None:
         check_text_encoding(self)
