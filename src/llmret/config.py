@@ -332,6 +332,8 @@ def _check_sparse_training(config: Mapping) -> None:
         adapted = (config.get("adaptation") or {}).get(r["model"])
         if adapted is not None and bool(r.get("bidirectional")) != bool(adapted.get("bidirectional")):
             # Attention the model never adapted to (or lost) breaks its vectors from step one.
+            # echo is free: it changes the input (two copies), not the causal attention, and an
+            # echo adaptation trains next-token loss on the first copy like a causal one.
             raise ConfigError(
                 f"csplade.{run}.bidirectional: {bool(r.get('bidirectional'))} differs from adaptation."
                 f"{r['model']}.bidirectional {bool(adapted.get('bidirectional'))}; adapt the model as it will train"
