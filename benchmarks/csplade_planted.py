@@ -85,6 +85,22 @@ def evaluate(encoder, tok, spec: SparseEncoderSpec, words, queries, passages) ->
     }
 
 
+def optimiser(params, lr: float, warmup: int = 5):
+    """AdamW with a linear warm-up over ``warmup`` steps (the stages warm up too)."""
+    opt = torch.optim.AdamW(params, lr=lr)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+
+
+def update(loss: torch.Tensor, opt, sched, params, max_grad_norm: float) -> None:
+    """One optimizer step, the gradient norm clipped as the stages clip it (0: not clipped)."""
+    opt.zero_grad()
+    loss.backward()
+    if max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    opt.step()
+    sched.step()
+
+
 @dataclass(frozen=True)
 class ProbeArgs:
     """The probe's recipe (defaults: the measured one, see docs/benchmarks.md)."""
@@ -128,34 +144,21 @@ def probe(model_dir: str | Path, args: ProbeArgs, emit=lambda record: None) -> d
     collate = adaptation.AdaptationCollator(tok, aspec, len(tok), rng=random.Random(args.seed))
     texts = [g.positives[0] for g in groups]
     params = [p for p in encoder.parameters() if p.requires_grad]
-
-    def optimiser(lr: float):
-        opt = torch.optim.AdamW(params, lr=lr)
-        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 5))
-
-    def update(loss: torch.Tensor, opt, sched) -> None:
-        opt.zero_grad()
-        loss.backward()
-        if args.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-        opt.step()
-        sched.step()
-
-    opt, sched = optimiser(args.adapt_lr)
+    opt, sched = optimiser(params, args.adapt_lr)
     start = time.perf_counter()
     for _ in range(args.adapt_steps):
-        update(adapter(collate(rng.sample(texts, 8)))["loss"], opt, sched)
+        update(adapter(collate(rng.sample(texts, 8)))["loss"], opt, sched, params, args.max_grad_norm)
     report("adapted", start)
 
     model = SparseModel(encoder, spec, lora)
     collate_groups = SparseGroupCollator(tok, spec, rng=random.Random(args.seed + 1))
-    opt, sched = optimiser(args.train_lr)
+    opt, sched = optimiser(params, args.train_lr)
     start = time.perf_counter()
     for step in range(1, args.train_steps + 1):
         model.set_step(step)
         batch = collate_groups(rng.sample(groups, args.queries))
         out = model(batch["query"], batch["passage"])
-        update(out["loss"], opt, sched)
+        update(out["loss"], opt, sched, params, args.max_grad_norm)
         if step % 10 == 0:
             emit({"cstep": step, "loss_contrastive": round(float(out["loss_contrastive"]), 3)})
     report("trained", start)
