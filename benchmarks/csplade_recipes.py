@@ -204,6 +204,9 @@ def main() -> None:
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every arm's steps (a quick CPU check)")
     ap.add_argument("--test-docs", type=int, default=0, help="subsample the test corpus (0: all; judged kept)")
     ap.add_argument("--small", action="store_true", help="2 queries x 2 passages, 4 passages per step (a CPU check)")
+    for flag in ("adapt-steps", "adapt-batch", "queries", "group-size"):
+        ap.add_argument(f"--{flag}", type=int, default=0, help="override every arm's (0: the arm's)")
+    ap.add_argument("--epochs", type=float, default=0, help="override every arm's (0: the arm's)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
 
@@ -246,6 +249,8 @@ def main() -> None:
             arm = replace(arm, adapt_steps=math.ceil(arm.adapt_steps * args.scale), epochs=arm.epochs * args.scale)
         if args.small:
             arm = replace(arm, queries=2, group_size=2, adapt_batch=4)
+        overrides = {k: getattr(args, k) for k in ("adapt_steps", "adapt_batch", "queries", "group_size", "epochs")}
+        arm = replace(arm, **{k: v for k, v in overrides.items() if v})
         emit(run_arm(arm, args, tok, test, groups, corpus_texts))
     emit({"done": round(time.perf_counter() - began, 1)})
 
