@@ -105,12 +105,12 @@ def mined_groups(tok, train: beir.Dataset, spec: bow.BowSpec, depth: int = 30) -
     qids = [q for q in train.queries if train.qrels.get(q)]
     q, d = bow_vectors(tok, texts, [train.queries[x] for x in qids], spec)
     scores = (q @ d.T).toarray()
+    row = {x: j for j, x in enumerate(dids)}
     groups = []
     for i, qid in enumerate(qids):
         positives = {x for x, r in train.qrels[qid].items() if r > 0}
         ranked = [dids[j] for j in np.argsort(-scores[i], kind="stable")[: depth + len(positives)]]
         negatives = [x for x in ranked if x not in positives][:depth]
-        row = {x: j for j, x in enumerate(dids)}
         groups.append(
             TrainGroup(
                 qid,
@@ -203,7 +203,6 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=0, help="start no arm after this many seconds (0: all)")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every arm's steps (a quick CPU check)")
     ap.add_argument("--test-docs", type=int, default=0, help="subsample the test corpus (0: all; judged kept)")
-    ap.add_argument("--small", action="store_true", help="2 queries x 2 passages, 4 passages per step (a CPU check)")
     for flag in ("adapt-steps", "adapt-batch", "queries", "group-size"):
         ap.add_argument(f"--{flag}", type=int, default=0, help="override every arm's (0: the arm's)")
     ap.add_argument("--epochs", type=float, default=0, help="override every arm's (0: the arm's)")
@@ -247,8 +246,6 @@ def main() -> None:
         arm = ARMS[name]
         if args.scale != 1.0:
             arm = replace(arm, adapt_steps=math.ceil(arm.adapt_steps * args.scale), epochs=arm.epochs * args.scale)
-        if args.small:
-            arm = replace(arm, queries=2, group_size=2, adapt_batch=4)
         overrides = {k: getattr(args, k) for k in ("adapt_steps", "adapt_batch", "queries", "group_size", "epochs")}
         arm = replace(arm, **{k: v for k, v in overrides.items() if v})
         emit(run_arm(arm, args, tok, test, groups, corpus_texts))
