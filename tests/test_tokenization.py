@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from llmret.config import entry_tokenization
 from llmret.retrieval.tokenization import frame_texts
 
 TEMPLATES = ["query: {text}", "passage: {text}", "{text} The next sentence:", "{text}"]
@@ -55,3 +56,14 @@ def test_a_long_text_is_cut_never_the_template_or_eos(tok, template, max_length)
 def test_no_room_for_text_names_the_setting(tok):
     with pytest.raises(ValueError, match="max_query_length=4 leaves no room"):
         frame_texts(tok, ["a"], "query: {text}", 4, append_eos=True, head=[], tail=[], length_name="max_query_length")
+
+
+def test_jobs_whose_ids_changed_carry_the_joint_tag():
+    """A template with a prompt before the text changed its ids; the tag (a job param) makes
+    their encodings and models again. Text-first templates (LLaRA's) gave the same ids."""
+    assert entry_tokenization("systems.dense", {"query_template": "query: {text}"}) == "joint"
+    llara = {"query_template": "{text} The next sentence:", "passage_template": "{text} The original sentence:"}
+    assert entry_tokenization("systems.dense", llara) == ""
+    assert entry_tokenization("systems.sparse", {}) == "joint"  # defaults: "query: {text}"
+    assert entry_tokenization("adaptation", {"template": "{text}"}) == ""
+    assert entry_tokenization("finetuning", {}) == "joint"

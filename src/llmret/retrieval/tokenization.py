@@ -11,6 +11,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 KINDS = ("query", "passage")
+TEMPLATE_FIELDS = ("query_template", "passage_template", "template")
+
+
+def tokenization_of(spec) -> str:
+    """``"joint"`` when one of ``spec``'s templates puts a prompt before the text: the ids that
+    tokenising prompt and text as one string changed (``query: what`` was ``'Ġ' + 'what'``
+    when they were tokenised apart); "" otherwise (a text first, as in ``{text} The next
+    sentence:``, gave the same ids both ways). A job parameter, so that encodings and models
+    made before the change are made again, and only those."""
+    templates = (getattr(spec, name) for name in TEMPLATE_FIELDS if isinstance(getattr(spec, name, None), str))
+    return "joint" if any(t.split("{text}")[0] for t in templates) else ""
 
 
 def special_frame(tokenizer) -> tuple[list[int], list[int]]:
