@@ -26,8 +26,9 @@ def test_passages_weigh_log_counts_and_queries_are_sets(tok):
     assert raw[0, cat] == ids.count(cat)
     # The prompt is part of the bag (as a sparse system frames text), no EOS or special token.
     framed = bow.encode_bow(tok, ["cats and dogs"], "query", bow.BowSpec(max_query_length=4))
-    prompt = tok("query: ", add_special_tokens=False)["input_ids"]
-    assert set(framed.indices) == set(prompt + tok("cats and dogs", add_special_tokens=False)["input_ids"][:1])
+    # prompt and text tokenised as one string, cut after a text token: 'query', ':', 'Ġcats', 'Ġand'
+    joint = tok("query: cats and", add_special_tokens=False)["input_ids"]
+    assert set(framed.indices) == set(joint) and len(joint) == 4
     assert tok.eos_token_id not in bow.encode_bow(tok, DOCS, "passage", bow.BowSpec()).indices
     with pytest.raises(ValueError, match="doc_tf must be one of"):
         bow.BowSpec(doc_tf="sqrt")

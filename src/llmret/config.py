@@ -62,6 +62,14 @@ def entry_settings(entry: str, mapping: Mapping) -> dict:
     return own_settings(spec_class(entry), mapping)
 
 
+def entry_tokenization(entry: str, mapping: Mapping) -> str:
+    """:func:`llmret.retrieval.tokenization.tokenization_of` for a config entry (its dataclass
+    with the schema's defaults filled in)."""
+    from llmret.retrieval.tokenization import tokenization_of
+
+    return tokenization_of(spec_class(entry)(**entry_settings(entry, mapping)))
+
+
 def check_names(config: Mapping) -> None:
     """Refuse a name that would not be a plain file name, before anything uses it as a path
     (a dataset named ``..`` would make its unpack target ``resources/``, which a failed job's

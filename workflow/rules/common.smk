@@ -243,6 +243,20 @@ def training_settings(section, run):
     }
 
 
+def tokenization(section, key):
+    """A job's tokenisation tag (llmret.retrieval.tokenization.tokenization_of): "joint"
+    where a template puts a prompt before the text, so that encodings and models tokenised
+    the old way (prompt and text apart) are made again; "" elsewhere."""
+
+    def tag(wildcards):
+        name = getattr(wildcards, key)
+        entry = config[section][name]
+        kind = f"systems.{entry['type']}" if section == "systems" else section
+        return cfgcheck.entry_tokenization(kind, entry)
+
+    return tag
+
+
 def run_spec(section, run):
     """A LoRA run's own settings (what ContrastiveSpec, AdaptationSpec or CspladeSpec hold):
     not its base model, data, LoRA, training or GPUs, which reach the job otherwise."""

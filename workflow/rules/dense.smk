@@ -28,6 +28,7 @@ rule encode_corpus:
         gpu=lookup(dpath="systems/{system}/gpus", within=config),
     params:
         settings=system_settings,
+        tokenization=tokenization("systems", "system"),
     script:
         "../scripts/encode.py"
 
@@ -57,6 +58,7 @@ rule encode:
         gpu=lookup(dpath="systems/{system}/gpus", within=config),
     params:
         settings=system_settings,
+        tokenization=tokenization("systems", "system"),
     script:
         "../scripts/encode.py"
 

@@ -154,6 +154,7 @@ rule finetune:
         task="finetune",
         data_arg="negatives_path",
         spec=lambda wc: run_spec("finetuning", wc.run),
+        tokenization=tokenization("finetuning", "run"),
         lora=lookup(dpath="finetuning/{run}/lora", within=config),
         training=lambda wc: training_settings("finetuning", wc.run),
         section="finetuning",

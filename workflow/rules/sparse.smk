@@ -28,6 +28,7 @@ rule sparse_encode_corpus:
     params:
         kind=lookup(dpath="systems/{system}/type", within=config),
         settings=system_settings,
+        tokenization=tokenization("systems", "system"),
     script:
         "../scripts/sparse_encode.py"
 
@@ -57,6 +58,7 @@ rule sparse_encode:
     params:
         kind=lookup(dpath="systems/{system}/type", within=config),
         settings=system_settings,
+        tokenization=tokenization("systems", "system"),
     script:
         "../scripts/sparse_encode.py"
 

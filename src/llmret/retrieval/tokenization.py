@@ -1,6 +1,7 @@
-"""Framing texts for a model: the tokenizer's special-token frame, prompt template, text cut
-to the max length (never the template or EOS) and EOS, shared by inference and training so a
-model is fed exactly the ids it was trained on; token-budgeted, length-sorted batches.
+"""Framing texts for a model: the tokenizer's special-token frame, the prompt template filled
+with the text and tokenised as one string, the text cut to the max length (never the template
+or EOS) and EOS, shared by inference and training so a model is fed exactly the ids it was
+trained on; token-budgeted, length-sorted batches.
 
 Design notes: docs/retrieval.md.
 """
@@ -10,6 +11,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 KINDS = ("query", "passage")
+TEMPLATE_FIELDS = ("query_template", "passage_template", "template")
+
+
+def tokenization_of(spec) -> str:
+    """``"joint"`` when one of ``spec``'s templates puts a prompt before the text: the ids that
+    tokenising prompt and text as one string changed (``query: what`` was ``'Ġ' + 'what'``
+    when they were tokenised apart); "" otherwise (a text first, as in ``{text} The next
+    sentence:``, gave the same ids both ways). A job parameter, so that encodings and models
+    made before the change are made again, and only those."""
+    templates = (getattr(spec, name) for name in TEMPLATE_FIELDS if isinstance(getattr(spec, name, None), str))
+    return "joint" if any(t.split("{text}")[0] for t in templates) else ""
 
 
 def special_frame(tokenizer) -> tuple[list[int], list[int]]:
@@ -37,10 +49,13 @@ def frame_texts(
     tail: Sequence[int] | None = None,
     length_name: str = "max_length",
 ) -> list[list[int]]:
-    """Token ids per text: frame head + prompt prefix + truncated text + prompt suffix + frame tail + EOS.
+    """Token ids per text: frame head + the template filled with the text + frame tail + EOS,
+    at most ``max_length`` ids, a long text cut so that the template and EOS stay whole.
 
-    One function for inference (:meth:`TextEncoder.tokenize`) and fine-tuning
-    (:mod:`llmret.repllama.finetuning`), so a model is trained on exactly the ids it is later fed.
+    The filled template is tokenised as one string, so the text's first word is the token it
+    would be anywhere else (``query: what`` gives ``['query', ':', 'Ġwhat']``, not ``['query',
+    ':', 'Ġ', 'what']``). One function for inference (:meth:`TextEncoder.tokenize`) and
+    training (fine-tuning, CSPLADE), so a model is trained on exactly the ids it is later fed.
     ``head``/``tail`` default to :func:`special_frame` (pass them to avoid re-probing);
     ``length_name`` names the setting in the error raised when nothing is left for the text.
     """
@@ -54,18 +69,37 @@ def frame_texts(
             raise ValueError(f"append_eos is set but {type(tokenizer).__name__} has no eos token")
         eos = [tokenizer.eos_token_id]
     before, after = template.split("{text}")
-    pre = tokenizer(before, add_special_tokens=False)["input_ids"] if before else []
-    post = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
-    fixed_head = list(head) + pre
-    fixed_tail = post + list(tail) + eos
-    budget = max_length - len(fixed_head) - len(fixed_tail)
-    if budget < 1:
+    prompt = tokenizer(before + after, add_special_tokens=False)["input_ids"] if before + after else []
+    frame = len(head) + len(tail) + len(eos)
+    if max_length - frame - len(prompt) < 1:
         raise ValueError(
             f"{length_name}={max_length} leaves no room for text after the template and special tokens "
-            f"({len(fixed_head) + len(fixed_tail)} tokens)"
+            f"({frame + len(prompt)} tokens)"
         )
-    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-    return [fixed_head + t[:budget] + fixed_tail for t in ids]
+    room = max_length - frame  # ids for the filled template
+    filled = [before + t + after for t in texts]
+    enc = tokenizer(filled, add_special_tokens=False, return_offsets_mapping=True)
+    out = []
+    for text, ids, offsets in zip(texts, enc["input_ids"], enc["offset_mapping"], strict=True):
+        if len(ids) > room:
+            ids = _cut_text(tokenizer, before, text, after, ids, offsets, room)
+        out.append(list(head) + ids + list(tail) + eos)
+    return out
+
+
+def _cut_text(tokenizer, before: str, text: str, after: str, ids, offsets, room: int) -> list[int]:
+    """The ids of ``before + text[:cut] + after`` for the longest cut at a token boundary of
+    the text that fits in ``room`` ids (the template is never cut)."""
+    start = len(before)
+    ends = [e - start for s, e in offsets if e > start and s < start + len(text)]  # text tokens' ends
+    keep = len(ends) - (len(ids) - room)  # text tokens to keep, if the cut changes no other token
+    while keep > 0:
+        cut = min(ends[keep - 1], len(text))
+        trial = tokenizer(before + text[:cut] + after, add_special_tokens=False)["input_ids"]
+        if len(trial) <= room:
+            return trial
+        keep -= len(trial) - room  # merges at the new end took more ids: cut further
+    return tokenizer(before + after, add_special_tokens=False)["input_ids"]
 
 
 def tokenize_kind(tokenizer, spec, texts: Sequence[str], kind: str, head=None, tail=None) -> list[list[int]]:
