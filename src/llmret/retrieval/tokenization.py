@@ -19,7 +19,8 @@ def tokenization_of(spec) -> str:
     tokenising prompt and text as one string changed (``query: what`` was ``'Ġ' + 'what'``
     when they were tokenised apart); "" otherwise (a text first, as in ``{text} The next
     sentence:``, gave the same ids both ways). A job parameter, so that encodings and models
-    made before the change are made again, and only those."""
+    made before the change are made again (a workdir from before it reruns every text-framing
+    job once, as the parameter is new to all of them)."""
     templates = (getattr(spec, name) for name in TEMPLATE_FIELDS if isinstance(getattr(spec, name, None), str))
     return "joint" if any(t.split("{text}")[0] for t in templates) else ""
 
