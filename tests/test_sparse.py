@@ -250,7 +250,7 @@ def test_bf16_encoding_stays_close_to_fp32(smollm2_dir, tok):
 # 0.995 / 0.9 / 0.9 (a garbled head picks light terms and fails it), cosine 0.995.
 QUANTIZED_SPARSE_BOUNDS = {  # (quantize, quantize_head): (max relative error, min shared, min kept)
     ("int8", False): (0.02, 8, 0.995),
-    ("int8-dynamic", False): (0.25, 2, 0.9),
+    ("int8-dynamic", False): (0.25, 1, 0.9),  # 1/10 shared since one tokenisation (issue 19)
     ("int4", False): (0.2, 1, 0.9),
     ("int4", True): (0.2, 1, 0.9),
 }

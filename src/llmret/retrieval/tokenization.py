@@ -22,7 +22,7 @@ def tokenization_of(spec) -> str:
     made before the change are made again (a workdir from before it reruns every text-framing
     job once, as the parameter is new to all of them)."""
     templates = (getattr(spec, name) for name in TEMPLATE_FIELDS if isinstance(getattr(spec, name, None), str))
-    return "joint" if any(t.split("{text}")[0] for t in templates) else ""
+    return "joint" if any(joins_text(t.split("{text}")[0]) for t in templates) else ""
 
 
 def special_frame(tokenizer) -> tuple[list[int], list[int]]:
@@ -78,6 +78,8 @@ def frame_texts(
             f"({frame + len(prompt)} tokens)"
         )
     room = max_length - frame  # ids for the filled template
+    if not joins_text(before):
+        return _frame_apart(tokenizer, texts, before, after, room, list(head), list(tail) + eos, length_name)
     filled = [before + t + after for t in texts]
     enc = tokenizer(filled, add_special_tokens=False, return_offsets_mapping=True)
     out = []
@@ -86,6 +88,27 @@ def frame_texts(
             ids = _cut_text(tokenizer, before, text, after, ids, offsets, room)
         out.append(list(head) + ids + list(tail) + eos)
     return out
+
+
+def joins_text(prefix: str) -> bool:
+    """Whether a template's prompt before ``{text}`` is tokenised with the text: when it ends in
+    whitespace, whose space belongs to the next word's token in these BPE vocabularies (``query:
+    what`` -> ``Ġwhat``). A prompt ending in another character (FlagEmbedding LLaRA's ``"``) is
+    tokenised apart from the text, as LLaRA's pretraining tokenises its texts alone."""
+    return bool(prefix) and prefix[-1].isspace()
+
+
+def _frame_apart(
+    tokenizer, texts, before: str, after: str, room: int, head: list[int], tail: list[int], length_name: str
+):
+    """Prompt, text and suffix tokenised apart, the text cut to what the room leaves."""
+    pre = tokenizer(before, add_special_tokens=False)["input_ids"] if before else []
+    post = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+    keep = room - len(pre) - len(post)
+    if keep < 1:
+        raise ValueError(f"{length_name} leaves no room for text after the template ({len(pre) + len(post)} tokens)")
+    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []
+    return [head + pre + t[:keep] + post + tail for t in ids]
 
 
 def _cut_text(tokenizer, before: str, text: str, after: str, ids, offsets, room: int) -> list[int]:
