@@ -15,7 +15,7 @@ TEMPLATE_FIELDS = ("query_template", "passage_template", "template")
 
 
 def tokenization_of(spec) -> str:
-    """``"joint"`` when one of ``spec``'s templates puts a prompt before the text: the ids that
+    """``"joint"`` when one of ``spec``'s templates puts a whitespace-ended prompt before the text: the ids that
     tokenising prompt and text as one string changed (``query: what`` was ``'Ġ' + 'what'``
     when they were tokenised apart); "" otherwise (a text first, as in ``{text} The next
     sentence:``, gave the same ids both ways). A job parameter, so that encodings and models
@@ -53,9 +53,10 @@ def frame_texts(
     """Token ids per text: frame head + the template filled with the text + frame tail + EOS,
     at most ``max_length`` ids, a long text cut so that the template and EOS stay whole.
 
-    The filled template is tokenised as one string, so the text's first word is the token it
-    would be anywhere else (``query: what`` gives ``['query', ':', 'Ġwhat']``, not ``['query',
-    ':', 'Ġ', 'what']``). One function for inference (:meth:`TextEncoder.tokenize`) and
+    A template whose prompt ends in whitespace (:func:`joins_text`) is tokenised as one string,
+    so the text's first word is the token it would be anywhere else (``query: what`` gives
+    ``['query', ':', 'Ġwhat']``, not ``['query', ':', 'Ġ', 'what']``); other templates are
+    tokenised in parts, as LLaRA's pretraining does. One function for inference (:meth:`TextEncoder.tokenize`) and
     training (fine-tuning, CSPLADE), so a model is trained on exactly the ids it is later fed.
     ``head``/``tail`` default to :func:`special_frame` (pass them to avoid re-probing);
     ``length_name`` names the setting in the error raised when nothing is left for the text.
