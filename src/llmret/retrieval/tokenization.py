@@ -1,7 +1,7 @@
 """Framing texts for a model: the tokenizer's special-token frame, the prompt template filled
-with the text and tokenised as one string, the text cut to the max length (never the template
-or EOS) and EOS, shared by inference and training so a model is fed exactly the ids it was
-trained on; token-budgeted, length-sorted batches.
+with the text (tokenised as one string when its prompt ends in whitespace), the text cut to
+the max length (never the template or EOS) and EOS, shared by inference and training so a
+model is fed exactly the ids it was trained on; token-budgeted, length-sorted batches.
 
 Design notes: docs/retrieval.md.
 """
@@ -56,8 +56,9 @@ def frame_texts(
     A template whose prompt ends in whitespace (:func:`joins_text`) is tokenised as one string,
     so the text's first word is the token it would be anywhere else (``query: what`` gives
     ``['query', ':', 'Ġwhat']``, not ``['query', ':', 'Ġ', 'what']``); other templates are
-    tokenised in parts, as LLaRA's pretraining does. One function for inference (:meth:`TextEncoder.tokenize`) and
-    training (fine-tuning, CSPLADE), so a model is trained on exactly the ids it is later fed.
+    tokenised in parts, as LLaRA's pretraining does. One function for inference
+    (:meth:`TextEncoder.tokenize`) and training (fine-tuning, CSPLADE), so a model is trained
+    on exactly the ids it is later fed.
     ``head``/``tail`` default to :func:`special_frame` (pass them to avoid re-probing);
     ``length_name`` names the setting in the error raised when nothing is left for the text.
     """
