@@ -10,7 +10,8 @@
 # the munge key and socket, controller state, spool, logs and pid files. Clients find the
 # cluster through /etc/slurm/slurm.conf, a link to that slurm.conf made by `up` (the
 # executor plugin's job step drops SLURM_CONF before its inner srun, so the default path
-# must work); `up` refuses to replace an /etc/slurm/slurm.conf it did not make.
+# must work); `up` refuses to replace an /etc/slurm/slurm.conf it did not make, except a
+# link left by a test cluster of this script whose daemons are all gone.
 #
 # The node (the machine's short hostname) offers LLMRET_SLURM_CPUS CPUs (default 16),
 # LLMRET_SLURM_MEM_MB memory (default 256000) and LLMRET_SLURM_GPUS fake GPUs (default 2:
@@ -29,6 +30,7 @@ GPUS=${LLMRET_SLURM_GPUS:-2}
 CTLD_PORT=${LLMRET_SLURM_PORT:-6817}
 MIN_JOB_AGE=${LLMRET_SLURM_MIN_JOB_AGE:-300}
 ETC_CONF=/etc/slurm/slurm.conf
+MARK="# Written by llmret scripts/slurm-local.sh"  # first line of every config it writes
 NODE=$(hostname -s)
 DAEMONS=(slurmd slurmctld munged)  # stop order
 
@@ -79,7 +81,7 @@ write_config() {
         gpu_files="$STATE/dev/gpu[0-$((GPUS - 1))]"
     fi
     cat >"$STATE/slurm.conf" <<EOF
-# Written by llmret scripts/slurm-local.sh: a single-node test cluster. Do not use in production.
+$MARK: a single-node test cluster. Do not use in production.
 ClusterName=llmret-local
 SlurmctldHost=$NODE(127.0.0.1)
 SlurmctldPort=$CTLD_PORT
@@ -119,12 +121,30 @@ EOF
     } >"$STATE/gres.conf"
 }
 
+stale_test_link() {  # $ETC_CONF is a link to another test cluster's config whose daemons are all gone
+    [ -L "$ETC_CONF" ] || return 1
+    local target dir
+    target=$(readlink "$ETC_CONF")
+    dir=$(dirname "$target")
+    # A dangling link (its state folder removed) or one to a config this script wrote.
+    if [ -e "$target" ]; then
+        [ "$(head -n 1 "$target")" = "$MARK: a single-node test cluster. Do not use in production." ] || return 1
+    fi
+    for d in "${DAEMONS[@]}"; do
+        [ -s "$dir/$d.pid" ] && kill -0 "$(cat "$dir/$d.pid")" 2>/dev/null && return 1
+    done
+    return 0
+}
+
 link_etc_conf() {
     mkdir -p /etc/slurm
     if [ -e "$ETC_CONF" ] || [ -L "$ETC_CONF" ]; then
-        [ "$(readlink "$ETC_CONF" || true)" = "$STATE/slurm.conf" ] \
-            || die "$ETC_CONF exists and is not this test cluster's; not replacing it"
-        return
+        [ "$(readlink "$ETC_CONF" || true)" = "$STATE/slurm.conf" ] && return
+        # A test run killed before `down` (or a machine image taken while one ran) leaves its
+        # link behind; no daemon uses it, so it is replaced. Anything else is left alone.
+        stale_test_link || die "$ETC_CONF exists and is not this test cluster's; not replacing it"
+        echo "slurm-local: replacing $ETC_CONF, a link left by a stopped test cluster ($(readlink "$ETC_CONF"))" >&2
+        rm -f "$ETC_CONF"
     fi
     ln -s "$STATE/slurm.conf" "$ETC_CONF"
 }

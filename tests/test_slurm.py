@@ -275,6 +275,41 @@ def test_cluster_script_refuses_a_foreign_slurm_conf(tmp_path):
         etc.unlink()
 
 
+def test_cluster_script_replaces_only_a_stopped_test_clusters_link(tmp_path):
+    """A link left by a killed test run is replaced; one whose cluster still runs is not."""
+    if _missing_binaries() or os.geteuid() != 0:
+        pytest.skip("needs the Slurm binaries and root")
+    etc = Path("/etc/slurm/slurm.conf")
+    if etc.exists() or etc.is_symlink():
+        pytest.skip(f"{etc} exists already (a real or running cluster); not touching it")
+    old = tmp_path / "old"
+    old.mkdir()
+    mark = "# Written by llmret scripts/slurm-local.sh: a single-node test cluster. Do not use in production.\n"
+    (old / "slurm.conf").write_text(mark + "ClusterName=llmret-local\n")
+    (old / "slurmctld.pid").write_text(f"{os.getpid()}\n")  # a live process: the old cluster runs
+    etc.parent.mkdir(parents=True, exist_ok=True)
+    etc.symlink_to(old / "slurm.conf")
+    # Not under pytest's temp folder: munged wants every folder above its socket searchable by all.
+    new_state = Path(tempfile.mkdtemp(prefix="llmret-slurm-"))
+    new_state.chmod(0o755)
+    env = {**os.environ, "LLMRET_SLURM_DIR": str(new_state), "LLMRET_SLURM_PORT": str(_free_port_pair())}
+    try:
+        up = _cluster("up", env)
+        assert up.returncode != 0 and "not this test cluster's" in up.stderr, up.stderr
+        assert os.readlink(etc) == str(old / "slurm.conf")
+        (old / "slurmctld.pid").unlink()  # its daemons gone: the link is stale
+        up = _cluster("up", env)
+        assert up.returncode == 0, up.stderr
+        assert "link left by a stopped test cluster" in up.stderr
+        assert os.readlink(etc) == str(new_state / "slurm.conf")
+    finally:
+        _cluster("down", env)
+        if etc.is_symlink() and os.readlink(etc) == str(old / "slurm.conf"):
+            etc.unlink()
+        shutil.rmtree(new_state, ignore_errors=True)
+    assert not etc.exists() and not etc.is_symlink()
+
+
 def test_smoke_preset_through_slurm_matches_local_run(smoke_run, slurm_cluster, tmp_path):
     local_dir, mirror = smoke_run
     workdir = tmp_path / "work"
