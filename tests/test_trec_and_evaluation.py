@@ -84,6 +84,17 @@ RUN = {
 }
 
 
+def test_a_run_that_retrieves_nothing_scores_zero():
+    """A collapsed model's run (no query answered) evaluates to zeros instead of failing in ranx."""
+    for empty in ({}, {q: [] for q in QRELS}):
+        res = evaluation.evaluate(QRELS, empty, ["ndcg@10", "recall@100"])
+        assert res["metrics"] == {"ndcg@10": 0.0, "recall@100": 0.0}
+        assert set(res["per_query"]["ndcg@10"]) == set(QRELS)
+        assert res["unanswered_queries"] == len(QRELS)
+    p = evaluation.significance(QRELS, {"base": RUN, "collapsed": {}}, "base", ["ndcg@10"])
+    assert 0.0 < p["collapsed"]["ndcg@10"] <= 1.0
+
+
 def test_metrics_match_hand_computation():
     res = evaluation.evaluate(QRELS, RUN, ["ndcg@10", "mrr@10", "recall@100"], relevance_level=1)
     log2 = math.log2

@@ -66,7 +66,22 @@ def _ranx_run(run: Mapping[str, Sequence[tuple[str, float]]], name: str, qrels):
     for q, ranked in run.items():
         n = len(ranked)
         data[q] = {d: float(s) + (n - i) * 1e-9 for i, (d, s) in enumerate(sorted(ranked, key=lambda x: (-x[1], x[0])))}
+    if not any(data.values()) and len(qrels):
+        # ranx cannot hold a run without a single (query, document) pair (a collapsed sparse
+        # model retrieves nothing). One document judged for no query, at the first query,
+        # stands in: nothing relevant is retrieved, so every metric stays 0 for every query.
+        q = next(iter(qrels.keys()))
+        data[q] = {_unjudged_id(qrels): 0.0}
     return Run(data, name=name).make_comparable(qrels)
+
+
+def _unjudged_id(qrels) -> str:
+    """A document id that no query of ``qrels`` judges."""
+    judged = {d for q in qrels.keys() for d in qrels[q]}
+    doc = "llmret:no-document"
+    while doc in judged:
+        doc += "_"
+    return doc
 
 
 def evaluate(
