@@ -255,14 +255,20 @@ def _assert_submissions(log: str) -> dict[str, list[str]]:
     return calls
 
 
-# Before the tests that start the module's cluster (it would hold /etc/slurm/slurm.conf).
-def test_cluster_script_refuses_a_foreign_slurm_conf(tmp_path):
-    """`up` never replaces an /etc/slurm/slurm.conf it did not write."""
+def _free_etc_conf() -> Path:
+    """/etc/slurm/slurm.conf for a test that writes it; skips unless root, Slurm and no such file."""
     if _missing_binaries() or os.geteuid() != 0:
         pytest.skip("needs the Slurm binaries and root")
     etc = Path("/etc/slurm/slurm.conf")
     if etc.exists() or etc.is_symlink():
         pytest.skip(f"{etc} exists already (a real or running cluster); not touching it")
+    return etc
+
+
+# Before the tests that start the module's cluster (it would hold /etc/slurm/slurm.conf).
+def test_cluster_script_refuses_a_foreign_slurm_conf(tmp_path):
+    """`up` never replaces an /etc/slurm/slurm.conf it did not write."""
+    etc = _free_etc_conf()
     etc.parent.mkdir(parents=True, exist_ok=True)
     etc.write_text("# someone else's\n")
     try:
@@ -277,11 +283,7 @@ def test_cluster_script_refuses_a_foreign_slurm_conf(tmp_path):
 
 def test_cluster_script_replaces_only_a_stopped_test_clusters_link(tmp_path):
     """A link left by a killed test run is replaced; one whose cluster still runs is not."""
-    if _missing_binaries() or os.geteuid() != 0:
-        pytest.skip("needs the Slurm binaries and root")
-    etc = Path("/etc/slurm/slurm.conf")
-    if etc.exists() or etc.is_symlink():
-        pytest.skip(f"{etc} exists already (a real or running cluster); not touching it")
+    etc = _free_etc_conf()
     old = tmp_path / "old"
     old.mkdir()
     mark = "# Written by llmret scripts/slurm-local.sh: a single-node test cluster. Do not use in production.\n"
