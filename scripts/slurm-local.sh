@@ -30,7 +30,8 @@ GPUS=${LLMRET_SLURM_GPUS:-2}
 CTLD_PORT=${LLMRET_SLURM_PORT:-6817}
 MIN_JOB_AGE=${LLMRET_SLURM_MIN_JOB_AGE:-300}
 ETC_CONF=/etc/slurm/slurm.conf
-MARK="# Written by llmret scripts/slurm-local.sh"  # first line of every config it writes
+# First line of every config it writes (how `up` knows a link left by an earlier test cluster).
+MARK="# Written by llmret scripts/slurm-local.sh: a single-node test cluster. Do not use in production."
 NODE=$(hostname -s)
 DAEMONS=(slurmd slurmctld munged)  # stop order
 
@@ -81,7 +82,7 @@ write_config() {
         gpu_files="$STATE/dev/gpu[0-$((GPUS - 1))]"
     fi
     cat >"$STATE/slurm.conf" <<EOF
-$MARK: a single-node test cluster. Do not use in production.
+$MARK
 ClusterName=llmret-local
 SlurmctldHost=$NODE(127.0.0.1)
 SlurmctldPort=$CTLD_PORT
@@ -128,7 +129,7 @@ stale_test_link() {  # $ETC_CONF is a link to another test cluster's config whos
     dir=$(dirname "$target")
     # A dangling link (its state folder removed) or one to a config this script wrote.
     if [ -e "$target" ]; then
-        [ "$(head -n 1 "$target")" = "$MARK: a single-node test cluster. Do not use in production." ] || return 1
+        [ "$(head -n 1 "$target")" = "$MARK" ] || return 1
     fi
     for d in "${DAEMONS[@]}"; do
         [ -s "$dir/$d.pid" ] && kill -0 "$(cat "$dir/$d.pid")" 2>/dev/null && return 1

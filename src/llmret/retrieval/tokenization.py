@@ -72,7 +72,13 @@ def frame_texts(
             raise ValueError(f"append_eos is set but {type(tokenizer).__name__} has no eos token")
         eos = [tokenizer.eos_token_id]
     before, after = template.split("{text}")
-    prompt = tokenizer(before + after, add_special_tokens=False)["input_ids"] if before + after else []
+    joint = joins_text(before)
+    if joint:
+        prompt = tokenizer(before + after, add_special_tokens=False)["input_ids"] if before + after else []
+    else:  # prompt and suffix tokenised apart from the text, as LLaRA's pretraining does
+        pre = tokenizer(before, add_special_tokens=False)["input_ids"] if before else []
+        post = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+        prompt = pre + post
     frame = len(head) + len(tail) + len(eos)
     if max_length - frame - len(prompt) < 1:
         raise ValueError(
@@ -80,8 +86,10 @@ def frame_texts(
             f"({frame + len(prompt)} tokens)"
         )
     room = max_length - frame  # ids for the filled template
-    if not joins_text(before):
-        return _frame_apart(tokenizer, texts, before, after, room, list(head), list(tail) + eos, length_name)
+    if not joint:
+        keep = room - len(prompt)
+        ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []
+        return [list(head) + pre + t[:keep] + post + list(tail) + eos for t in ids]
     filled = [before + t + after for t in texts]
     enc = tokenizer(filled, add_special_tokens=False, return_offsets_mapping=True)
     out = []
@@ -98,19 +106,6 @@ def joins_text(prefix: str) -> bool:
     what`` -> ``Ġwhat``). A prompt ending in another character (FlagEmbedding LLaRA's ``"``) is
     tokenised apart from the text, as LLaRA's pretraining tokenises its texts alone."""
     return bool(prefix) and prefix[-1].isspace()
-
-
-def _frame_apart(
-    tokenizer, texts, before: str, after: str, room: int, head: list[int], tail: list[int], length_name: str
-):
-    """Prompt, text and suffix tokenised apart, the text cut to what the room leaves."""
-    pre = tokenizer(before, add_special_tokens=False)["input_ids"] if before else []
-    post = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
-    keep = room - len(pre) - len(post)
-    if keep < 1:
-        raise ValueError(f"{length_name} leaves no room for text after the template ({len(pre) + len(post)} tokens)")
-    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []
-    return [head + pre + t[:keep] + post + tail for t in ids]
 
 
 def _cut_text(tokenizer, before: str, text: str, after: str, ids, offsets, room: int) -> list[int]:
