@@ -91,6 +91,10 @@ def test_specs_validate():
         AdaptationSpec(mask_fraction=0.0)
     with pytest.raises(ValueError, match="nothing to train"):
         AdaptationSpec(ntp_weight=0, bow_weight=0, scale_weight=0)
+    with pytest.raises(ValueError, match="unmasked_fraction applies to MNTP only"):
+        AdaptationSpec(unmasked_fraction=0.5)
+    with pytest.raises(ValueError, match="unmasked_fraction"):
+        AdaptationSpec(bidirectional=True, unmasked_fraction=1.0)
     AdaptationSpec(ntp_weight=0, bow_weight=0, scale_weight=1.0)  # the scale term alone trains
     with pytest.raises(ValueError, match="scale_weight"):
         AdaptationSpec(scale_weight=-1.0)
@@ -154,6 +158,22 @@ def test_adaptation_collator_labels_causal_mntp_and_echo(tok):
             assert b.labels[i, j - 1] == plain_rows[i, j]  # predicted from the position before
             assert b.inputs.input_ids[i, n + j] == mask_id  # the echo copy does not reveal it
         assert int((b.labels[i] != -100).sum()) == len(masked)
+
+
+def test_mntp_leaves_the_unmasked_share_of_a_batch_whole(tok):
+    """The last ``unmasked_fraction`` of a batch's rows carry no mask token and next-token labels
+    (the whole text encoding sees is trained); the rest are masked as plain MNTP masks them."""
+    texts = ["Cats purr when they are happy.", "Dogs bark at the moon.", "Fish swim.", "Birds sing at dawn."]
+    whole = AdaptationCollator(tok, AdaptationSpec(max_length=16), len(tok))(texts)
+    spec = AdaptationSpec(max_length=16, bidirectional=True, unmasked_fraction=0.5)
+    b = AdaptationCollator(tok, spec, len(tok), rng=random.Random(0))(texts)
+    assert torch.equal(b.inputs.input_ids[2:], whole.inputs.input_ids[2:])
+    assert torch.equal(b.labels[2:], whole.labels[2:])  # every next token, as a causal row
+    for i in (0, 1):  # MNTP rows: masked, labelled only where masked
+        masked = b.inputs.input_ids[i] == tok.unk_token_id
+        assert masked.any() and int((b.labels[i] != -100).sum()) == int(masked.sum())
+    one = AdaptationCollator(tok, spec, len(tok), rng=random.Random(0))(texts[:1])  # int(0.5): still masked
+    assert (one.inputs.input_ids == tok.unk_token_id).any()
 
 
 def test_group_collator_builds_sparse_batches(tok):

@@ -2,7 +2,9 @@
 contrastive sparse training. By default the public recipe's objective: next-token prediction
 for a causal model, masked next-token prediction (LLM2Vec's MNTP) for a bidirectional one.
 The logit-scale and keep-alive terms are this project's own additions, off unless weighted
-(``scale_weight``, ``bow_weight``). Design notes and provenance: docs/csplade.md.
+(``scale_weight``, ``bow_weight``), and so is ``unmasked_fraction``: MNTP batches with a share of
+whole passages under next-token labels, so the unmasked text that encoding sees is trained too. Design notes and
+provenance: docs/csplade.md.
 """
 
 from __future__ import annotations
@@ -57,6 +59,9 @@ class AdaptationSpec:
     scale_weight: float = 0.0  # this project's logit-scale term (off: the public recipe)
     scale_target: float = 6.0  # logsumexp of a position's logits the scale term aims at
     mask_fraction: float = 0.2  # MNTP, only with bidirectional
+    # this project's addition (MNTP only): this share of each batch's passages (the last rows) stays
+    # unmasked, with next-token labels, so the whole text that encoding sees is trained too
+    unmasked_fraction: float = 0.0
     max_docs: int = 0  # 0 = the whole corpus
 
     def __post_init__(self) -> None:
@@ -71,6 +76,10 @@ class AdaptationSpec:
             raise ValueError("ntp_weight, bow_weight and scale_weight are all 0: nothing to train")
         if not 0.0 < self.mask_fraction < 1.0:
             raise ValueError(f"mask_fraction must be in (0, 1), got {self.mask_fraction}")
+        if not 0.0 <= self.unmasked_fraction < 1.0:
+            raise ValueError(f"unmasked_fraction must be in [0, 1), got {self.unmasked_fraction}")
+        if self.unmasked_fraction and not self.bidirectional:
+            raise ValueError("unmasked_fraction applies to MNTP only: set bidirectional, or leave it 0")
 
     @classmethod
     def from_config(cls, cfg: Mapping) -> AdaptationSpec:
@@ -120,9 +129,10 @@ class AdaptationCollator:
         targets = bow_targets([r[head:] for r in rows], self.vocab, self.special)
         batch = build_batch(rows, self.pad_id, echo=self.spec.echo, head=head)
         labels = torch.full_like(batch.input_ids, -100)
+        whole = int(self.spec.unmasked_fraction * len(rows))  # < len(rows): one row at least is masked
         for i, r in enumerate(rows):
             n = len(r)
-            if self.spec.bidirectional:
+            if self.spec.bidirectional and i < len(rows) - whole:
                 # MNTP: masked text positions j (never the first token, it has no predecessor)
                 cand = list(range(max(head, 1), n))
                 k = max(1, round(self.spec.mask_fraction * len(cand)))
@@ -132,7 +142,9 @@ class AdaptationCollator:
                     if self.spec.echo:  # the copy must not reveal the masked token
                         batch.input_ids[i, n + j - head] = self.mask_id
             else:
-                # causal next-token over the (first) copy: the second is a copy, trivially predicted
+                # next-token over the (first) copy: the second is a copy, trivially predicted. An
+                # MNTP batch's whole rows too: there each position sees the token it predicts, so
+                # this (with the scale term) teaches whole text a lexical vector, as encoding sees it
                 labels[i, : n - 1] = torch.tensor(r[1:], dtype=torch.long)
         return AdaptationBatch(batch, labels, targets)
 
