@@ -2,9 +2,9 @@
 contrastive sparse training. By default the public recipe's objective: next-token prediction
 for a causal model, masked next-token prediction (LLM2Vec's MNTP) for a bidirectional one.
 The logit-scale and keep-alive terms are this project's own additions, off unless weighted
-(``scale_weight``, ``bow_weight``), and so is ``unmasked_fraction``: MNTP batches with a share of
-whole passages under next-token labels, so the unmasked text that encoding sees is trained too. Design notes and
-provenance: docs/csplade.md.
+(``scale_weight``, ``bow_weight``), and so is ``unmasked_fraction``: MNTP batches with a share
+of whole passages under next-token labels, so the whole text that encoding sees is trained too.
+Design notes and provenance: docs/csplade.md.
 """
 
 from __future__ import annotations

@@ -73,8 +73,8 @@ def frame_texts(
         eos = [tokenizer.eos_token_id]
     before, after = template.split("{text}")
     joint = joins_text(before)
-    if joint:
-        prompt = tokenizer(before + after, add_special_tokens=False)["input_ids"] if before + after else []
+    if joint:  # before is not empty
+        prompt = tokenizer(before + after, add_special_tokens=False)["input_ids"]
     else:  # prompt and suffix tokenised apart from the text, as LLaRA's pretraining does
         pre = tokenizer(before, add_special_tokens=False)["input_ids"] if before else []
         post = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
