@@ -161,7 +161,7 @@ def bench_pretrain(model: Path, corpus: Path, out: Path, device: str, ds_config:
 
 
 def bench_finetune(model: Path, groups: Path, out: Path, device: str, ds_config: str, steps: int, batch: int) -> dict:
-    from llmret.repllama.finetuning import finetune
+    from llmret.finetuning.repllama import finetune
 
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()

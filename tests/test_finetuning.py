@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import tiny_llama_config
 
-from llmret.repllama.finetuning import FINETUNE_JSON, ContrastiveModel, ContrastiveSpec, finetune, save_finetuned
+from llmret.finetuning.repllama import FINETUNE_JSON, ContrastiveModel, FinetuningSpec, finetune, save_finetuned
 from llmret.retrieval.encoder import EncoderSpec, TextEncoder
 from llmret.training.contrastive import (
     GroupCollator,
@@ -73,24 +73,24 @@ RECORDS = [
     },
 ]
 
-SPEC = ContrastiveSpec(max_query_length=16, max_passage_length=24, group_size=2)
+SPEC = FinetuningSpec(max_query_length=16, max_passage_length=24, group_size=2)
 
 
 # --------------------------------------------------------------------------- settings and data
 
 
 def test_specs_validate_and_read_config():
-    spec = ContrastiveSpec.from_config({"group_size": 4, "temperature": 0.05})
+    spec = FinetuningSpec.from_config({"group_size": 4, "temperature": 0.05})
     assert (spec.group_size, spec.temperature, spec.query_template) == (4, 0.05, "query: {text}")
     assert EncoderSpec(**spec.encoder_settings()).passage_template == "passage: {text}"
     with pytest.raises(ValueError, match=r"unknown fine-tuning settings: \['groupsize'\]"):
-        ContrastiveSpec.from_config({"groupsize": 4})
+        FinetuningSpec.from_config({"groupsize": 4})
     with pytest.raises(ValueError, match="exactly once"):
-        ContrastiveSpec(query_template="query:")
+        FinetuningSpec(query_template="query:")
     with pytest.raises(ValueError, match="temperature"):
-        ContrastiveSpec(temperature=0)
+        FinetuningSpec(temperature=0)
     with pytest.raises(ValueError, match="no negative"):
-        ContrastiveSpec(group_size=1, in_batch_negatives=False)
+        FinetuningSpec(group_size=1, in_batch_negatives=False)
     lora = LoraSpec.from_config({"r": 4, "target_modules": ["q_proj", "v_proj"]})
     assert lora.target_modules == ("q_proj", "v_proj")  # YAML list -> tuple: the spec stays hashable
     with pytest.raises(ValueError, match="dropout"):
@@ -396,7 +396,7 @@ def test_lora_only_on_named_targets_and_base_frozen():
 def test_gradient_checkpointing_reaches_the_hf_model_and_keeps_lora_gradients():
     from llmret.training.loop import _enable_gradient_checkpointing
 
-    spec = ContrastiveSpec(group_size=2, temperature=0.1)
+    spec = FinetuningSpec(group_size=2, temperature=0.1)
     model = ContrastiveModel(apply_lora(_tiny_llama_model(), LoraSpec(r=4, dropout=0.0)), spec, LoraSpec())
     with torch.no_grad():  # B starts at zero, which would leave A without gradient
         for n, p in model.named_parameters():
@@ -542,7 +542,7 @@ def test_finetune_end_to_end_with_deepspeed(tmp_path, smollm2_dir):
     result = finetune(
         str(smollm2_dir),
         str(negatives),
-        ContrastiveSpec(max_query_length=12, max_passage_length=16, group_size=2),
+        FinetuningSpec(max_query_length=12, max_passage_length=16, group_size=2),
         LoraSpec(r=4),
         training,
         str(out_dir),

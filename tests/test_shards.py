@@ -5,21 +5,21 @@ import pytest
 import scipy.sparse as sp
 
 from llmret.data import beir, trec
-from llmret.retrieval import faiss_index, shards, sparse_index
+from llmret.retrieval import corpus_shards, faiss_index, sparse_index
 
 
 def test_plan_names_and_rows_cover_the_corpus_once():
-    assert shards.shard_count(None, 10) == 1 and shards.shard_count(8_841_823, 500_000) == 18
-    assert shards.shard_count(10, 10) == 1 and shards.shard_count(11, 10) == 2
-    names = shards.shard_names(18)
+    assert corpus_shards.shard_count(None, 10) == 1 and corpus_shards.shard_count(8_841_823, 500_000) == 18
+    assert corpus_shards.shard_count(10, 10) == 1 and corpus_shards.shard_count(11, 10) == 2
+    names = corpus_shards.shard_names(18)
     assert names[0] == "000-of-018" and names[-1] == "017-of-018"
-    assert [shards.parse_shard(n) for n in names] == [(i, 18) for i in range(18)]
-    assert shards.shard_names(1200)[5] == "0005-of-1200"
+    assert [corpus_shards.parse_shard(n) for n in names] == [(i, 18) for i in range(18)]
+    assert corpus_shards.shard_names(1200)[5] == "0005-of-1200"
     for bad in ("3-of-3", "x-of-2", "001of002"):
         with pytest.raises(ValueError, match="shard name"):
-            shards.parse_shard(bad)
+            corpus_shards.parse_shard(bad)
     for n, count in ((10, 3), (5, 5), (3, 4), (8_841_823, 18)):
-        ranges = [shards.shard_rows(n, i, count) for i in range(count)]
+        ranges = [corpus_shards.shard_rows(n, i, count) for i in range(count)]
         assert ranges[0][0] == 0 and ranges[-1][1] == n
         assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
         sizes = [e - s for s, e in ranges]
@@ -38,7 +38,7 @@ def test_corpus_rows_reads_one_shard_and_names_a_short_corpus(tmp_path):
 def _shard_files(tmp_path, vectors, ids, count):
     index_paths, ids_paths = [], []
     for i in range(count):
-        start, end = shards.shard_rows(len(ids), i, count)
+        start, end = corpus_shards.shard_rows(len(ids), i, count)
         npy, idf, idx = (tmp_path / f"{i}{ext}" for ext in (".npy", ".ids", ".index"))
         faiss_index.save_embeddings(vectors[start:end], ids[start:end], npy, idf)
         faiss_index.write_index(faiss_index.build_flat_ip(np.load(npy)), idx)
@@ -107,7 +107,7 @@ def test_sharded_sparse_search_is_exactly_one_index(tmp_path):
     )
     paths = []
     for i in range(4):
-        start, end = shards.shard_rows(40, i, 4)
+        start, end = corpus_shards.shard_rows(40, i, 4)
         paths.append(tmp_path / f"s{i}")
         sparse_index.write_sparse_index(sparse_index.build_sparse_index(docs[start:end], ids[start:end]), paths[-1])
     run, info = sparse_index.search_sparse_shards(paths, queries, qids, k=8, show_progress=False)
@@ -161,7 +161,7 @@ def test_workflow_sharded_runs_equal_one_shard_and_a_lost_shard_is_redone_alone(
             [line for line in (workdir / t).read_text().splitlines() if not line.startswith("#")] for t in targets
         ]
     assert runs[15] == runs[1000] and len(runs[15][0]) == 6 * 25
-    names = shards.shard_names(3)
+    names = corpus_shards.shard_names(3)
     folder = workdir / "results/embeddings/minilm-l6/tiny/corpus"
     assert sorted(p.stem for p in folder.glob("*-of-003.npy")) == names
     lost = folder / f"{names[1]}.npy"

@@ -38,10 +38,10 @@ SPEC_CLASSES = {
     "systems.bow": "llmret.retrieval.bow:BowSpec",
     "systems.dense.index": "llmret.retrieval.faiss_index:IndexSpec",
     "systems.sparse.sparse_index": "llmret.retrieval.sparse_index:SparseIndexSpec",
-    "models": "llmret.retrieval.checkpoints:ModelSource",
+    "models": "llmret.retrieval.model_import:ModelSource",
     "pretraining": "llmret.llara.pretraining:PretrainSpec",
     "mining": "llmret.training.mining:MiningSpec",
-    "finetuning": "llmret.repllama.finetuning:ContrastiveSpec",
+    "finetuning": "llmret.finetuning.repllama:FinetuningSpec",
     "adaptation": "llmret.csplade.adaptation:AdaptationSpec",
     "csplade": "llmret.csplade.sparse_training:CspladeSpec",
     "lora": "llmret.training.lora:LoraSpec",
@@ -481,7 +481,7 @@ def run_stages(config: Mapping, runs: Iterable[str]) -> list[tuple[str, str, str
 def corpus_shards(config: Mapping, dataset: str) -> list[str]:
     """Names of a dataset's corpus shards, planned from its ``corpus_size`` (or subsample
     ``max_docs``) over ``encoding.shard_size``; one shard when the size is unknown."""
-    from llmret.retrieval.shards import shard_count, shard_names
+    from llmret.retrieval.corpus_shards import shard_count, shard_names
     from llmret.sizing import planned_corpus_size
 
     size = planned_corpus_size(config["datasets"][dataset])

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 # The stages a launch may run: a fixed table, so an arguments file cannot name arbitrary code.
 TASKS = {
     "pretrain": "llmret.llara.pretraining:pretrain",
-    "finetune": "llmret.repllama.finetuning:finetune",
+    "finetune": "llmret.finetuning.repllama:finetune",
     "adapt": "llmret.csplade.adaptation:adapt",
     "csplade": "llmret.csplade.sparse_training:train",
 }

@@ -13,7 +13,7 @@ from llmret import config as cfgcheck  # noqa: E402
 from llmret import launch  # noqa: E402
 from llmret.data import sources  # noqa: E402
 from llmret import sizing  # noqa: E402
-from llmret.retrieval import shards  # noqa: E402
+from llmret.retrieval import corpus_shards  # noqa: E402
 
 cfgcheck.prepare_environment(os.path.join(workflow.basedir, "src"))
 
@@ -258,7 +258,7 @@ def tokenization(section, key):
 
 
 def run_spec(section, run):
-    """A LoRA run's own settings (what ContrastiveSpec, AdaptationSpec or CspladeSpec hold):
+    """A LoRA run's own settings (what FinetuningSpec, AdaptationSpec or CspladeSpec hold):
     not its base model, data, LoRA, training or GPUs, which reach the job otherwise."""
     return cfgcheck.entry_settings(section, config[section][run])
 
@@ -273,11 +273,11 @@ def index_path(wc, kind):
     return f"results/index/{wc.system}/{corpus_of(wc.dataset)}/{kind}"
 
 
-SHARD_PATTERN = shards.SHARD_PATTERN
+SHARD_PATTERN = corpus_shards.SHARD_PATTERN
 
 
 def corpus_shards(dataset):
-    """Shard names of the corpus a dataset searches (llmret.retrieval.shards)."""
+    """Shard names of the corpus a dataset searches (llmret.retrieval.corpus_shards)."""
     return cfgcheck.corpus_shards(config, corpus_of(dataset))
 
 

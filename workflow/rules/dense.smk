@@ -3,7 +3,7 @@
 
 
 rule encode_corpus:
-    """One shard of a corpus (llmret.retrieval.shards): a killed encode resumes at the
+    """One shard of a corpus (llmret.retrieval.corpus_shards): a killed encode resumes at the
     first missing shard, and no job holds more than one shard's vectors."""
     input:
         model=model_of("systems", "system"),

@@ -3,12 +3,12 @@
 import logging
 from pathlib import Path
 
-from llmret import io, logs
+from llmret import atomic_files, logs
 from llmret.data import rawfiles
 
 sm = snakemake  # noqa: F821
 logs.to_file(sm.log[0])
-io.remove_stale_temporaries(sm.output)
+atomic_files.remove_stale_temporaries(sm.output)
 folder = Path(sm.input[0]).parent
 
 

@@ -2,12 +2,12 @@
 
 from itertools import product
 
-from llmret import io, logs
+from llmret import atomic_files, logs
 from llmret.results import tables
 
 sm = snakemake  # noqa: F821
 logs.to_file(sm.log[0])
-io.remove_stale_temporaries(sm.output)
+atomic_files.remove_stale_temporaries(sm.output)
 p = sm.params
 cells = list(product(p.systems, p.datasets))  # the order of expand() in the rule
 tables.build_beir_tables(

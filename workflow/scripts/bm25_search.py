@@ -1,12 +1,12 @@
 """Snakemake entry point: BM25 top-k for every query, written as a TREC run."""
 
-from llmret import io, logs
+from llmret import atomic_files, logs
 from llmret.data import beir, trec
 from llmret.retrieval import bm25
 
 sm = snakemake  # noqa: F821
 logs.to_file(sm.log[0])
-io.remove_stale_temporaries(sm.output)
+atomic_files.remove_stale_temporaries(sm.output)
 index = bm25.BM25Index.load(sm.input.index)
 queries = beir.load_queries(sm.input.queries)
 depth = trec.search_depth(sm.params.top_k, sm.params.ignore_identical_ids)

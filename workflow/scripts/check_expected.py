@@ -2,12 +2,12 @@
 
 import sys
 
-from llmret import io, logs
+from llmret import atomic_files, logs
 from llmret.results import expected, tables
 
 sm = snakemake  # noqa: F821
 logs.to_file(sm.log[0])
-io.remove_stale_temporaries(sm.output)
+atomic_files.remove_stale_temporaries(sm.output)
 cells = expected.load(sm.input.expected)
 runs = {tuple(r): tables.read_metrics(p)["metrics"] for r, p in zip(sm.params.runs, sm.input.metrics, strict=True)}
 outcomes = expected.compare(cells, expected.measured_values(cells, runs))

@@ -1,13 +1,13 @@
 """Snakemake entry point: top-k FAISS search for every query over the corpus's shards, one
 shard's index in memory at a time, written as a TREC run."""
 
-from llmret import io, logs
+from llmret import atomic_files, logs
 from llmret.data import trec
 from llmret.retrieval import faiss_index
 
 sm = snakemake  # noqa: F821
 logs.to_file(sm.log[0])
-io.remove_stale_temporaries(sm.output)
+atomic_files.remove_stale_temporaries(sm.output)
 spec = faiss_index.IndexSpec.from_config(sm.params.index)
 qvecs, qids = faiss_index.load_embeddings(sm.input.queries, sm.input.query_ids)
 depth = trec.search_depth(sm.params.top_k, sm.params.ignore_identical_ids)

@@ -1,12 +1,12 @@
 """Snakemake entry point: encode one corpus shard or a query set with a dense system."""
 
-from llmret import io, launch, logs
+from llmret import atomic_files, launch, logs
 from llmret.results import tables
 from llmret.retrieval import encoder, faiss_index
 
 sm = snakemake  # noqa: F821
 logs.to_file(sm.log[0])
-io.remove_stale_temporaries(sm.output)
+atomic_files.remove_stale_temporaries(sm.output)
 spec = encoder.EncoderSpec.from_config({k: v for k, v in sm.params.settings.items() if k != "model"})
 ids, texts, kind = encoder.read_job_texts(sm.input, sm.wildcards)
 with launch.visible_devices(sm.resources.gpu):  # outside Slurm: claim free GPUs first

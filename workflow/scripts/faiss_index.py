@@ -3,11 +3,11 @@
 
 import numpy as np
 
-from llmret import io, logs
+from llmret import atomic_files, logs
 from llmret.retrieval import faiss_index
 
 sm = snakemake  # noqa: F821
 logs.to_file(sm.log[0])
-io.remove_stale_temporaries(sm.output)
+atomic_files.remove_stale_temporaries(sm.output)
 spec = faiss_index.IndexSpec.from_config(sm.params.index)
 faiss_index.write_index(faiss_index.build_index(np.load(sm.input.vectors), spec), sm.output[0])

@@ -1,9 +1,9 @@
 """Snakemake entry point: the manifest (counts, settings, hashes) of a run's shards."""
 
-from llmret import io, logs
+from llmret import atomic_files, logs
 from llmret.llara import shards
 
 sm = snakemake  # noqa: F821
 logs.to_file(sm.log[0])
-io.remove_stale_temporaries(sm.output)
+atomic_files.remove_stale_temporaries(sm.output)
 shards.write_manifest(list(sm.input), sm.output[0])

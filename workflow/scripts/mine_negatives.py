@@ -5,12 +5,12 @@ The run is streamed one query at a time (its lines grouped by query, as write_ru
 
 from pathlib import Path
 
-from llmret import io, logs
+from llmret import atomic_files, logs
 from llmret.training import mining
 
 sm = snakemake  # noqa: F821
 logs.to_file(sm.log[0])
-io.remove_stale_temporaries(sm.output)
+atomic_files.remove_stale_temporaries(sm.output)
 mining.mine_to_file(
     run_path=sm.input.run,
     queries_path=sm.input.queries,

@@ -2,12 +2,12 @@
 
 from pathlib import Path
 
-from llmret import io, logs
+from llmret import atomic_files, logs
 from llmret.data import beir
 
 sm = snakemake  # noqa: F821
 logs.to_file(sm.log[0])
-io.remove_stale_temporaries(sm.output)
+atomic_files.remove_stale_temporaries(sm.output)
 p = sm.params
 full = beir.load_dataset(sm.input[0], split=p.split, on_unknown=p.on_unknown)
 spec = beir.Subsample(**p.subsample)

@@ -2,11 +2,11 @@
 
 from pathlib import Path
 
-from llmret import io, logs, specs
+from llmret import atomic_files, logs, specs
 from llmret.data import beir
 
 sm = snakemake  # noqa: F821
 logs.to_file(sm.log[0])
-io.remove_stale_temporaries(sm.output)
+atomic_files.remove_stale_temporaries(sm.output)
 spec = specs.settings(beir.TrainSplit, sm.params.train, f"datasets.{sm.wildcards.dataset}.train")
 beir.prepare_train_split(sm.input[0], spec, eval_split=sm.params.eval_split, out_dir=Path(sm.output.info).parent)

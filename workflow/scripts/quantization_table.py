@@ -1,11 +1,11 @@
 """Snakemake entry point: the quantization table and its plot."""
 
-from llmret import io, logs
+from llmret import atomic_files, logs
 from llmret.results import footprint, tables
 
 sm = snakemake  # noqa: F821
 logs.to_file(sm.log[0])
-io.remove_stale_temporaries(sm.output)
+atomic_files.remove_stale_temporaries(sm.output)
 p = sm.params
 indexes = iter(sm.input.indexes)  # each system's shards, in system order
 rows = [

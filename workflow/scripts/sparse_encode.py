@@ -3,13 +3,13 @@ CSPLADE (a causal LM's SPLADE vectors) or bow (token counts of the model's token
 
 from transformers import AutoTokenizer
 
-from llmret import io, launch, logs
+from llmret import atomic_files, launch, logs
 from llmret.results import tables
 from llmret.retrieval import bow, encoder, sparse_encoder, sparse_vectors
 
 sm = snakemake  # noqa: F821
 logs.to_file(sm.log[0])
-io.remove_stale_temporaries(sm.output)
+atomic_files.remove_stale_temporaries(sm.output)
 settings = {k: v for k, v in sm.params.settings.items() if k != "model"}
 ids, texts, kind = encoder.read_job_texts(sm.input, sm.wildcards)
 encoder.set_threads(sm.threads)

@@ -1,13 +1,13 @@
 """Snakemake entry point: top-k sparse retrieval for every query over the corpus's shards,
 one shard's index in memory at a time, written as a TREC run."""
 
-from llmret import io, logs
+from llmret import atomic_files, logs
 from llmret.data import trec
 from llmret.retrieval import bow, sparse_index, sparse_vectors
 
 sm = snakemake  # noqa: F821
 logs.to_file(sm.log[0])
-io.remove_stale_temporaries(sm.output)
+atomic_files.remove_stale_temporaries(sm.output)
 spec = sparse_index.SparseIndexSpec.from_config(sm.params.index)
 queries = sparse_vectors.load_sparse(sm.input.queries)
 matrix = queries.matrix

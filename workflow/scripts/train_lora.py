@@ -4,11 +4,11 @@ when the job has several."""
 
 from pathlib import Path
 
-from llmret import io, launch, logs
+from llmret import atomic_files, launch, logs
 
 sm = snakemake  # noqa: F821
 logs.to_file(sm.log[0])
-io.remove_stale_temporaries(sm.output)
+atomic_files.remove_stale_temporaries(sm.output)
 training = {**sm.params.training, "deepspeed_config": sm.input.deepspeed}
 # Retention changes no model, so it is read from the config, not params (no rerun when it changes).
 training["keep_checkpoints"] = sm.config[sm.params.section][sm.wildcards.run]["training"].get("keep_checkpoints")
@@ -27,4 +27,4 @@ launch.run(
     },
     nproc=int(sm.resources.gpu),
 )
-io.atomic_copy(training["log_path"], sm.output.train_log)
+atomic_files.atomic_copy(training["log_path"], sm.output.train_log)

@@ -13,7 +13,7 @@ import zipfile
 import zlib
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
-from llmret.io import fsync_dir, remove_quietly, unique_sibling
+from llmret.atomic_files import fsync_dir, remove_quietly, unique_sibling
 
 logger = logging.getLogger(__name__)
 _CHUNK = 1 << 20

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from llmret.io import atomic_write
+from llmret.atomic_files import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from typing import BinaryIO
 
 from tqdm import tqdm
 
-from llmret.io import create_file, fsync_dir, remove_quietly, unique_sibling
+from llmret.atomic_files import create_file, fsync_dir, remove_quietly, unique_sibling
 
 __all__ = [
     "ChecksumError",

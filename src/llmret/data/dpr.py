@@ -16,7 +16,7 @@ from os import PathLike
 from pathlib import Path
 from typing import IO, Any
 
-from llmret.io import atomic_publish, file_sha256
+from llmret.atomic_files import atomic_publish, file_sha256
 
 DPR_HEADER = ["id", "text", "title"]
 # A DPR passage is 100 words; this only bounds the damage of an unterminated quote.

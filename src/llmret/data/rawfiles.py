@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from llmret.atomic_files import remove_quietly, unique_sibling
 from llmret.data.archives import swap_into_place
 from llmret.data.beir import BeirFormatError, decoded_lines
-from llmret.io import remove_quietly, unique_sibling
 
 log = logging.getLogger(__name__)
 

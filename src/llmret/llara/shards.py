@@ -24,7 +24,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from llmret.io import atomic_publish, file_sha256
+from llmret.atomic_files import atomic_publish, file_sha256
 from llmret.llara.objective import JointBatch, LlaraObjective, build_training_batch
 from llmret.llara.pairs import Pair
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from llmret.io import atomic_write_text
+from llmret.atomic_files import atomic_write_text
 
 REQUIRED = ("system", "dataset", "metric", "value", "tolerance")
 OPTIONAL = ("source",)

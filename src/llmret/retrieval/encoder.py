@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from llmret.retrieval.checkpoints import DTYPES
+from llmret.retrieval.model_import import DTYPES
 from llmret.retrieval.pooling import check_pooling, pool
 from llmret.retrieval.quantization import MIN_GROUP_SIZE
 from llmret.retrieval.tokenization import pad_id_of, special_frame, token_batches, tokenize_kind
@@ -171,7 +171,7 @@ def read_shard(corpus_path: str, info_path: str, shard: str) -> tuple[list[str],
     import json
 
     from llmret.data import beir
-    from llmret.retrieval.shards import parse_shard, shard_rows
+    from llmret.retrieval.corpus_shards import parse_shard, shard_rows
 
     n = json.loads(Path(info_path).read_text(encoding="utf-8"))["documents"]
     start, end = shard_rows(n, *parse_shard(shard))

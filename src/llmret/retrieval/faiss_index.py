@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from llmret.retrieval.shards import NO_ROW, TopK
+from llmret.retrieval.corpus_shards import NO_ROW, TopK
 from llmret.specs import settings
 
 log = logging.getLogger(__name__)

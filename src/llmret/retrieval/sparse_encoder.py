@@ -16,9 +16,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from llmret.retrieval.checkpoints import DTYPES
 from llmret.retrieval.encoder import check_text_encoding
 from llmret.retrieval.masks import bidirectional_mask
+from llmret.retrieval.model_import import DTYPES
 from llmret.retrieval.tokenization import KINDS, pad_id_of, special_frame, token_batches, tokenize_kind
 from llmret.specs import check_at_least, settings
 

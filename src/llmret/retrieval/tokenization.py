@@ -127,7 +127,7 @@ def tokenize_kind(tokenizer, spec, texts: Sequence[str], kind: str, head=None, t
     """:func:`frame_texts` with the template and max length of ``kind`` (query or passage) from
     ``spec``: any settings object with ``query_template``, ``passage_template``,
     ``max_query_length``, ``max_passage_length`` and ``append_eos`` (an :class:`EncoderSpec`,
-    or fine-tuning's ``ContrastiveSpec``)."""
+    or fine-tuning's ``FinetuningSpec``)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     query = kind == "query"

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from llmret.io import file_sha256
+from llmret.atomic_files import file_sha256
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_DEEPSPEED_CONFIG = REPO_ROOT / "config" / "deepspeed" / "cpu.json"

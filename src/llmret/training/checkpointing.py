@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from llmret.io import atomic_write_text
+from llmret.atomic_files import atomic_write_text
 
 log = logging.getLogger(__name__)
 LATEST = "latest"  # marker file in checkpoint_dir naming the newest complete checkpoint

@@ -214,7 +214,7 @@ class GroupCollator:
     """
 
     def __init__(self, tokenizer, spec: Any, rng: random.Random | None = None):
-        # ``spec``: a stage's spec (RepLLaMA's ContrastiveSpec, CSPLADE's CspladeSpec) with the
+        # ``spec``: a stage's spec (RepLLaMA's FinetuningSpec, CSPLADE's CspladeSpec) with the
         # templates, lengths and ``append_eos`` of tokenize_kind and a ``group_size``.
         self.tokenizer, self.spec, self.rng = tokenizer, spec, rng
         self.head, self.tail = special_frame(tokenizer)

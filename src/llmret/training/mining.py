@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO
 
+from llmret.atomic_files import atomic_write
 from llmret.data import beir, trec
-from llmret.io import atomic_write
 from llmret.specs import settings
 
 log = logging.getLogger(__name__)

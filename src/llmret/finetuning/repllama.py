@@ -39,7 +39,7 @@ FINETUNE_JSON = "finetune.json"
 
 
 @dataclass(frozen=True)
-class ContrastiveSpec:
+class FinetuningSpec:
     """How texts are framed and pooled, and what the contrastive loss compares."""
 
     query_template: str = "query: {text}"
@@ -62,7 +62,7 @@ class ContrastiveSpec:
             raise ValueError("group_size 1 without in-batch negatives leaves no negative: the loss would be 0")
 
     @classmethod
-    def from_config(cls, cfg: Mapping) -> ContrastiveSpec:
+    def from_config(cls, cfg: Mapping) -> FinetuningSpec:
         return settings(cls, cfg, "fine-tuning settings")
 
     def encoder_settings(self) -> dict:
@@ -87,7 +87,7 @@ class ContrastiveModel(nn.Module):
     HF also makes the frozen embeddings' output require grad, so LoRA layers get gradients).
     """
 
-    def __init__(self, encoder: nn.Module, spec: ContrastiveSpec, lora: LoraSpec):
+    def __init__(self, encoder: nn.Module, spec: FinetuningSpec, lora: LoraSpec):
         super().__init__()
         self.encoder = encoder
         self.spec = spec
@@ -97,7 +97,7 @@ class ContrastiveModel(nn.Module):
     def from_pretrained(
         cls,
         model_dir: str | os.PathLike,
-        spec: ContrastiveSpec,
+        spec: FinetuningSpec,
         lora: LoraSpec,
         dtype: torch.dtype = torch.float32,
         seed: int = 0,
@@ -152,7 +152,7 @@ def save_finetuned(model: ContrastiveModel, out_dir: Path) -> None:
 def finetune(
     model_dir: str,
     negatives_path: str,
-    spec: ContrastiveSpec | Mapping,
+    spec: FinetuningSpec | Mapping,
     lora: LoraSpec | Mapping,
     training: Mapping,
     out_dir: str,
@@ -167,8 +167,8 @@ def finetune(
     """
     from transformers import AutoTokenizer
 
-    if not isinstance(spec, ContrastiveSpec):
-        spec = ContrastiveSpec.from_config(spec)
+    if not isinstance(spec, FinetuningSpec):
+        spec = FinetuningSpec.from_config(spec)
     if not isinstance(lora, LoraSpec):
         lora = LoraSpec.from_config(lora)
     groups = load_groups(negatives_path)  # validated, then read a batch at a time

@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from llmret import io
+from llmret import atomic_files
 
 
 def _dead_pid() -> int:
@@ -29,7 +29,7 @@ def test_stale_temporaries_of_an_output_are_removed_and_live_ones_kept(tmp_path,
     unrelated = tmp_path / "scifact.zip.md5"
     unrelated.write_text("kept")
 
-    removed = io.remove_stale_temporaries([out, tmp_path / "missing" / "x"])
+    removed = atomic_files.remove_stale_temporaries([out, tmp_path / "missing" / "x"])
 
     assert sorted(removed) == sorted([part, extract, dead])
     assert live.exists() and other.exists() and unrelated.exists()
@@ -44,7 +44,7 @@ def test_atomic_publish_leaves_nothing_on_failure(tmp_path):
         raise RuntimeError("killed")
 
     try:
-        io.atomic_publish(fail, target)
+        atomic_files.atomic_publish(fail, target)
     except RuntimeError:
         pass
     assert list(tmp_path.iterdir()) == []

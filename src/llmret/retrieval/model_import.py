@@ -17,7 +17,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from llmret.io import file_sha256
+from llmret.atomic_files import file_sha256
 from llmret.specs import check_choice, settings
 
 log = logging.getLogger(__name__)
