@@ -19,9 +19,9 @@ include: "workflow/rules/models.smk"
 include: "workflow/rules/bm25.smk"
 include: "workflow/rules/dense.smk"
 include: "workflow/rules/llara.smk"
-include: "workflow/rules/finetune.smk"
+include: "workflow/rules/mining.smk"
 include: "workflow/rules/sparse.smk"
-include: "workflow/rules/csplade.smk"
+include: "workflow/rules/training.smk"
 include: "workflow/rules/evaluate.smk"
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from llmret.data import beir  # noqa: E402
 from llmret.retrieval.encoder import EncoderSpec, TextEncoder  # noqa: E402
+from llmret.training.mining import write_random_groups  # noqa: E402
 
 
 def materialise(model_dir: Path, out: Path, random_init: bool) -> Path:
@@ -90,23 +90,6 @@ def bench_encode(
     return rows
 
 
-def write_groups(ds: beir.Dataset, path: Path, negatives: int, seed: int = 0) -> None:
-    """Tevatron groups: each judged query, its positives, random other passages."""
-    rng = random.Random(seed)
-    text = dict(zip(ds.corpus.ids, ds.corpus.texts, strict=True))
-    with open(path, "w") as f:
-        for qid, rels in ds.qrels.items():
-            pos = [d for d, g in rels.items() if g > 0]
-            negs = [d for d in rng.sample(ds.corpus.ids, negatives + len(pos)) if d not in rels][:negatives]
-            rec = {
-                "query_id": qid,
-                "query": ds.queries[qid],
-                "positive_passages": [{"docid": d, "title": "", "text": text[d]} for d in pos],
-                "negative_passages": [{"docid": d, "title": "", "text": text[d]} for d in negs],
-            }
-            f.write(json.dumps(rec) + "\n")
-
-
 def training_args(ds_config: str, steps: int, batch: int) -> dict:
     return {
         "max_steps": steps,
@@ -137,14 +120,14 @@ def train_row(stage: str, device: str, steps: int, result: dict, secs: float, lo
 
 
 def bench_pretrain(model: Path, corpus: Path, out: Path, device: str, ds_config: str, steps: int, batch: int) -> dict:
-    from llmret.llara import shards
+    from llmret.llara import shard_dataset
     from llmret.llara.pretraining import PretrainSpec, make_shard, pretrain
 
     spec = PretrainSpec.from_config({"shards": 1, "max_text_length": 128})
     shard = out / "shards" / "shard-0.safetensors"
     shard.parent.mkdir(parents=True, exist_ok=True)
     make_shard([str(corpus)], str(model), 0, spec, str(shard))
-    shards.write_manifest([shard], out / "shards" / "manifest.json")
+    shard_dataset.write_manifest([shard], out / "shards" / "manifest.json")
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -213,7 +196,7 @@ def main() -> None:
         corpus = args.beir / "corpus.jsonl"
         rows.append(bench_pretrain(model, corpus, args.out, device, ds_config, args.steps, args.batch))
         groups = args.out / "groups.jsonl"
-        write_groups(ds, groups, negatives=15)
+        write_random_groups(ds, groups, negatives=15)
         rows.append(bench_finetune(model, groups, args.out, device, ds_config, args.steps, args.batch))
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     print(f"device: {name}; torch {torch.__version__}")

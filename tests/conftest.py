@@ -14,6 +14,19 @@ SMOKE = ROOT / "config" / "smoke.yaml"
 
 os.environ.setdefault("NUMBA_CACHE_DIR", str(ROOT / ".cache" / "numba"))
 
+# Fixtures that import a packaged model (SmolLM2's GGUF de-quantises for a minute on a fresh
+# machine): a test that uses one, even through another fixture, is slow.
+MODEL_FIXTURES = {"smollm2_dir", "minilm_dir"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects
+def pytest_collection_modifyitems(config, items):
+    """Every integration test and every test using a model fixture is also ``slow``; the test
+    modules mark the rest (DeepSpeed, training, workflow runs, research probes)."""
+    for item in items:
+        if item.get_closest_marker("integration") or MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture
 def beir_folder(tmp_path):

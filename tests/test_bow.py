@@ -14,6 +14,7 @@ DOCS = [
 ]
 
 
+@pytest.mark.slow
 def test_passages_weigh_log_counts_and_queries_are_sets(tok):
     spec = bow.BowSpec(passage_template="{text}", query_template="{text}", max_passage_length=64)
     docs = bow.encode_bow(tok, ["cats cats cats dogs"], "passage", spec)
@@ -34,6 +35,7 @@ def test_passages_weigh_log_counts_and_queries_are_sets(tok):
         bow.BowSpec(doc_tf="sqrt")
 
 
+@pytest.mark.slow
 def test_idf_on_the_query_scores_as_tf_idf_passages_and_ranks_the_rare_match_first(tok):
     spec = bow.BowSpec()
     docs = bow.encode_bow(tok, DOCS, "passage", spec)
@@ -48,3 +50,36 @@ def test_idf_on_the_query_scores_as_tf_idf_passages_and_ranks_the_rare_match_fir
     assert scores[0].argmax() == 1  # the only passage with the query's rare words
     assert scores[1].argmax() == 0  # "are" and "warm"; passage 2 has "cats", passage 3 "warm"
     assert idf[tok("passage", add_special_tokens=False)["input_ids"][0]] < idf.max() / 5  # the prompt: in every passage
+
+
+def _never_read():
+    raise AssertionError("the corpus was read")
+    yield  # a generator: reading it is the failure
+
+
+@pytest.mark.slow
+def test_the_system_type_picks_encoding_and_query_weighting(tok):
+    """sparse_system: bow encodes bags on the CPU and weighs queries by the corpus's idf
+    (as the search job did by hand); idf none and CSPLADE's type search the queries as encoded,
+    never reading the corpus."""
+    settings = {"model": "smollm2-135m", **bow.BowSpec().to_dict()}  # a job's params carry the model
+    system = bow.sparse_system("bow", settings)
+    assert isinstance(system, bow.BowSystem) and system.spec == bow.BowSpec() and system.search_reads_corpus
+    docs, stats = system.encode("unused", tok, DOCS, "passage", gpus=0)
+    assert (docs != bow.encode_bow(tok, DOCS, "passage", system.spec)).nnz == 0 and stats["device"] == "cpu"
+    queries = bow.encode_bow(tok, ["which cats are warm"], "query", system.spec)
+    df, n = bow.document_frequencies([docs], docs.shape[1])
+    want = bow.weight_queries(queries, bow.bm25_idf(df, n))
+    got = system.weigh_queries(queries, (m for m in (docs[:2], docs[2:])))
+    assert (got != want).nnz == 0
+    flat = bow.sparse_system("bow", {**settings, "idf": "none"})
+    assert flat.weigh_queries(queries, _never_read()) is queries
+    csplade = bow.sparse_system("sparse", {"model": "csplade", "max_passage_length": 64})
+    assert type(csplade) is bow.SparseSystem and not csplade.search_reads_corpus
+    assert csplade.spec.max_passage_length == 64
+    assert csplade.weigh_queries(queries, _never_read()) is queries
+    assert set(bow.SPARSE_SYSTEM_TYPES) == {"sparse", "bow"}
+    with pytest.raises(ValueError, match="not a sparse system type"):
+        bow.sparse_system("dense", {})
+    with pytest.raises(ValueError, match="unknown"):
+        bow.sparse_system("bow", {"idff": "none"})

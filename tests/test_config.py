@@ -5,8 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llmret import config as cfg
-from llmret import specs
+from llmret import checks, plan, specs
 from llmret.data import sources
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,22 +20,22 @@ def validated(name):
     from snakemake.utils import validate
 
     c = load(name)
-    cfg.prefill(c)
-    validate(c, str(ROOT / "workflow" / "schemas" / "config.schema.yaml"))
+    checks.prefill(c)
+    validate(c, str(ROOT / "src" / "llmret" / "config.schema.yaml"))
     return c
 
 
 def test_shipped_configs_pass_the_cross_checks():
     for name in ("config.yaml", "smoke.yaml"):
         c = load(name)
-        cfg.complete(c)
-        cfg.check(c)
+        plan.complete(c)
+        checks.check(c)
 
 
 def test_known_beir_dataset_is_one_line():
     c = {"datasets": {"nfcorpus": {}, "msmarco": {}}, "systems": {"bm25": {"type": "bm25"}}}
-    cfg.complete(c)
-    cfg.check(c)
+    plan.complete(c)
+    checks.check(c)
     assert c["datasets"]["nfcorpus"] == {
         "url": "https://public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/datasets/nfcorpus.zip",
         "md5": "a89dba18a62ef92f7d323ec890a0d38d",
@@ -51,7 +50,7 @@ def test_known_beir_dataset_is_one_line():
 
 def test_a_dataset_named_unlike_its_zip_finds_beir_through_zip_folder():
     c = {"datasets": {"nf-small": {"zip_folder": "nfcorpus", "subsample": {"max_queries": 5}}}}
-    cfg.complete(c)
+    plan.complete(c)
     ds = c["datasets"]["nf-small"]
     assert ds["md5"] == "a89dba18a62ef92f7d323ec890a0d38d" and ds["url"].endswith("/nfcorpus.zip")
     assert ds["mirror_path"] == "beir/nfcorpus.zip"
@@ -59,16 +58,16 @@ def test_a_dataset_named_unlike_its_zip_finds_beir_through_zip_folder():
 
 def test_identical_ids_are_ignored_for_beir_zips_not_for_raw_files():
     c = load("presets/llara-llama2-7b.yaml")
-    cfg.complete(c)
+    plan.complete(c)
     assert c["datasets"]["msmarco-passage"]["ignore_identical_ids"] is False  # official MS MARCO files
     assert c["datasets"]["arguana"]["ignore_identical_ids"] is True
 
 
 def test_unknown_dataset_needs_url_and_md5():
     c = {"datasets": {"mine": {"url": "http://x/mine.zip"}}, "systems": {"bm25": {"type": "bm25"}}}
-    cfg.complete(c)
+    plan.complete(c)
     with pytest.raises(specs.ConfigError, match=r"datasets\.mine\.md5: not set"):
-        cfg.check(c)
+        checks.check(c)
 
 
 def test_shipped_configs_pass_the_schema():
@@ -87,7 +86,7 @@ def test_schema_rejects_a_typo_with_the_key_named():
     c = load("smoke.yaml")
     c["datasets"]["scifact"]["md5s"] = "x"
     with pytest.raises(WorkflowError, match="md5s"):
-        validate(c, str(ROOT / "workflow" / "schemas" / "config.schema.yaml"))
+        validate(c, str(ROOT / "src" / "llmret" / "config.schema.yaml"))
 
 
 @pytest.mark.parametrize(
@@ -112,7 +111,10 @@ def test_schema_rejects_a_typo_with_the_key_named():
         (lambda c: c["mining"]["scifact-minilm"].update(rank_from=50), r"rank_from <= rank_to <= depth"),
         (lambda c: c["finetuning"]["llara-ft-smollm2"].update(model="nope"), r"finetuning\.llara-ft-smollm2\.model"),
         (lambda c: c["finetuning"]["llara-ft-smollm2"].update(negatives="x"), r"llara-ft-smollm2\.negatives: 'x'"),
-        (lambda c: c["finetuning"].update({"llara-smollm2": {}}), r"finetuning\.llara-smollm2: a model or pretraining"),
+        (
+            lambda c: c["finetuning"].update({"llara-smollm2": {}}),
+            r"finetuning\.llara-smollm2: a model or another training run has the same name",
+        ),
         (
             lambda c: c["systems"]["llara-ft"].update(query_template="{text}"),
             r"systems\.llara-ft\.query_template: '\{text\}' differs from finetuning\.llara-ft-smollm2",
@@ -144,10 +146,10 @@ def test_schema_rejects_a_typo_with_the_key_named():
 )
 def test_cross_check_errors_name_the_setting(edit, message):
     c = validated("smoke.yaml")
-    cfg.complete(c)
+    plan.complete(c)
     edit(c)
     with pytest.raises(specs.ConfigError, match=message):
-        cfg.check(c)
+        checks.check(c)
 
 
 def test_mirror_setting_then_environment(monkeypatch):
@@ -180,14 +182,16 @@ def test_training_sections_share_one_schema_with_defaults(tmp_path, monkeypatch)
     assert c["systems"]["csplade"]["sparse_index"] == {"engine": "exact"}
     # relative DeepSpeed paths resolve against the workflow for runs in another directory
     monkeypatch.chdir(tmp_path)
-    cfg.resolve_paths(c, "/wf")
+    plan.resolve_paths(c, "/wf")
     assert ft["deepspeed_config"] == "/wf/config/deepspeed/cpu.json"
 
 
 def test_sparse_keys_checked_against_training_are_what_a_trained_model_fixes():
+    from llmret import registry
     from llmret.retrieval.sparse_encoder import MODEL_KEYS
 
-    assert set(cfg.SPARSE_KEYS_FROM_TRAINING) == set(MODEL_KEYS) - {"max_query_length", "max_passage_length"}
+    shared = registry.stage("csplade").shared_keys["sparse"]
+    assert set(shared) == set(MODEL_KEYS) - {"max_query_length", "max_passage_length"}
 
 
 BAD_NAMES = [".", "..", "a/b", "with space", "-rf", "", "a*", "x" * 101]
@@ -199,17 +203,17 @@ def test_names_that_are_not_plain_file_names_are_refused_first(section, name):
     """Checked in prefill, before validation fills anything and before any path is made."""
     c = load("smoke.yaml")
     c[section][name] = {}
-    with pytest.raises(cfg.ConfigError, match=rf"^{section}: the name .* is not allowed"):
-        cfg.prefill(c)
+    with pytest.raises(checks.ConfigError, match=rf"^{section}: the name .* is not allowed"):
+        checks.prefill(c)
 
 
 def test_name_pattern_is_the_schemas():
-    schema = yaml.safe_load((ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text())
-    assert schema["$defs"]["name"]["pattern"] == cfg.NAME_PATTERN
-    for section in cfg.NAMED_SECTIONS:
+    schema = yaml.safe_load((ROOT / "src" / "llmret" / "config.schema.yaml").read_text())
+    assert schema["$defs"]["name"]["pattern"] == checks.NAME_PATTERN
+    for section in checks.NAMED_SECTIONS:
         assert schema["properties"][section]["propertyNames"] == {"$ref": "#/$defs/name"}, section
     for good in ("scifact", "msmarco-dl19-5k", "bm25+", "llara_ft.v2", "E5"):
-        cfg.prefill({"datasets": {good: {}}})
+        checks.prefill({"datasets": {good: {}}})
 
 
 def test_a_dataset_named_dotdot_plans_no_job(tmp_path):
@@ -260,31 +264,31 @@ def test_optional_tables_and_checks_switch_off_with_null():
     """Merged over the default, `expected: null` (or a table set to null) turns it off."""
     c = load("config.yaml")
     c.update(expected=None, msmarco_table=None, quantization_table=None)
-    cfg.prefill(c)
+    checks.prefill(c)
     from snakemake.utils import validate
 
-    validate(c, str(ROOT / "workflow" / "schemas" / "config.schema.yaml"))
-    assert cfg.expected_cells(c) == []
+    validate(c, str(ROOT / "src" / "llmret" / "config.schema.yaml"))
+    assert checks.expected_cells(c) == []
 
 
 def test_a_systems_lengths_apply_to_its_dataset_only():
     c = validated("smoke.yaml")
     c["systems"]["smollm2-135m"]["lengths"] = {"msmarco-dl19-5k": {"max_passage_length": 512}}
-    cfg.complete(c)
-    cfg.check(c)
-    assert cfg.system_settings(c, "smollm2-135m", "msmarco-dl19-5k")["max_passage_length"] == 512
-    assert cfg.system_settings(c, "smollm2-135m", "scifact")["max_passage_length"] == 64
+    plan.complete(c)
+    checks.check(c)
+    assert plan.system_settings(c, "smollm2-135m", "msmarco-dl19-5k")["max_passage_length"] == 512
+    assert plan.system_settings(c, "smollm2-135m", "scifact")["max_passage_length"] == 64
     c["systems"]["smollm2-135m"]["lengths"] = {"nope": {"max_passage_length": 512}}
-    with pytest.raises(cfg.ConfigError, match=r"systems\.smollm2-135m\.lengths: 'nope' is not in datasets"):
-        cfg.check(c)
+    with pytest.raises(checks.ConfigError, match=r"systems\.smollm2-135m\.lengths: 'nope' is not in datasets"):
+        checks.check(c)
 
 
 def test_gpus_auto_uses_a_gpu_when_there_is_one():
     c = validated("config.yaml")
     assert c["systems"]["smollm2-135m"]["gpus"] == "auto" and c["finetuning"]["llara-ft-smollm2"]["gpus"] == "auto"
     on_gpu = copy.deepcopy(c)
-    cfg.resolve_gpus(on_gpu, usable_gpus=2)
-    cfg.resolve_gpus(c, usable_gpus=0)
+    plan.resolve_gpus(on_gpu, usable_gpus=2)
+    plan.resolve_gpus(c, usable_gpus=0)
     for section, name in [
         ("systems", "smollm2-135m"),
         ("pretraining", "llara-smollm2"),
@@ -294,7 +298,7 @@ def test_gpus_auto_uses_a_gpu_when_there_is_one():
     assert "gpus" not in c["systems"]["bm25"]
     explicit = validated("config.yaml")
     explicit["finetuning"]["llara-ft-smollm2"]["gpus"] = 4
-    cfg.resolve_gpus(explicit, usable_gpus=0)
+    plan.resolve_gpus(explicit, usable_gpus=0)
     assert explicit["finetuning"]["llara-ft-smollm2"]["gpus"] == 4
 
 
@@ -318,18 +322,18 @@ def test_corpus_shards_are_planned_from_the_corpus_size_and_subsample():
         },
         "encoding": {"shard_size": 500_000},
     }
-    cfg.complete(c)
-    assert len(cfg.corpus_shards(c, "msmarco")) == 18  # 8,841,823 passages
-    assert cfg.corpus_shards(c, "own") == ["000-of-001"]  # size unknown
+    plan.complete(c)
+    assert len(plan.corpus_shards(c, "msmarco")) == 18  # 8,841,823 passages
+    assert plan.corpus_shards(c, "own") == ["000-of-001"]  # size unknown
     c["encoding"]["shard_size"] = 500
-    assert cfg.corpus_shards(c, "nfcorpus") == ["000-of-003", "001-of-003", "002-of-003"]  # max_docs 1200
+    assert plan.corpus_shards(c, "nfcorpus") == ["000-of-003", "001-of-003", "002-of-003"]  # max_docs 1200
 
 
 def test_a_csplade_run_must_attend_as_its_adaptation_run_did():
     c = load("smoke.yaml")
-    cfg.complete(c)
+    plan.complete(c)
     c["csplade"]["csplade-bi-smollm2"]["model"] = "adapt-smollm2"  # adapted causally
     with pytest.raises(
-        cfg.ConfigError, match=r"csplade.csplade-bi-smollm2.bidirectional: True differs from adaptation"
+        checks.ConfigError, match=r"csplade.csplade-bi-smollm2.bidirectional: True differs from adaptation"
     ):
-        cfg.check(c)
+        checks.check(c)

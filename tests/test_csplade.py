@@ -138,6 +138,7 @@ def test_logit_scale_loss_hand_computation_and_relu_threshold():
     assert ((z > 0) == (p > math.exp(-2.0))).all()
 
 
+@pytest.mark.slow
 def test_adaptation_collator_labels_causal_mntp_and_echo(tok):
     texts = ["Cats purr when they are happy.", "Dogs bark."]
     causal = AdaptationCollator(tok, AdaptationSpec(max_length=16), len(tok))(texts)
@@ -160,6 +161,7 @@ def test_adaptation_collator_labels_causal_mntp_and_echo(tok):
         assert int((b.labels[i] != -100).sum()) == len(masked)
 
 
+@pytest.mark.slow
 def test_mntp_leaves_the_unmasked_share_of_a_batch_whole(tok):
     """The last ``unmasked_fraction`` of a batch's rows carry no mask token and next-token labels
     (the whole text encoding sees is trained); the rest are masked as plain MNTP masks them."""
@@ -176,6 +178,7 @@ def test_mntp_leaves_the_unmasked_share_of_a_batch_whole(tok):
     assert (one.inputs.input_ids == tok.unk_token_id).any()
 
 
+@pytest.mark.slow
 def test_group_collator_builds_sparse_batches(tok):
     groups = groups_from_records(RECORDS)
     batch = SparseGroupCollator(tok, SPEC, rng=random.Random(0))(groups)
@@ -208,6 +211,7 @@ def _fit(model: SparseModel, batch, steps: int, lr: float = 1e-2) -> list[dict]:
     return out
 
 
+@pytest.mark.slow
 def test_contrastive_loss_decreases_and_flops_sparsifies(tiny_dir, tok):
     batch = SparseGroupCollator(tok, SPEC, rng=random.Random(0))(groups_from_records(RECORDS))
     plain = _fit(_model(tiny_dir, SPEC), batch, 12, lr=1e-3)
@@ -222,6 +226,7 @@ def test_contrastive_loss_decreases_and_flops_sparsifies(tiny_dir, tok):
     assert regularised[-1]["log"]["nnz_d"] < 0.7 * plain[-1]["log"]["nnz_d"]  # which plain training keeps
 
 
+@pytest.mark.slow
 def test_flops_weight_follows_the_quadratic_warmup(tiny_dir, tok):
     spec = CspladeSpec(**{**SPEC.__dict__, "lambda_q": 0.2, "lambda_d": 0.1, "flops_warmup_steps": 4})
     model = _model(tiny_dir, spec)
@@ -237,6 +242,7 @@ def test_flops_weight_follows_the_quadratic_warmup(tiny_dir, tok):
             assert res["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_save_and_reload_give_the_same_sparse_vectors(tiny_dir, tok, tmp_path):
     from peft import PeftModel
 
@@ -272,6 +278,7 @@ def _records(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_train_stage_logs_saves_and_resumes_at_the_right_step(tiny_dir, tmp_path):
     negatives = tmp_path / "negatives.jsonl"
     negatives.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
@@ -319,6 +326,7 @@ def test_train_stage_logs_saves_and_resumes_at_the_right_step(tiny_dir, tmp_path
     assert not [p for p in out.rglob("*") if p.suffix in PICKLES]
 
 
+@pytest.mark.slow
 def test_adapt_stage_on_a_corpus(tiny_dir, tmp_path):
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text(
@@ -380,6 +388,7 @@ def _adapt_smollm2(smollm2_dir, tok, spec: AdaptationSpec, steps: int = 6):
     return before, stats(), losses
 
 
+@pytest.mark.slow
 def test_adaptation_on_smollm2_lowers_its_loss_and_gives_sparse_live_vectors(smollm2_dir, tok):
     """Six adaptation steps with the keep-alive objective on real passages (SmolLM2, 16
     tokens, batches of 4). The base LM's vectors are dense (every one of the 49,152 terms > 0:
@@ -398,6 +407,7 @@ def test_adaptation_on_smollm2_lowers_its_loss_and_gives_sparse_live_vectors(smo
     assert after["flops"] < 0.1 * before["flops"]
 
 
+@pytest.mark.slow
 def test_logit_scale_adaptation_on_smollm2_moves_the_logsumexp_to_its_target(smollm2_dir, tok):
     """Next-token + logit-scale terms (the default config's objective), same six steps: the pretrained
     LM's per-position logsumexp sits far above the target of 6 (its vectors dense); after

@@ -1,20 +1,19 @@
 """CSPLADE's two training stages must make SmolLM2 retrieve: a fixed planted-word run
-(``benchmarks/csplade_planted.py``, 30 adaptation + 40 contrastive steps, about 3 minutes on
-2 CPU cores) whose vectors must turn sparse, keep each query's made-up word and rank the one
-passage that shares it first. It fails when pooling, masks, the adaptation or the contrastive
-loss break, which the stages' own unit tests (loss targets, shapes) would not notice."""
+(``llmret.csplade.planted``, also ``experiments/csplade_planted``; 30 adaptation + 40
+contrastive steps, about 3 minutes on 2 CPU cores) whose vectors must turn sparse, keep each
+query's made-up word and rank the one passage that shares it first. It fails when pooling,
+masks, the adaptation or the contrastive loss break, which the stages' own unit tests (loss
+targets, shapes) would not notice."""
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
-from conftest import ROOT
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from llmret.csplade.planted import PlantedRecipe, run_planted
 
-from csplade_planted import ProbeArgs, probe  # noqa: E402
+# A research probe: about 3 minutes of training SmolLM2 on 2 CPU cores.
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
@@ -31,7 +30,7 @@ def two_threads():
 #   trained (40 contrastive steps): top1 0.90 / 0.77, 16-63 terms per query, a query keeps at
 #   least one of its made-up word's tokens in 0.87-0.93 of queries.
 def test_planted_passages_rank_first_after_adaptation_and_training(smollm2_dir, two_threads):
-    figures = probe(smollm2_dir, ProbeArgs(seed=0))
+    figures = run_planted(smollm2_dir, PlantedRecipe(seed=0))
     zero, adapted, trained = figures["zero-shot"], figures["adapted"], figures["trained"]
     assert zero["top1"] <= 0.1 and zero["nnz_q"] > 40_000, zero  # the base LM: dense, no ranking
     assert adapted["nnz_q"] < 5_000 and adapted["nnz_d"] < 5_000, adapted  # adaptation sparsifies

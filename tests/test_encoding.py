@@ -26,6 +26,7 @@ def llm(smollm2_dir):
     return TextEncoder(str(smollm2_dir), LLARA, threads=2)
 
 
+@pytest.mark.slow
 def test_truncation_keeps_prompt_and_eos(llm):
     ids = llm.tokenize(TEXTS, "passage")
     tok = llm.tokenizer
@@ -37,6 +38,7 @@ def test_truncation_keeps_prompt_and_eos(llm):
     assert tok.decode(ids[1]) == "Cats The original sentence:" + tok.eos_token
 
 
+@pytest.mark.slow
 def test_bucketed_batches_equal_one_at_a_time(llm):
     batched = llm.encode(TEXTS, "passage", show_progress=False)
     single = np.stack([llm.encode([t], "passage", show_progress=False)[0] for t in TEXTS])
@@ -46,6 +48,7 @@ def test_bucketed_batches_equal_one_at_a_time(llm):
     assert len({tuple(np.round(v, 4)) for v in batched}) == len(TEXTS)
 
 
+@pytest.mark.slow
 def test_last_token_is_the_eos_hidden_state(llm, smollm2_dir):
     from transformers import AutoModel
 
@@ -57,6 +60,7 @@ def test_last_token_is_the_eos_hidden_state(llm, smollm2_dir):
     np.testing.assert_allclose(llm.encode(TEXTS[:1], "query", show_progress=False)[0], expected, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_batches_respect_token_budget(llm):
     lengths = [10, 3, 7, 10, 2, 9]
     plan = llm.batches(lengths)
@@ -66,6 +70,7 @@ def test_batches_respect_token_budget(llm):
         assert [lengths[i] for i in b] == sorted((lengths[i] for i in b), reverse=True)
 
 
+@pytest.mark.slow
 def test_minilm_mean_pooling_matches_reference(minilm_dir):
     """Our special-token framing must give what the tokenizer's own call gives."""
     from transformers import AutoModel, AutoTokenizer
@@ -89,6 +94,7 @@ def test_spec_errors():
         EncoderSpec.from_config({"poolin": "last"})
 
 
+@pytest.mark.slow
 def test_max_length_too_small_is_named(llm):
     tiny = TextEncoder.__new__(TextEncoder)
     tiny.__dict__.update(llm.__dict__)
@@ -110,6 +116,7 @@ def test_device_for_gpus(monkeypatch):
     assert device_for(1) == "cuda"
 
 
+@pytest.mark.slow
 def test_quantized_dense_encoder_stays_close_and_reports_its_precision(llm, smollm2_dir):
     """Weight-only int8 and int4 of every Linear layer: the embeddings keep their direction
     (measured cosine to float32 on these texts: int8 >= 0.999, int4 0.88-0.90), the stats

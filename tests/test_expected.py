@@ -7,7 +7,7 @@ import pytest
 import yaml
 from conftest import ROOT
 
-from llmret import config as cfg
+from llmret import checks
 from llmret.results import expected
 
 GOOD = """\
@@ -124,6 +124,6 @@ def test_shipped_expected_files_match_their_configs(preset):
     conf = _merged(ROOT / "config" / "config.yaml", *[ROOT / "config" / p for p in preset])
     conf.setdefault("evaluation", {}).setdefault("metrics", ["ndcg@10", "mrr@10", "recall@100", "recall@1000"])
     conf["expected"]["file"] = str(ROOT / conf["expected"]["file"])
-    cells = cfg.expected_cells(conf)
+    cells = checks.expected_cells(conf)
     assert len(cells) >= 5
     assert {c.system for c in cells} <= set(conf["systems"])

@@ -235,6 +235,7 @@ def test_lazy_groups_equal_the_eager_ones_and_hold_only_offsets(tmp_path):
     assert load_groups(packed) == eager
 
 
+@pytest.mark.slow
 def test_lazy_groups_train_on_the_same_batches_as_the_eager_list(tmp_path, tok):
     """The same sampler over either gives the same groups and, with the same seed, the same
     sampled negatives: training (and every pinned score) cannot tell them apart."""
@@ -323,6 +324,7 @@ def encoder(smollm2_dir):
     return TextEncoder(str(smollm2_dir), EncoderSpec(**SPEC.encoder_settings()))
 
 
+@pytest.mark.slow
 def test_collate_layout_matches_the_encoder(tok, encoder):
     spec = replace(SPEC, group_size=3)
     long_text = " ".join(["The quick brown fox jumps over the lazy dog."] * 5)
@@ -471,6 +473,7 @@ def trained(smollm2_dir, tok):
     return model.eval(), losses
 
 
+@pytest.mark.slow
 def test_loss_goes_down_on_smollm2(trained):
     _, losses = trained
     assert losses[-1] < 0.25 * losses[0], losses  # ~2.4 -> ~0.01 observed
@@ -489,6 +492,7 @@ def _embed(model: ContrastiveModel, encoder: TextEncoder, kind: str) -> np.ndarr
     return np.stack(vecs)
 
 
+@pytest.mark.slow
 def test_merged_model_encodes_like_adapter_and_trained_model(trained, encoder, smollm2_dir, tok, tmp_path):
     from peft import PeftModel
 
@@ -525,6 +529,7 @@ def test_merged_model_encodes_like_adapter_and_trained_model(trained, encoder, s
 # --------------------------------------------------------------------------- the stage, through DeepSpeed
 
 
+@pytest.mark.slow
 def test_finetune_end_to_end_with_deepspeed(tmp_path, smollm2_dir):
     from safetensors import safe_open
 

@@ -6,9 +6,9 @@ import os
 import pytest
 from conftest import tiny_llama_config
 
-from llmret import launch
+from llmret import launch, registry
 from llmret.llara import pretraining
-from llmret.llara.shards import write_manifest
+from llmret.llara.shard_dataset import write_manifest
 
 SENTENCES = [
     "Cats purr when they are happy and warm. Dogs bark at the postman every single morning.",
@@ -23,13 +23,13 @@ SENTENCES = [
 
 
 def test_command_is_an_argument_list_without_a_shell(tmp_path):
-    cmd = launch.torchrun_command("pretrain", tmp_path / "a b.json", 4)
+    cmd = launch.torchrun_command("pretraining", tmp_path / "a b.json", 4)
     assert cmd[1:4] == ["-m", "torch.distributed.run", "--standalone"]
-    assert "--nproc-per-node=4" in cmd and cmd[-3:] == ["llmret.launch", "pretrain", str(tmp_path / "a b.json")]
+    assert "--nproc-per-node=4" in cmd and cmd[-3:] == ["llmret.launch", "pretraining", str(tmp_path / "a b.json")]
 
 
 def test_unknown_task_is_refused():
-    with pytest.raises(ValueError, match="unknown launch task 'os.system'"):
+    with pytest.raises(ValueError, match="unknown training stage 'os.system'"):
         launch.run("os.system", {}, nproc=1)
 
 
@@ -54,6 +54,7 @@ def tiny_llara_inputs(tmp_path, smollm2_dir):
     return model_dir, tmp_path / "shards" / "manifest.json", spec
 
 
+@pytest.mark.slow
 def test_two_ranks_under_torchrun_train_one_model(tmp_path, tiny_llara_inputs, monkeypatch):
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"):
         monkeypatch.delenv(var, raising=False)
@@ -69,7 +70,7 @@ def test_two_ranks_under_torchrun_train_one_model(tmp_path, tiny_llara_inputs, m
         "log_path": str(tmp_path / "log.jsonl"),
     }
     launch.run(
-        "pretrain",
+        "pretraining",
         {
             "model_dir": str(model_dir),
             "manifest": str(manifest),
@@ -159,6 +160,7 @@ def test_no_claim_under_a_scheduler_or_without_gpus(no_visible_devices, monkeypa
 
 def test_run_sets_the_claimed_devices_for_the_stage(no_visible_devices, monkeypatch):
     monkeypatch.setattr(launch, "machine_gpu_count", lambda: 2)
-    monkeypatch.setitem(launch.TASKS, "probe", "os:getenv")  # returns the variable it is asked for
+    # a stage whose entry point returns the variable it is asked for
+    monkeypatch.setitem(registry.STAGES, "probe", registry.Stage("probe", spec="", entry="os:getenv", data=None))
     with launch.claimed_devices(1):  # another job holds GPU 0
         assert launch.run("probe", {"key": "CUDA_VISIBLE_DEVICES"}, nproc=1) == "1"

@@ -54,6 +54,7 @@ def _separate(lm, tok, text, prompt):
         return lm.model(input_ids=torch.tensor([ids + [tok.eos_token_id]])).last_hidden_state[0, -1]
 
 
+@pytest.mark.slow
 def test_joint_pass_equals_two_separate_passes(lm, tok):
     obj = LlaraObjective()
     batch = build_joint_inputs(tok, TEXTS, obj)
@@ -69,6 +70,7 @@ def test_joint_pass_equals_two_separate_passes(lm, tok):
     assert (ebae - ebar).abs().max().item() > 0.1
 
 
+@pytest.mark.slow
 def test_default_causal_mask_would_leak_self_into_next(lm, tok):
     """Guards the test above: without the custom mask the EBAR embedding is measurably off."""
     batch = build_joint_inputs(tok, TEXTS[:1])
@@ -86,6 +88,7 @@ def _perturbed(batch, segment, new_id):
     return type(batch)(**{**batch.__dict__, "input_ids": ids})
 
 
+@pytest.mark.slow
 def test_self_and_next_segments_are_mutually_invisible(lm, tok):
     model = LlaraModel(lm)
     batch = build_joint_inputs(tok, TEXTS)
@@ -99,6 +102,7 @@ def test_self_and_next_segments_are_mutually_invisible(lm, tok):
     assert (ae_t - ae).abs().max() > 1e-2 and (ar_t - ar).abs().max() > 1e-2  # both read the text
 
 
+@pytest.mark.slow
 def test_layout_positions_and_mask(tok):
     obj = LlaraObjective(max_text_length=5)
     batch = build_joint_inputs(tok, TEXTS, obj)
@@ -138,6 +142,7 @@ def test_joint_allowed_rules():
         additive_mask(torch.zeros(1, 2, 2, dtype=torch.bool))
 
 
+@pytest.mark.slow
 def test_bow_targets_dedup_and_exclusions(tok):
     assert bow_targets([[3, 3, 4, 0, 2], [0, 0], [1]], 6, exclude_ids=[0, 2]).tolist() == [
         [0, 0, 0, 1, 1, 0],
@@ -175,6 +180,7 @@ def test_bow_loss_by_hand():
     assert bow_loss(logits[2:], targets[2:]).item() == 0.0
 
 
+@pytest.mark.slow
 def test_projection_copy_and_tie(smollm2_dir, tok):
     lm = _lm(smollm2_dir, "sdpa")
     copy = LlaraModel(lm, head="copy")
@@ -189,6 +195,7 @@ def test_projection_copy_and_tie(smollm2_dir, tok):
         copy.embed(build_joint_inputs(tok, ["x"]))
 
 
+@pytest.mark.slow
 def test_loss_goes_down(smollm2_dir, tok):
     torch.manual_seed(0)
     lm = _lm(smollm2_dir, "sdpa")
@@ -298,6 +305,7 @@ def test_flag_defaults_are_the_released_recipe():
         LlaraObjective(variant="flagembedding", summary_tokens=0)
 
 
+@pytest.mark.slow
 def test_flag_summary_tokens_are_added_once_and_placed(smollm2_dir):
     from transformers import AutoTokenizer
 
@@ -339,6 +347,7 @@ def test_flag_summary_tokens_are_added_once_and_placed(smollm2_dir):
     assert paper.ebae_summary is None and paper.lm_labels is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 def test_flag_joint_pass_equals_two_separate_passes(flag_tok, impl):
     lm = _tiny_lm(len(flag_tok), impl)
@@ -381,6 +390,7 @@ def test_summary_logits_max_pool_by_hand():
     assert summary_logits(hidden, index, proj).tolist() == [[2.0, 1.0, 3.0, 1.0], [0.5, 4.0, 3.0, 0.0]]
 
 
+@pytest.mark.slow
 def test_flag_losses_against_references(flag_tok):
     """loss_lm = HF's own ``labels=`` loss on ``prefix + text``; loss_ebae/ebar = the released
     formula written out per row; loss = 0.05 * ebae + 0.05 * ebar + lm."""
@@ -424,6 +434,7 @@ def test_flag_losses_against_references(flag_tok):
         LlaraModel(lm)(batch)
 
 
+@pytest.mark.slow
 def test_flag_loss_goes_down(flag_tok):
     lm = _tiny_lm(len(flag_tok))
     model = LlaraModel(lm, FLAG, head="tie")
@@ -444,6 +455,7 @@ def test_flag_loss_goes_down(flag_tok):
     assert all(last < first for first, last in zip(losses[0][1:], losses[-1][1:], strict=True))  # every term learns
 
 
+@pytest.mark.slow
 def test_fit_embeddings_only_grows(flag_tok):
     lm = _tiny_lm(len(flag_tok) - 16)
     assert fit_embeddings(lm, flag_tok)
@@ -453,6 +465,7 @@ def test_fit_embeddings_only_grows(flag_tok):
     assert not fit_embeddings(padded, flag_tok) and padded.config.vocab_size == len(flag_tok) + 40
 
 
+@pytest.mark.slow
 def test_flag_encoder_pools_the_trained_summary_tokens(tmp_path, flag_tok):
     """The dense-system settings written to llara.json feed the encoder the ids training used
     (prefix + text + SELF or NEXT segment) and pool the mean of the summary-token states."""

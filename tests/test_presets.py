@@ -115,6 +115,7 @@ def test_llara_preset_through_the_slurm_profile(tmp_path):
         assert (8_841_823 / 18 * 4096 * 4 + 6.74e9 * 2) / 2**20 < int(res["mem_mb"]) < 64_000, res
 
 
+@pytest.mark.slow
 def test_csplade_preset_dag(tmp_path):
     out = dry_run(
         tmp_path,

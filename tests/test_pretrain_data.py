@@ -17,15 +17,8 @@ from llmret.data import beir
 from llmret.llara.modeling import LlaraModel
 from llmret.llara.objective import NEXT, SELF, LlaraObjective, build_training_batch
 from llmret.llara.pairs import Pair, pairs_from_beir, pairs_from_dpr_wiki, split_pairs
-from llmret.llara.shards import (
-    ShardDataset,
-    collate,
-    load_shard,
-    read_manifest,
-    shard_of,
-    tokenize_shard,
-    write_manifest,
-)
+from llmret.llara.pretrain_shards import shard_of, tokenize_shard
+from llmret.llara.shard_dataset import ShardDataset, collate, load_shard, read_manifest, write_manifest
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -226,6 +219,7 @@ def test_shard_assignment_is_a_stable_partition(pairs):
         shard_of("x", 0, 0)
 
 
+@pytest.mark.slow
 def test_shards_cover_every_pair_once(pairs, tok, tmp_path):
     n, seed, cap = 4, 7, 32
     stats = [tokenize_shard(pairs, s, n, seed, tok, cap, tmp_path / f"s{s}.safetensors") for s in range(n)]
@@ -247,6 +241,7 @@ def _as_tuples(item):
     return tuple(item[0]), tuple(item[1])
 
 
+@pytest.mark.slow
 def test_shard_files_are_deterministic(pairs, tok, tmp_path):
     a, b, c, d = (tmp_path / f"{x}.safetensors" for x in "abcd")
     tokenize_shard(pairs, 1, 3, 0, tok, 24, a)
@@ -264,6 +259,7 @@ def test_shard_files_are_deterministic(pairs, tok, tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))  # no temporary left behind
 
 
+@pytest.mark.slow
 def test_roundtrip_and_truncation(pairs, tok, tmp_path):
     cap, seed = 16, 3
     path = tmp_path / "all.safetensors"
@@ -285,6 +281,7 @@ def test_roundtrip_and_truncation(pairs, tok, tmp_path):
     assert shard.metadata["tokenizer"] == str(tok.name_or_path)
 
 
+@pytest.mark.slow
 def test_empty_shard_and_duplicate_ids(pairs, tok, tmp_path):
     stats = tokenize_shard([], 0, 2, 0, tok, 8, tmp_path / "empty.safetensors")
     assert stats["pairs"] == 0 and len(load_shard(tmp_path / "empty.safetensors")) == 0
@@ -295,6 +292,7 @@ def test_empty_shard_and_duplicate_ids(pairs, tok, tmp_path):
     assert not (tmp_path / "dup.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_manifest_and_dataset(pairs, tok, tmp_path):
     n, seed = 3, 5
     paths = [tmp_path / "shards" / f"{s}.safetensors" for s in range(n)]
@@ -329,6 +327,7 @@ def test_manifest_and_dataset(pairs, tok, tmp_path):
         ds.check_compatible(tok, LlaraObjective(max_text_length=21))
 
 
+@pytest.mark.slow
 def test_shards_are_read_lazily_with_the_same_items(pairs, tok, tmp_path):
     """A shard in memory is its offsets (8 bytes a pair per side); token ids are sliced out of
     the file per item, and equal the rows of the fully loaded arrays. A dataset pickles
@@ -353,6 +352,7 @@ def test_shards_are_read_lazily_with_the_same_items(pairs, tok, tmp_path):
     assert [copy[i] for i in (0, len(ds) // 2, -1)] == [want[0], want[len(ds) // 2], want[-1]]
 
 
+@pytest.mark.slow
 def test_corrupt_shards_are_refused(pairs, tok, tmp_path):
     good = tmp_path / "good.safetensors"
     tokenize_shard(pairs[:20], 0, 1, 0, tok, 8, good)
@@ -421,6 +421,7 @@ def tiny_lm(smollm2_dir):
     return AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", dtype=torch.float32)
 
 
+@pytest.mark.slow
 def test_collate_feeds_llara(pairs, tok, tiny_lm, tmp_path):
     cap, seed = 16, 0
     path = tmp_path / "s.safetensors"

@@ -3,12 +3,11 @@ from pathlib import Path
 
 import pytest
 
-from llmret import config as cfg
-from llmret import specs
+from llmret import checks, plan, specs
 from llmret.llara import pretraining
 from llmret.results import plots
 
-SCHEMA = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
+SCHEMA = Path(__file__).resolve().parents[1] / "src" / "llmret" / "config.schema.yaml"
 # What workflow/rules/common.smk::pretrain_spec leaves out of a run's settings.
 NOT_SPEC = ("model", "corpora", "dpr_wiki", "training", "gpus")
 
@@ -70,25 +69,26 @@ def base_config():
 )
 def test_pretraining_cross_checks(edit, message):
     c = base_config()
-    cfg.complete(c)
-    cfg.check(c)  # the unedited config is fine: a dense system may name a pretraining run
+    plan.complete(c)
+    checks.check(c)  # the unedited config is fine: a dense system may name a pretraining run
     edit(c)
     with pytest.raises(specs.ConfigError, match=message):
-        cfg.check(c)
+        checks.check(c)
 
 
 def test_deepspeed_config_resolved_against_the_workflow(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     c = {"pretraining": {"run": {"training": {"deepspeed_config": "config/deepspeed/cpu.json"}}}}
-    cfg.resolve_paths(c, "/repo")
+    plan.resolve_paths(c, "/repo")
     assert c["pretraining"]["run"]["training"]["deepspeed_config"] == "/repo/config/deepspeed/cpu.json"
 
 
+@pytest.mark.slow
 def test_shards_take_beir_documents_and_dpr_passages(tmp_path, smollm2_dir):
     import gzip
 
     from llmret.llara.pairs import pairs_from_beir, pairs_from_dpr_wiki
-    from llmret.llara.shards import load_shard
+    from llmret.llara.shard_dataset import load_shard
 
     corpus = tmp_path / "toy" / "corpus.jsonl"
     corpus.parent.mkdir()
@@ -111,11 +111,11 @@ def test_shards_take_beir_documents_and_dpr_passages(tmp_path, smollm2_dir):
 def test_a_run_needs_a_source_of_text():
     c = base_config()
     c["pretraining"]["run"]["corpora"] = []
-    cfg.complete(c)
+    plan.complete(c)
     with pytest.raises(specs.ConfigError, match=r"pretraining\.run: no source of text"):
-        cfg.check(c)
+        checks.check(c)
     c["pretraining"]["run"]["dpr_wiki"] = {"max_passages": 1000}
-    cfg.check(c)
+    checks.check(c)
 
 
 def _validated(run: dict) -> dict:
@@ -177,23 +177,25 @@ def test_a_flag_run_must_be_encoded_as_trained():
     from llmret.llara.objective import encoder_settings
 
     c = _validated({"variant": "flagembedding"})
-    cfg.complete(c)
+    plan.complete(c)
     with pytest.raises(specs.ConfigError, match=r"systems\.llara\.query_template: '\{text\}', but pretraining\.run"):
-        cfg.check(c)
+        checks.check(c)
     want = encoder_settings(_spec(c).objective())
     assert want["pooling"] == "mean_last_8" and want["append_eos"] is False
     c["systems"]["llara"].update(want)
-    cfg.check(c)
+    checks.check(c)
     c["systems"]["llara"]["pooling"] = "last"
     with pytest.raises(specs.ConfigError, match=r"systems\.llara\.pooling: 'last'.*'mean_last_8'"):
-        cfg.check(c)
+        checks.check(c)
 
 
+@pytest.mark.slow
 def test_flag_shards_are_tokenised_with_the_summary_tokens(tmp_path, smollm2_dir):
     from transformers import AutoTokenizer
 
     from llmret.llara.objective import add_summary_tokens
-    from llmret.llara.shards import ShardDataset, load_shard, tokenizer_fingerprint
+    from llmret.llara.pretrain_shards import tokenizer_fingerprint
+    from llmret.llara.shard_dataset import ShardDataset, load_shard
 
     corpus = tmp_path / "toy" / "corpus.jsonl"
     corpus.parent.mkdir()
@@ -215,6 +217,7 @@ def test_flag_shards_are_tokenised_with_the_summary_tokens(tmp_path, smollm2_dir
         ds.check_compatible(plain, pretraining.PretrainSpec(max_text_length=16).objective())
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("one_thread", "clean_process_state")
 def test_flag_pretraining_end_to_end(tmp_path, smollm2_dir):
     """make_shard -> pretrain on a tiny Llama: both add the summary tokens, the embeddings
@@ -223,7 +226,7 @@ def test_flag_pretraining_end_to_end(tmp_path, smollm2_dir):
     from conftest import tiny_llama_config
     from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
 
-    from llmret.llara.shards import write_manifest
+    from llmret.llara.shard_dataset import write_manifest
     from llmret.retrieval.encoder import EncoderSpec, TextEncoder
 
     base = tmp_path / "base"

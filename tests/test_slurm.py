@@ -152,7 +152,7 @@ def _sized_mem(rule: str) -> int:
 
     config = yaml.safe_load(SMOKE.read_text())
     section = {"llara_pretrain": "pretraining", "finetune": "finetuning"}[rule]
-    mems = {sizing.training_mb(config, section, run, 1) for run in config[section]}
+    mems = {sizing.training_mb(config, run, 1) for run in config[section]}
     assert (
         len(mems) == 1 and "mem_mb" not in yaml.safe_load((PROFILE / "config.yaml").read_text())["set-resources"][rule]
     )

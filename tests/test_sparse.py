@@ -143,6 +143,7 @@ def test_echo_second_copy_sees_the_whole_text_first_copy_does_not():
     assert b.pool_mask[0, :n].sum() == 0 and b.pool_mask[0, n:].sum() == n
 
 
+@pytest.mark.slow
 def test_bidirectional_lets_an_earlier_position_see_a_later_token(smollm2_dir, tok):
     from llmret.retrieval.sparse_encoder import load_sparse_model
 
@@ -188,6 +189,7 @@ def _save_tiny(tmp_path, tok):
 TEXTS = ["Cats purr when they are happy.", "Dogs bark.", "The river floods the valley each spring, farmers wait."]
 
 
+@pytest.mark.slow
 def test_encode_sparse_order_batching_pruning_and_templates(tmp_path, tok):
     from llmret.retrieval.sparse_encoder import load_sparse_model, tokenize_sparse
 
@@ -221,6 +223,7 @@ def test_encode_sparse_order_batching_pruning_and_templates(tmp_path, tok):
         SparseEncoderSpec.from_config({"topk": 3})
 
 
+@pytest.mark.slow
 def test_bf16_encoding_stays_close_to_fp32(smollm2_dir, tok):
     from llmret.retrieval.sparse_encoder import load_sparse_model
 
@@ -256,6 +259,7 @@ QUANTIZED_SPARSE_BOUNDS = {  # (quantize, quantize_head): (max relative error, m
 }
 
 
+@pytest.mark.slow
 def test_quantized_sparse_encoders_stay_close_to_float32(smollm2_dir, tok):
     from llmret.retrieval.quantization import head_precision
     from llmret.retrieval.sparse_encoder import load_sparse_encoder

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from llmret.config import entry_tokenization
+from llmret.plan import entry_tokenization
 from llmret.retrieval.tokenization import frame_texts
 
 TEMPLATES = ["query: {text}", "passage: {text}", "{text} The next sentence:", "{text}"]
@@ -18,6 +18,7 @@ TEXTS = [
 ]
 
 
+@pytest.mark.slow
 def test_prompt_and_text_are_one_string(tok):
     ids = frame_texts(tok, ["what do cats eat"], "query: {text}", 32, append_eos=True, head=[], tail=[])[0]
     assert tok.convert_ids_to_tokens(ids) == ["query", ":", "Ġwhat", "Ġdo", "Ġcats", "Ġeat", "<|im_end|>"]
@@ -26,6 +27,7 @@ def test_prompt_and_text_are_one_string(tok):
     assert ids[2] in inside
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("template", TEMPLATES)
 def test_untruncated_rows_are_the_filled_template(tok, template):
     rows = frame_texts(tok, TEXTS, template, 512, append_eos=True, head=[], tail=[])
@@ -33,6 +35,7 @@ def test_untruncated_rows_are_the_filled_template(tok, template):
         assert row == tok(template.format(text=text), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("template", TEMPLATES)
 @pytest.mark.parametrize("max_length", [6, 9, 14])
 def test_a_long_text_is_cut_never_the_template_or_eos(tok, template, max_length):
@@ -53,6 +56,7 @@ def test_a_long_text_is_cut_never_the_template_or_eos(tok, template, max_length)
         assert len(bigger) + 1 > max_length
 
 
+@pytest.mark.slow
 def test_no_room_for_text_names_the_setting(tok):
     with pytest.raises(ValueError, match="max_query_length=4 leaves no room"):
         frame_texts(tok, ["a"], "query: {text}", 4, append_eos=True, head=[], tail=[], length_name="max_query_length")

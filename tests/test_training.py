@@ -277,6 +277,7 @@ def _proc_status_mb(field: str) -> float:
     raise KeyError(field)
 
 
+@pytest.mark.slow
 def test_regressor_learns_logs_and_checkpoints(tmp_path):
     torch.manual_seed(0)
     rss_before = _proc_status_mb("VmRSS")
@@ -331,6 +332,7 @@ def test_regressor_learns_logs_and_checkpoints(tmp_path):
     assert not (tmp_path / "tripped").exists()
 
 
+@pytest.mark.slow
 def test_changed_settings_train_afresh_instead_of_resuming_a_stale_checkpoint(tmp_path):
     """Rerunning a stage after a setting changed (here the learning rate) must give the model of
     the new settings, not resume the old run's final checkpoint; logging and saving cadence
@@ -404,6 +406,7 @@ def test_retention_default_is_one_for_full_parameter_runs_and_two_with_frozen_pa
             regressor_args(Path("/unused"), keep_checkpoints=bad)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("keep", "during"), [(None, [1, 1, 1, 1, 1]), (3, [1, 2, 3, 3, 3])])
 def test_the_loop_keeps_keep_checkpoints_while_training(tmp_path, monkeypatch, keep, during):
     """The tags left after each save: ``keep_checkpoints`` (default 1: every parameter of the
@@ -454,6 +457,7 @@ def test_dtype_agrees_with_the_deepspeed_config(tmp_path, monkeypatch):
         training_dtype({"deepspeed_config": str(both)})
 
 
+@pytest.mark.slow
 def test_bf16_run_with_the_gpu_preset_config_and_refused_mismatches(tmp_path):
     """ZeRO-2 + bf16 (config/deepspeed/gpu_zero2_bf16.json) trains on CPU too: the model is
     given in bfloat16 and stays so. A model in another dtype than the run's is refused
@@ -533,6 +537,7 @@ def smollm2_bf16_dir(smollm2_dir) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_bf16_run_loads_the_model_in_bf16_without_a_float32_copy(smollm2_bf16_dir):
     """A stage's load under the GPU preset's DeepSpeed config (dtype auto -> bfloat16) creates
     the base model in bfloat16: half the float32 bytes, and the load's peak resident-set growth
@@ -599,6 +604,7 @@ def test_recipe_holds_the_models_settings():
     }
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     """SIGKILL a run after step 12 (checkpoint: step 10), rerun the same command, and compare
     with an uninterrupted run: the final weights must be bit-identical (torch.equal)."""
@@ -690,6 +696,7 @@ class StubTokenizer:
         (Path(out_dir) / "tokenizer_config.json").write_text("{}")
 
 
+@pytest.mark.slow
 def test_tiny_llama_with_hf_save_and_gradient_checkpointing(tmp_path):
     from safetensors.torch import load_file
 
@@ -752,6 +759,7 @@ PAIRS = [
 ]
 
 
+@pytest.mark.slow
 def test_llara_model_trains_end_to_end(tmp_path, smollm2_dir):
     """LlaraModel over a tiny random Llama, real tokenizer and JointBatch: both losses logged,
     LM + head saved by save_llara with the tokenizer."""

@@ -21,6 +21,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
+from llmret import registry
+
 MB = 2**20
 BASE_BYTES = 3 * 2**30  # interpreter, torch, CUDA context, tokenizer
 HEADROOM = 1.25
@@ -33,7 +35,6 @@ TRAIN_QUERIES = 1_000_000  # MS MARCO's 808,731 training queries, rounded up
 DEFAULT_PARAMETERS = 1e9
 DEFAULT_HIDDEN = 4096
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-TRAINING_SECTIONS = ("pretraining", "finetuning", "adaptation", "csplade")
 
 
 def mb(nbytes: float) -> int:
@@ -67,7 +68,7 @@ def base_model(config: Mapping, name: str) -> Mapping:
     """The ``models`` entry a model name or training run comes from (following run bases)."""
     seen = set()
     while name not in (config.get("models") or {}):
-        run = next((config[s][name] for s in TRAINING_SECTIONS if name in (config.get(s) or {})), None)
+        run = next((entry for run, _, entry in registry.runs(config) if run == name), None)
         if run is None or name in seen:
             raise KeyError(f"{name!r} is neither a model nor a training run")
         seen.add(name)
@@ -115,11 +116,11 @@ def search_mb(config: Mapping, system: str, dataset: str, shards: int, k: int, t
     return mb(search_bytes(shard_rows(config, dataset, shards), hidden, queries, k))
 
 
-def training_mb(config: Mapping, section: str, run: str, ranks: int) -> int:
+def training_mb(config: Mapping, run: str, ranks: int) -> int:
     """``training.dtype: auto`` is counted as bfloat16 for a run on GPUs (what it resolves to
     on bf16-capable GPUs) and float32 on the CPU."""
     parameters, _ = model_size(config, run)
-    dtype = (config[section][run].get("training") or {}).get("dtype", "auto")
+    dtype = (registry.run_entry(config, run).get("training") or {}).get("dtype", "auto")
     if dtype == "auto":
         dtype = "bfloat16" if ranks > 0 else "float32"
     return mb(training_bytes(parameters, dtype, ranks) - BASE_BYTES)

@@ -7,7 +7,7 @@ The config sections: config/README.md.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import fields
 from typing import TypeVar
 
@@ -54,3 +54,28 @@ def own_settings(cls: type, mapping: Mapping) -> dict:
     list of which keys are settings, so the workflow keeps no skip-lists of its own."""
     names = field_names(cls)
     return {k: v for k, v in mapping.items() if k in names}
+
+
+def rerun_keys(spec_class: type, values: Mapping) -> dict:
+    """The rerun keys of a config entry: the settings its jobs' outputs depend on, as the
+    workflow passes them in ``params`` (Snakemake reruns a job whose params changed, comparing
+    their printed form, so key order and value types count). ``spec_class`` is the entry's
+    settings dataclass, ``values`` the part of the entry it holds (schema defaults filled).
+
+    A spec class may define ``rerun_keys(self) -> dict`` (e.g. :class:`llmret.llara.pretraining.
+    PretrainSpec`: defaults resolved per variant, fewer keys for runs from before a setting
+    existed); then the spec is built from ``values`` and its keys come in ``values``' order
+    first (:func:`in_order`). Otherwise the keys are ``values`` as given, not built (the
+    spec's fields the entry leaves out, or values its ``__post_init__`` would normalise, are
+    no rerun keys). The tokenisation tag (:func:`llmret.retrieval.tokenization.tokenization_of`)
+    is the other rerun key of a text-framing job, a param of its own.
+    """
+    if getattr(spec_class, "rerun_keys", None) is None:
+        return dict(values)
+    return in_order(settings(spec_class, values, f"{spec_class.__name__} settings").rerun_keys(), values)
+
+
+def in_order(values: Mapping, order: Iterable[str]) -> dict:
+    """``values`` with the keys named in ``order`` first, in that order, then the rest in theirs."""
+    first = [k for k in dict.fromkeys(order) if k in values]
+    return {k: values[k] for k in [*first, *(k for k in values if k not in first)]}

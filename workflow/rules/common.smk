@@ -9,35 +9,35 @@ min_version("9.0")
 # The library lives under src/: importable here and in every job (scripts run in their own
 # processes, maybe in a conda env) even without `pip install -e .`.
 sys.path.insert(0, os.path.join(workflow.basedir, "src"))
-from llmret import config as cfgcheck  # noqa: E402
+from llmret import checks  # noqa: E402
+from llmret import plan  # noqa: E402
 from llmret import launch  # noqa: E402
 from llmret.data import sources  # noqa: E402
 from llmret import sizing  # noqa: E402
+from llmret import registry  # noqa: E402
 from llmret.retrieval import corpus_shards  # noqa: E402
 
-cfgcheck.prepare_environment(os.path.join(workflow.basedir, "src"))
+launch.prepare_environment(os.path.join(workflow.basedir, "src"))
 
-cfgcheck.prefill(config)
-validate(config, "../schemas/config.schema.yaml")
-cfgcheck.complete(config)
-cfgcheck.resolve_gpus(config, launch.usable_gpu_count())
-cfgcheck.check(config)
+checks.prefill(config)
+validate(config, "../../src/llmret/config.schema.yaml")
+plan.complete(config)
+plan.resolve_gpus(config, launch.usable_gpu_count())
+checks.check(config)
 
 DATASETS = list(config["datasets"])
 FILE_DATASETS = [d for d in DATASETS if "files" in config["datasets"][d]]
 ZIP_DATASETS = [d for d in DATASETS if d not in FILE_DATASETS]
 RAW_FILES = sources.raw_files(config)
-TABLE_SYSTEMS = cfgcheck.table_systems(config)
-TABLE_DATASETS = cfgcheck.table_datasets(config)
-BM25_SYSTEMS = cfgcheck.systems_of_type(config, "bm25")
-DENSE_SYSTEMS = cfgcheck.systems_of_type(config, "dense")
-# bow systems (bag-of-words, no model) are encoded, indexed and searched as sparse ones.
-BOW_SYSTEMS = cfgcheck.systems_of_type(config, "bow")
-SPARSE_SYSTEMS = cfgcheck.systems_of_type(config, "sparse") + BOW_SYSTEMS
+TABLE_SYSTEMS = plan.table_systems(config)
+TABLE_DATASETS = plan.table_datasets(config)
+# Systems by the family of rules that builds them (llmret.registry.SYSTEM_TYPES): bow
+# systems (bag-of-words, no network) are encoded, indexed and searched as sparse ones.
+BM25_SYSTEMS = registry.systems_of_family(config, "bm25")
+DENSE_SYSTEMS = registry.systems_of_family(config, "dense")
+SPARSE_SYSTEMS = registry.systems_of_family(config, "sparse")
+BOW_SYSTEMS = plan.systems_of_type(config, "bow")
 PRETRAIN_RUNS = list(config["pretraining"])
-FINETUNE_RUNS = list(config["finetuning"])
-ADAPTATION_RUNS = list(config["adaptation"])
-CSPLADE_RUNS = list(config["csplade"])
 MINING = list(config["mining"])
 MINING_FILES = [m for m in MINING if "file" in config["mining"][m]]
 MINED = [m for m in MINING if m not in MINING_FILES]
@@ -54,9 +54,9 @@ QUANT_SYSTEMS = QUANT.get("systems", [])
 QUANT_DATASET = QUANT.get("dataset") or TABLE_DATASETS[0]
 QUANT_METRIC = QUANT.get("metric", config["table"]["metric"])
 # Training runs behind what `all` builds: their loss plots and the training table.
-USED_RUNS = cfgcheck.runs_used(config, TABLE_SYSTEMS + MSMARCO_SYSTEMS + QUANT_SYSTEMS)
-cfgcheck.resolve_paths(config, workflow.basedir)
-EXPECTED = cfgcheck.expected_cells(config)
+USED_RUNS = plan.runs_used(config, TABLE_SYSTEMS + MSMARCO_SYSTEMS + QUANT_SYSTEMS)
+plan.resolve_paths(config, workflow.basedir)
+EXPECTED = checks.expected_cells(config)
 EXPECTED_FILE = (config.get("expected") or {}).get("file", [])
 # (system, dataset) pairs with an expected cell, in the order of check_expected's input.
 EXPECTED_RUNS = sorted({(c.system, c.dataset) for c in EXPECTED})
@@ -109,11 +109,60 @@ def model_of(section, wildcard):
     return lambda wc: model_dir(config[section][getattr(wc, wildcard)]["model"])
 
 
-def negatives_of(section):
-    """Input function: the hard negatives file a training run of ``section`` reads."""
-    return (
-        lambda wc: f"results/mining/{config[section][wc.run]['negatives']}/negatives.jsonl"
+def runs_of_rule(rule):
+    """The training runs (of any stage, llmret.registry) that ``rule`` trains."""
+    return [run for run, stage, _ in registry.runs(config) if stage.rule == rule]
+
+
+def run_base_model(wildcards):
+    """The checkpoint folder a training run starts from."""
+    return model_dir(registry.run_entry(config, wildcards.run)["model"])
+
+
+def run_data(wildcards):
+    """The file a training run trains on (its stage's data source)."""
+    run = wildcards.run
+    return registry.stage_of(config, run).data_path(
+        run, registry.run_entry(config, run)
     )
+
+
+def run_deepspeed(wildcards):
+    return registry.run_entry(config, wildcards.run)["training"]["deepspeed_config"]
+
+
+def run_gpus(wildcards):
+    return registry.run_entry(config, wildcards.run)["gpus"]
+
+
+def run_spec(wildcards):
+    """A run's own settings (what its stage's dataclass holds; not its base model, data,
+    LoRA, training or GPUs, which reach the job otherwise), as its rerun keys."""
+    stage = registry.stage_of(config, wildcards.run)
+    return plan.rerun_settings(stage.section, config[stage.section][wildcards.run])
+
+
+def run_tokenization(wildcards):
+    """A run's tokenisation tag (see tokenization below)."""
+    section = registry.stage_of(config, wildcards.run).section
+    return tokenization(section, "run")(wildcards)
+
+
+def run_lora(wildcards):
+    """A LoRA stage's ``lora`` block ({} for a full-weight stage)."""
+    return dict(registry.run_entry(config, wildcards.run).get("lora") or {})
+
+
+def run_training(wildcards):
+    """A run's training settings without those that do not change the model: the DeepSpeed
+    file's path (the file is an input, its content triggers reruns, so moving the checkout
+    does not retrain) and checkpoint retention (the job reads it from the config)."""
+    training = registry.run_entry(config, wildcards.run)["training"]
+    return {
+        k: v
+        for k, v in training.items()
+        if k not in ("deepspeed_config", "keep_checkpoints")
+    }
 
 
 def mining_dataset(wildcards):
@@ -135,10 +184,7 @@ def mem_mb(kind, **fixed):
         if kind == "import":
             return sizing.import_mb(config, wc.model)
         if kind == "train":
-            section = fixed["section"]
-            return sizing.training_mb(
-                config, section, wc.run, config[section][wc.run]["gpus"]
-            )
+            return sizing.training_mb(config, wc.run, run_gpus(wc))
         count = len(corpus_shards(wc.dataset))
         corpus = corpus_of(wc.dataset)
         if kind == "encode":
@@ -171,19 +217,15 @@ def dpr_wiki_input(run):
 
 
 def pretrain_spec(run):
-    """A run's shard and objective settings (what PretrainSpec holds), defaults resolved,
-    so only a change of what the run does reruns it."""
-    raw = cfgcheck.entry_settings("pretraining", config["pretraining"][run])
-    return (
-        cfgcheck.spec_class("pretraining").from_config(raw).effective(order=list(raw))
-    )
+    """A pretraining run's shard and objective settings, defaults resolved (its rerun keys)."""
+    return plan.rerun_settings("pretraining", config["pretraining"][run])
 
 
 def system_settings(wildcards):
     """A system's encoder/scorer settings for the job's dataset (not its type, index or
     GPUs): they reach scripts through params, so changing the index type does not re-encode.
     """
-    return cfgcheck.system_settings(
+    return plan.system_settings(
         config, wildcards.system, getattr(wildcards, "dataset", None)
     )
 
@@ -223,7 +265,7 @@ def mining_depth(wildcards):
 
 def mining_settings(wildcards):
     """What llmret.training.mining.MiningSpec takes (everything but the dataset and retriever)."""
-    return cfgcheck.entry_settings("mining", config["mining"][wildcards.mining])
+    return plan.entry_settings("mining", config["mining"][wildcards.mining])
 
 
 def mined_run(wildcards):
@@ -231,36 +273,17 @@ def mined_run(wildcards):
     return f"results/runs/{m['retriever']}/{m['dataset']}/train.trec"
 
 
-def training_settings(section, run):
-    """A run's training settings without those that do not change the model: the DeepSpeed
-    file's path (the file is an input, its content triggers reruns, so moving the checkout
-    does not retrain) and checkpoint retention (the job reads it from the config)."""
-    training = config[section][run]["training"]
-    return {
-        k: v
-        for k, v in training.items()
-        if k not in ("deepspeed_config", "keep_checkpoints")
-    }
-
-
 def tokenization(section, key):
-    """A job's tokenisation tag (llmret.retrieval.tokenization.tokenization_of): "joint"
-    where a template puts a prompt before the text, so that encodings and models tokenised
-    the old way (prompt and text apart) are made again; "" elsewhere."""
+    """A job's tokenisation tag (llmret.retrieval.tokenization.tokenization_of) for the
+    entry of ``section`` its wildcard ``key`` names: "joint" where a template puts a prompt
+    before the text, so encodings tokenised the old way are made again; "" elsewhere."""
 
     def tag(wildcards):
-        name = getattr(wildcards, key)
-        entry = config[section][name]
+        entry = config[section][getattr(wildcards, key)]
         kind = f"systems.{entry['type']}" if section == "systems" else section
-        return cfgcheck.entry_tokenization(kind, entry)
+        return plan.entry_tokenization(kind, entry)
 
     return tag
-
-
-def run_spec(section, run):
-    """A LoRA run's own settings (what FinetuningSpec, AdaptationSpec or CspladeSpec hold):
-    not its base model, data, LoRA, training or GPUs, which reach the job otherwise."""
-    return cfgcheck.entry_settings(section, config[section][run])
 
 
 def corpus_of(dataset):
@@ -278,7 +301,7 @@ SHARD_PATTERN = corpus_shards.SHARD_PATTERN
 
 def corpus_shards(dataset):
     """Shard names of the corpus a dataset searches (llmret.retrieval.corpus_shards)."""
-    return cfgcheck.corpus_shards(config, corpus_of(dataset))
+    return plan.corpus_shards(config, corpus_of(dataset))
 
 
 def shard_files(top, folder, suffix):
@@ -290,22 +313,21 @@ def shard_files(top, folder, suffix):
     ]
 
 
+def family_of(system):
+    """The rule family (bm25, dense, sparse) that builds a system's runs."""
+    return registry.system_type(config["systems"][system]["type"]).family
+
+
 def system_index(system, dataset):
     """The index files (one per shard) a dense (FAISS file) or sparse (folder) system
     searches for a dataset."""
-    kind = {
-        "dense": ("faiss", ".index"),
-        "sparse": ("sparse", ""),
-        "bow": ("sparse", ""),
-    }[config["systems"][system]["type"]]
+    kind = {"dense": ("faiss", ".index"), "sparse": ("sparse", "")}[family_of(system)]
     return shard_files("index", *kind)(SimpleNamespace(system=system, dataset=dataset))
 
 
 def corpus_stats(system, dataset):
     """The statistics JSON of a system's corpus encoding (throughput, weight size)."""
-    folder = {"dense": "embeddings", "sparse": "sparse", "bow": "sparse"}[
-        config["systems"][system]["type"]
-    ]
+    folder = {"dense": "embeddings", "sparse": "sparse"}[family_of(system)]
     return f"results/{folder}/{system}/{corpus_of(dataset)}/corpus.json"
 
 

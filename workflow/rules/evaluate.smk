@@ -197,7 +197,7 @@ rule training_table:
     conda:
         "../../envs/evaluation.yaml"
     params:
-        entries=cfgcheck.run_stages(config, USED_RUNS),
+        entries=plan.run_stages(config, USED_RUNS),
     script:
         "../scripts/training_table.py"
 

@@ -1,8 +1,8 @@
 # LLaRA pretraining: (text, next text) pairs from the corpora's documents (no labels) and
-# from DPR's Wikipedia passages (whole file, or a streamed prefix),
-# tokenized into a fixed number of shards (one job each), then EBAE/EBAR training with
-# DeepSpeed. Checkpoints live in results/checkpoints/{run} (undeclared), so a killed job
-# rerun resumes; only the final HF checkpoint is the declared (protected) output.
+# from DPR's Wikipedia passages (whole file, or a streamed prefix), tokenized into a fixed
+# number of shards (one job each), then EBAE/EBAR training with DeepSpeed (llara_pretrain,
+# in training.smk). Checkpoints live in results/checkpoints/{run} (undeclared), so a killed
+# job rerun resumes; only the final HF checkpoint is the declared (protected) output.
 
 
 # Downloads need the internet (often absent on compute nodes; see `mirror`); the manifest
@@ -93,51 +93,3 @@ rule llara_manifest:
         "../../envs/training.yaml"
     script:
         "../scripts/llara_manifest.py"
-
-
-rule llara_pretrain:
-    input:
-        model=model_of("pretraining", "run"),
-        manifest="results/shards/{run}/manifest.json",
-        deepspeed=lookup(
-            dpath="pretraining/{run}/training/deepspeed_config", within=config
-        ),
-    output:
-        model=protected(directory("results/models/{run}")),
-        train_log="results/train_logs/{run}.jsonl",
-    log:
-        "logs/llara_pretrain/{run}.log",
-    benchmark:
-        "results/benchmarks/llara_pretrain/{run}.tsv"
-    wildcard_constraints:
-        run=one_of(PRETRAIN_RUNS),
-    conda:
-        "../../envs/training.yaml"
-    threads: 8
-    resources:
-        mem_mb=mem_mb("train", section="pretraining"),
-        gpu=lookup(dpath="pretraining/{run}/gpus", within=config),
-    params:
-        spec=lambda wc: pretrain_spec(wc.run),
-        training=lambda wc: training_settings("pretraining", wc.run),
-        section="pretraining",
-        checkpoint_dir=lambda wc: f"results/checkpoints/{wc.run}",
-    script:
-        "../scripts/llara_pretrain.py"
-
-
-rule plot_train_log:
-    input:
-        "results/train_logs/{run}.jsonl",
-    output:
-        report(
-            "results/plots/{run}_loss.png",
-            category="Training",
-            caption="../report/train_loss.rst",
-        ),
-    log:
-        "logs/plot_train_log/{run}.log",
-    conda:
-        "../../envs/evaluation.yaml"
-    script:
-        "../scripts/plot_train_log.py"

@@ -1,5 +1,6 @@
 """Snakemake entry point: top-k sparse retrieval for every query over the corpus's shards,
-one shard's index in memory at a time, written as a TREC run."""
+one shard's index in memory at a time, written as a TREC run. The system's type weighs the
+queries (bow: by the corpus's idf; llmret.retrieval.bow.sparse_system)."""
 
 from llmret import atomic_files, logs
 from llmret.data import trec
@@ -10,14 +11,9 @@ logs.to_file(sm.log[0])
 atomic_files.remove_stale_temporaries(sm.output)
 spec = sparse_index.SparseIndexSpec.from_config(sm.params.index)
 queries = sparse_vectors.load_sparse(sm.input.queries)
-matrix = queries.matrix
-if (
-    sm.params.kind == "bow"
-    and bow.BowSpec.from_config({k: v for k, v in sm.params.settings.items() if k != "model"}).idf == "bm25"
-):
-    shards = (sparse_vectors.load_sparse(p).matrix for p in sm.input.corpus)
-    df, n = bow.document_frequencies(shards, matrix.shape[1])
-    matrix = bow.weight_queries(matrix, bow.bm25_idf(df, n))
+system = bow.sparse_system(sm.params.kind, sm.params.settings)
+corpus = (sparse_vectors.load_sparse(p).matrix for p in sm.input.get("corpus", []))  # read only if weighed by it
+matrix = system.weigh_queries(queries.matrix, corpus)
 depth = trec.search_depth(sm.params.top_k, sm.params.ignore_identical_ids)
 run, index_info = sparse_index.search_sparse_shards(sm.input.indexes, matrix, queries.ids, k=depth, spec=spec)
 if sm.params.ignore_identical_ids:

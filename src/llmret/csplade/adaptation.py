@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmret import schema
 from llmret.csplade.losses import (
     bow_targets,
     dead_fraction,
@@ -34,6 +35,7 @@ from llmret.retrieval.sparse_encoder import (
     build_batch,
     sparse_logits,
 )
+from llmret.retrieval.text_framing import check_template
 from llmret.retrieval.tokenization import pad_id_of, special_frame, tokenize_kind
 from llmret.specs import settings
 from llmret.training.arguments import training_dtype
@@ -45,39 +47,33 @@ ADAPTATION_JSON = "adaptation.json"
 
 
 @dataclass(frozen=True)
+@schema.defaults_from("adaptation")
 class AdaptationSpec:
     """The unsupervised adaptation phase on corpus passages (docs/csplade.md)."""
 
-    template: str = "passage: {text}"
-    append_eos: bool = True
-    max_length: int = 128
-    echo: bool = False
-    bidirectional: bool = False
-    ntp_weight: float = 1.0
-    bow_weight: float = 0.0
-    neg_weight: float = 1.0
-    scale_weight: float = 0.0  # this project's logit-scale term (off: the public recipe)
-    scale_target: float = 6.0  # logsumexp of a position's logits the scale term aims at
-    mask_fraction: float = 0.2  # MNTP, only with bidirectional
+    template: str
+    append_eos: bool
+    max_length: int
+    echo: bool
+    bidirectional: bool
+    ntp_weight: float
+    bow_weight: float
+    neg_weight: float
+    # this project's logit-scale term (off: the public recipe)
+    scale_weight: float
+    # logsumexp of a position's logits the scale term aims at
+    scale_target: float
+    mask_fraction: float  # MNTP, only with bidirectional
     # this project's addition (MNTP only): this share of each batch's passages (the last rows) stays
     # unmasked, with next-token labels, so the whole text that encoding sees is trained too
-    unmasked_fraction: float = 0.0
-    max_docs: int = 0  # 0 = the whole corpus
+    unmasked_fraction: float
+    max_docs: int  # 0 = the whole corpus
 
     def __post_init__(self) -> None:
-        if self.template.count("{text}") != 1:
-            raise ValueError(f"template must contain '{{text}}' exactly once: {self.template!r}")
-        if self.max_length < 2:
-            raise ValueError(f"max_length must be >= 2, got {self.max_length}")
-        for name in ("ntp_weight", "bow_weight", "neg_weight", "scale_weight", "max_docs"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        check_template(self, "template")
+        schema.check_bounds(self, "adaptation")
         if self.ntp_weight == 0 and self.bow_weight == 0 and self.scale_weight == 0:
             raise ValueError("ntp_weight, bow_weight and scale_weight are all 0: nothing to train")
-        if not 0.0 < self.mask_fraction < 1.0:
-            raise ValueError(f"mask_fraction must be in (0, 1), got {self.mask_fraction}")
-        if not 0.0 <= self.unmasked_fraction < 1.0:
-            raise ValueError(f"unmasked_fraction must be in [0, 1), got {self.unmasked_fraction}")
         if self.unmasked_fraction and not self.bidirectional:
             raise ValueError("unmasked_fraction applies to MNTP only: set bidirectional, or leave it 0")
 

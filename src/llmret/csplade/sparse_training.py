@@ -16,15 +16,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from llmret import schema
 from llmret.csplade.adaptation import load_causal_lora
 from llmret.csplade.losses import dead_fraction, flops, quadratic_warmup
 from llmret.retrieval.sparse_encoder import (
     MODEL_KEYS,
     SparseBatch,
-    SparseEncoderSpec,
     build_batch,
     sparse_vectors,
 )
+from llmret.retrieval.text_framing import TextFraming
 from llmret.specs import settings
 from llmret.training.arguments import training_dtype
 from llmret.training.contrastive import (
@@ -46,34 +47,24 @@ CSPLADE_JSON = "csplade.json"
 
 
 @dataclass(frozen=True)
-class CspladeSpec:
+@schema.defaults_from("csplade")
+class CspladeSpec(TextFraming):
     """How texts are framed and pooled, and what the contrastive + FLOPS loss compares."""
 
-    query_template: str = "query: {text}"
-    passage_template: str = "passage: {text}"
-    append_eos: bool = True
-    max_query_length: int = 32
-    max_passage_length: int = 128
-    echo: bool = False
-    bidirectional: bool = False
-    group_size: int = 8  # 1 positive + group_size-1 hard negatives
-    temperature: float = 1.0  # SPLADE scores are raw dot products
-    in_batch_negatives: bool = True
-    lambda_q: float = 1e-3
-    lambda_d: float = 1e-3
-    flops_warmup_steps: int = 100
+    echo: bool
+    bidirectional: bool
+    group_size: int  # 1 positive + group_size-1 hard negatives
+    temperature: float  # SPLADE scores are raw dot products
+    in_batch_negatives: bool
+    lambda_q: float
+    lambda_d: float
+    flops_warmup_steps: int
 
     def __post_init__(self) -> None:
-        SparseEncoderSpec(**self.encoder_settings())  # templates and lengths checked as the encoder will
-        if self.group_size < 1:
-            raise ValueError(f"group_size must be >= 1, got {self.group_size}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        super().__post_init__()
+        schema.check_bounds(self, "csplade")
         if self.group_size < 2 and not self.in_batch_negatives:
             raise ValueError("group_size 1 without in-batch negatives leaves no negative: the loss would be 0")
-        for name in ("lambda_q", "lambda_d", "flops_warmup_steps"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
     @classmethod
     def from_config(cls, cfg: Mapping) -> CspladeSpec:

@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmret.retrieval.encoder import EncoderSpec
-from llmret.retrieval.pooling import pool
-from llmret.specs import check_at_least, settings
+from llmret import schema
+from llmret.retrieval.pooling import check_pooling, pool
+from llmret.retrieval.text_framing import TextFraming
+from llmret.specs import settings
 from llmret.training.arguments import training_dtype
 from llmret.training.contrastive import (
     GroupCollator,
@@ -39,25 +40,22 @@ FINETUNE_JSON = "finetune.json"
 
 
 @dataclass(frozen=True)
-class FinetuningSpec:
+@schema.defaults_from("finetuning")
+class FinetuningSpec(TextFraming):
     """How texts are framed and pooled, and what the contrastive loss compares."""
 
-    query_template: str = "query: {text}"
-    passage_template: str = "passage: {text}"
-    append_eos: bool = True
-    pooling: str = "last"
-    normalize: bool = True
-    max_query_length: int = 32
-    max_passage_length: int = 128
-    group_size: int = 8  # passages per query: 1 positive + group_size-1 hard negatives
-    temperature: float = 0.01
-    in_batch_negatives: bool = True  # every passage of the (global) batch is a candidate for every query
+    pooling: str
+    normalize: bool
+    # passages per query: 1 positive + group_size-1 hard negatives
+    group_size: int
+    temperature: float
+    # every passage of the (global) batch is a candidate for every query
+    in_batch_negatives: bool
 
     def __post_init__(self) -> None:
-        EncoderSpec(**self.encoder_settings())  # checks templates and pooling as the encoder will
-        check_at_least(self, 1, "group_size")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        check_pooling(self.pooling)  # as the encoder checks it
+        super().__post_init__()
+        schema.check_bounds(self, "finetuning")
         if self.group_size < 2 and not self.in_batch_negatives:
             raise ValueError("group_size 1 without in-batch negatives leaves no negative: the loss would be 0")
 

@@ -15,15 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmret.llara.objective import HEAD_MODES, IGNORE, JointBatch, LlaraObjective, encoder_settings
+from llmret.llara.objective import HEAD_MODES, JointBatch, LlaraObjective, encoder_settings
+
+# The variants' pooling and loss pieces, re-exported where they were defined before variants were classes.
+from llmret.llara.variants import embeddings_from_hidden as embeddings_from_hidden
+from llmret.llara.variants import lm_loss as lm_loss
+from llmret.llara.variants import summary_logits as summary_logits
+from llmret.llara.variants import summary_states as summary_states
 from llmret.retrieval.masks import MASKED_ATTENTION, additive_mask, decoder_of
 from llmret.training.checkpointing import save_pretrained
-
-
-def embeddings_from_hidden(hidden: torch.Tensor, batch: JointBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(EBAE, EBAR) embeddings, each (B, H): final hidden states at the two </s> tokens."""
-    rows = torch.arange(hidden.shape[0], device=hidden.device)
-    return hidden[rows, batch.ebae_index.to(hidden.device)], hidden[rows, batch.ebar_index.to(hidden.device)]
 
 
 def bow_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -46,33 +46,6 @@ def bow_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return per.mean()
 
 
-def summary_states(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """(B, K, H): the hidden states at each row's K summary positions ``index`` (B, K)."""
-    rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None]
-    return hidden[rows, index.to(hidden.device)]
-
-
-def summary_logits(hidden: torch.Tensor, index: torch.Tensor, projection: nn.Module) -> torch.Tensor:
-    """(B, V): vocabulary logits of the summary positions, max-pooled over the positions
-    (released ``modeling.py``: ``torch.max(logits[:, -8:, :], dim=1)``); only K states per
-    row are projected, never the whole sequence."""
-    return projection(summary_states(hidden, index)).amax(dim=1)
-
-
-def lm_loss(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
-    """Next-token cross-entropy, as HF computes it from ``labels=``: position p predicts
-    ``labels[p + 1]``, IGNORE labels are skipped, the mean is over the batch's tokens.
-
-    Only the positions that predict a label are projected to the vocabulary.
-    """
-    target = labels[:, 1:].to(hidden.device)
-    keep = target != IGNORE
-    if not keep.any():
-        return hidden.sum() * 0.0  # keeps the graph alive for backward
-    logits = lm_head(hidden[:, :-1][keep]).float()
-    return F.cross_entropy(logits, target[keep])
-
-
 class LlaraModel(nn.Module):
     """A causal LM plus the vocabulary projection of the two bag-of-words heads.
 
@@ -80,7 +53,8 @@ class LlaraModel(nn.Module):
     head weight, trained on its own. ``head="tie"``: the projection *is* the LM head
     (shared parameter; with tied word embeddings, also the input embeddings). Only the
     gathered embeddings (or summary states) are projected, never every position. The
-    flagembedding LM term always uses the LM head itself.
+    objective's variant (``objective.kind``) pools the embeddings, makes the BoW logits and
+    adds its own terms (flagembedding: the LM term, always with the LM head itself).
     """
 
     def __init__(self, lm: nn.Module, objective: LlaraObjective = LlaraObjective(), head: str = "copy"):
@@ -123,15 +97,11 @@ class LlaraModel(nn.Module):
         )
         return out.last_hidden_state
 
-    def _embeddings(self, hidden: torch.Tensor, batch: JointBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        if batch.ebae_summary is None or batch.ebar_summary is None:
-            return embeddings_from_hidden(hidden, batch)
-        # flagembedding: the mean of the summary states, what the encoder pools at inference.
-        return summary_states(hidden, batch.ebae_summary).mean(1), summary_states(hidden, batch.ebar_summary).mean(1)
-
     def embed(self, batch: JointBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """(EBAE, EBAR) embeddings from one joint pass."""
-        return self._embeddings(self.hidden(batch), batch)
+        kind = self.objective.kind
+        kind.check_batch(batch)
+        return kind.embeddings(self.hidden(batch), batch)
 
     def forward(self, batch: JointBatch) -> dict[str, torch.Tensor]:
         """Embeddings always; ``loss``, ``loss_ebae``, ``loss_ebar`` (and ``loss_lm`` for
@@ -141,25 +111,21 @@ class LlaraModel(nn.Module):
         (paper: both weights 1; release: 0.05, 0.05, 1).
         """
         obj = self.objective
-        if obj.flag != (batch.ebae_summary is not None):
-            raise ValueError(f"the batch was not built for the {obj.variant!r} variant")
+        kind = obj.kind
+        kind.check_batch(batch)
         hidden = self.hidden(batch)
-        ebae, ebar = self._embeddings(hidden, batch)
+        ebae, ebar = kind.embeddings(hidden, batch)
         out = {"ebae_emb": ebae, "ebar_emb": ebar}
         if batch.ebae_targets is None or batch.ebar_targets is None:
             return out
         dev = ebae.device
-        if obj.flag:
-            logits_ae = summary_logits(hidden, batch.ebae_summary, self.projection)
-            logits_ar = summary_logits(hidden, batch.ebar_summary, self.projection)
-        else:
-            logits_ae, logits_ar = self.projection(ebae), self.projection(ebar)
+        logits_ae, logits_ar = kind.bow_logits(hidden, batch, (ebae, ebar), self.projection)
         out["loss_ebae"] = bow_loss(logits_ae, batch.ebae_targets.to(dev))
         out["loss_ebar"] = bow_loss(logits_ar, batch.ebar_targets.to(dev))
         out["loss"] = obj.ebae_weight * out["loss_ebae"] + obj.ebar_weight * out["loss_ebar"]
-        if obj.flag:
-            out["loss_lm"] = lm_loss(hidden, batch.lm_labels, self.lm.get_output_embeddings())
-            out["loss"] = out["loss"] + obj.lm_weight * out["loss_lm"]
+        for name, (weight, value) in kind.extra_losses(obj, hidden, batch, self.lm).items():
+            out[name] = value
+            out["loss"] = out["loss"] + weight * value
         return out
 
 

@@ -1,6 +1,7 @@
 """LLaRA's pretraining objective (Li et al.): EBAE and EBAR prompts in one joint forward pass
 over ``text SELF </s> NEXT </s>``, their inputs, mask segments and bag-of-words targets, for
-the paper's eq. 6 and for the released FlagEmbedding variant.
+the paper's eq. 6 and for the released FlagEmbedding variant (what differs between the two:
+:mod:`llmret.llara.variants`).
 
 Design notes (mask semantics, the release read file by file, deviations): docs/llara.md.
 """
@@ -13,42 +14,15 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
+from llmret.llara.variants import IGNORE as IGNORE  # re-exported: the label the LM term skips
+from llmret.llara.variants import LlaraVariant, variant_class
 from llmret.retrieval.masks import additive_mask
 from llmret.retrieval.tokenization import special_frame
 
-EBAE_PROMPT = " The original sentence:"
-EBAR_PROMPT = " The next sentence:"
-# The released code's suffixes (research/LLARA/pretrain/data.py), less their summary tokens.
-FLAG_EBAE_PROMPT = '", summarize the above passage within eight words: '
-FLAG_EBAR_PROMPT = '", predict the following passage within eight words: '
-FLAG_TEXT_PREFIX = '"'
-
 # Segment labels of a joint row; used to build the mask and exposed for inspection.
 PAD, TEXT, SELF, NEXT = -1, 0, 1, 2
-IGNORE = -100  # label of positions outside the LM term (the value HF losses skip)
 
 HEAD_MODES = ("copy", "tie")
-
-# What a field left at None becomes, per variant. The FlagEmbedding values are those of the
-# released code: each BoW loss / 10, the two averaged (0.05 each), LM term weight 1.
-VARIANTS: dict[str, dict[str, str | float]] = {
-    "paper": {
-        "ebae_prompt": EBAE_PROMPT,
-        "ebar_prompt": EBAR_PROMPT,
-        "text_prefix": "",
-        "ebae_weight": 1.0,
-        "ebar_weight": 1.0,
-        "lm_weight": 0.0,
-    },
-    "flagembedding": {
-        "ebae_prompt": FLAG_EBAE_PROMPT,
-        "ebar_prompt": FLAG_EBAR_PROMPT,
-        "text_prefix": FLAG_TEXT_PREFIX,
-        "ebae_weight": 0.05,
-        "ebar_weight": 0.05,
-        "lm_weight": 1.0,
-    },
-}
 
 
 @dataclass(frozen=True)
@@ -60,9 +34,11 @@ class LlaraObjective:
 
     ``variant`` is ``"paper"`` (eq. 6, one ``</s>`` per prompt) or ``"flagembedding"`` (the
     released code: ``summary_tokens`` special tokens per prompt, max-pooled logits, an LM
-    term; see docs/llara.md). Fields left at None take the variant's value from
-    :data:`VARIANTS`, so one switch gives either recipe; ``summary_tokens`` only matters
-    for ``"flagembedding"``.
+    term; see docs/llara.md). Fields left at None take the variant's value
+    (:attr:`llmret.llara.variants.LlaraVariant.defaults`; the FlagEmbedding values are the
+    released code's: each BoW loss / 10, the two averaged (0.05 each), LM term weight 1), so
+    one switch gives either recipe; ``summary_tokens`` only matters for ``"flagembedding"``.
+    :attr:`kind` is the variant (an instance of its class in ``variants.VARIANTS``), resolved once here.
     """
 
     ebae_prompt: str | None = None
@@ -76,9 +52,9 @@ class LlaraObjective:
     summary_tokens: int = 8
 
     def __post_init__(self) -> None:
-        if self.variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {tuple(VARIANTS)}, got {self.variant!r}")
-        for name, value in VARIANTS[self.variant].items():
+        kind = variant_class(self.variant)()
+        object.__setattr__(self, "_kind", kind)  # not a field: asdict() and == see the settings only
+        for name, value in kind.defaults.items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)  # frozen: resolve defaults once, here
         if self.max_text_length < 1:
@@ -89,20 +65,17 @@ class LlaraObjective:
             raise ValueError("loss weights must be >= 0")
         if self.summary_tokens < 1:
             raise ValueError(f"summary_tokens must be >= 1, got {self.summary_tokens}")
-        if self.variant == "paper" and self.lm_weight > 0:
-            raise ValueError("the paper's objective has no LM term: lm_weight needs variant='flagembedding'")
+        kind.check(self)
 
     @property
-    def flag(self) -> bool:
-        return self.variant == "flagembedding"
+    def kind(self) -> LlaraVariant:
+        """What the variant does differently (:mod:`llmret.llara.variants`)."""
+        return self._kind
 
     def summary_names(self) -> tuple[list[str], list[str]]:
         """Summary tokens of the EBAE and EBAR prompts: ``<s1>..<sK>`` and ``<sK+1>..<s2K>``
         (the released names for K = 8); empty for the paper variant."""
-        if not self.flag:
-            return [], []
-        k = self.summary_tokens
-        return [f"<s{i}>" for i in range(1, k + 1)], [f"<s{i}>" for i in range(k + 1, 2 * k + 1)]
+        return self.kind.summary_names(self)
 
 
 def add_summary_tokens(tokenizer, objective: LlaraObjective) -> int:
@@ -143,13 +116,7 @@ def encoder_settings(objective: LlaraObjective) -> dict[str, str | bool]:
     prefix + ``{text}`` + prompt + summary tokens, no ``</s>``, the mean of the states of
     the last K tokens (the summary tokens; the release's inference pooling).
     """
-    ebae, ebar = objective.summary_names()
-    return {
-        "query_template": objective.text_prefix + "{text}" + objective.ebar_prompt + "".join(ebar),
-        "passage_template": objective.text_prefix + "{text}" + objective.ebae_prompt + "".join(ebae),
-        "append_eos": not objective.flag,
-        "pooling": f"mean_last_{objective.summary_tokens}" if objective.flag else "last",
-    }
+    return objective.kind.encoder_settings(objective)
 
 
 @dataclass
@@ -170,8 +137,9 @@ class JointBatch:
     text_ids: list[list[int]] = field(default_factory=list)  # truncated text tokens per row
     ebae_targets: torch.Tensor | None = None  # (B, V) float
     ebar_targets: torch.Tensor | None = None  # (B, V) float
-    # flagembedding only: positions of the summary tokens of SELF / NEXT, and LM labels
-    # (the text ids at the text positions, IGNORE elsewhere, unshifted as HF's ``labels``).
+    # Set by the variant (LlaraVariant.batch_fields), flagembedding only: positions of the summary
+    # tokens of SELF / NEXT, and LM labels (the text ids at the text positions, IGNORE elsewhere,
+    # unshifted as HF's ``labels``).
     ebae_summary: torch.Tensor | None = None  # (B, K) long
     ebar_summary: torch.Tensor | None = None  # (B, K) long
     lm_labels: torch.Tensor | None = None  # (B, L) long
@@ -215,26 +183,6 @@ def _pad_id(tokenizer) -> int:
     return pad if pad is not None else tokenizer.eos_token_id
 
 
-def _segment(tokenizer, prompt: str, names: list[str], tail: list[int], eos: int) -> tuple[list[int], list[int]]:
-    """(ids of one prompt segment, offsets of its summary tokens in it).
-
-    paper: prompt + frame tail + ``</s>``. flagembedding: ``prompt + "<s1>..<sK>"`` tokenised
-    as one string (as the release and the encoder's template do), no ``</s>``; each summary
-    token must come out as its own id, in order.
-    """
-    if not names:
-        return tokenizer(prompt, add_special_tokens=False)["input_ids"] + tail + [eos], []
-    if tail:  # the encoder would put the tail after the summary tokens; mean_last_K would read it
-        raise ValueError(f"{type(tokenizer).__name__} appends {tail} after a text; flagembedding needs none")
-    ids = tokenizer(prompt + "".join(names), add_special_tokens=False)["input_ids"]
-    want = tokenizer.convert_tokens_to_ids(names)
-    summary = set(want)
-    where = [i for i, t in enumerate(ids) if t in summary]
-    if [ids[i] for i in where] != want or where != list(range(len(ids) - len(want), len(ids))):
-        raise ValueError(f"summary tokens {names[0]}..{names[-1]} are not single trailing ids; call add_summary_tokens")
-    return ids, where
-
-
 def build_joint_inputs(
     tokenizer,
     texts: Sequence[str] | Sequence[Sequence[int]],
@@ -246,8 +194,9 @@ def build_joint_inputs(
     Positions: head/prefix/text/SELF count 0, 1, ...; NEXT restarts at the first SELF
     position, so both prompts sit exactly where they would in a separate pass. Padding
     gets position 0 (it is masked everywhere, any valid position would do). The prefix is
-    labelled TEXT (it is shared by both prompts). flagembedding rows also get the summary
-    positions and the LM labels.
+    labelled TEXT (it is shared by both prompts). The variant makes each prompt segment
+    (paper: prompt + frame tail + ``</s>``; flagembedding: prompt + summary tokens) and adds
+    its own fields (flagembedding: the summary positions and the LM labels).
     """
     eos = tokenizer.eos_token_id
     if eos is None:
@@ -255,9 +204,10 @@ def build_joint_inputs(
     head, tail = special_frame(tokenizer)
     if objective.text_prefix:
         head = head + tokenizer(objective.text_prefix, add_special_tokens=False)["input_ids"]
+    kind = objective.kind
     ebae_names, ebar_names = objective.summary_names()
-    ebae, ebae_at = _segment(tokenizer, objective.ebae_prompt, ebae_names, tail, eos)
-    ebar, ebar_at = _segment(tokenizer, objective.ebar_prompt, ebar_names, tail, eos)
+    ebae, ebae_at = kind.segment(tokenizer, objective.ebae_prompt, ebae_names, tail, eos)
+    ebar, ebar_at = kind.segment(tokenizer, objective.ebar_prompt, ebar_names, tail, eos)
     text_ids = [t[: objective.max_text_length] for t in _ids(tokenizer, texts)]
 
     rows = [head + t + ebae + ebar for t in text_ids]
@@ -267,10 +217,7 @@ def build_joint_inputs(
     position_ids = torch.zeros((B, L), dtype=torch.long)
     ebae_index = torch.empty(B, dtype=torch.long)
     ebar_index = torch.empty(B, dtype=torch.long)
-    flag = objective.flag
-    ebae_summary = torch.empty((B, len(ebae_at)), dtype=torch.long) if flag else None
-    ebar_summary = torch.empty((B, len(ebar_at)), dtype=torch.long) if flag else None
-    lm_labels = torch.full((B, L), IGNORE, dtype=torch.long) if flag else None
+    spans = []
     for b, (row, t) in enumerate(zip(rows, text_ids, strict=True)):
         n, s, m = len(head) + len(t), len(ebae), len(ebar)
         input_ids[b, : len(row)] = torch.tensor(row)
@@ -281,10 +228,7 @@ def build_joint_inputs(
         position_ids[b, n + s : n + s + m] = torch.arange(n, n + m)
         ebae_index[b] = n + s - 1
         ebar_index[b] = n + s + m - 1
-        if flag:
-            ebae_summary[b] = n + torch.tensor(ebae_at)
-            ebar_summary[b] = n + s + torch.tensor(ebar_at)
-            lm_labels[b, len(head) : n] = torch.tensor(t, dtype=torch.long)
+        spans.append((len(head), n, s))
     return JointBatch(
         input_ids=input_ids,
         attention_mask=additive_mask(joint_allowed(segments), dtype),
@@ -293,9 +237,7 @@ def build_joint_inputs(
         ebar_index=ebar_index,
         segments=segments,
         text_ids=text_ids,
-        ebae_summary=ebae_summary,
-        ebar_summary=ebar_summary,
-        lm_labels=lm_labels,
+        **kind.batch_fields(L, spans, text_ids, ebae_at, ebar_at),
     )
 
 

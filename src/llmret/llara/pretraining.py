@@ -10,56 +10,59 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from llmret.llara.objective import HEAD_MODES, LlaraObjective, add_summary_tokens
-from llmret.specs import check_at_least, check_choice, settings
+from llmret import schema
+from llmret.llara.objective import LlaraObjective, add_summary_tokens
+from llmret.llara.variants import variant_class
+from llmret.specs import in_order, own_settings, settings
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+@schema.defaults_from("pretraining")
 class PretrainSpec:
     """What the shards and the objective are made of (the ``pretraining.{run}`` config).
 
     ``variant`` picks the paper's objective or the released FlagEmbedding one
-    (:class:`llmret.llara.objective.LlaraObjective`); settings left at None take the variant's value,
-    ``head`` included: ``copy`` for the paper, ``tie`` for flagembedding (the release
-    projects with the LM head itself).
+    (:class:`llmret.llara.objective.LlaraObjective`, :mod:`llmret.llara.variants`); settings
+    left at None take the variant's value, ``head`` included: ``copy`` for the paper, ``tie``
+    for flagembedding (the release projects with the LM head itself).
     """
 
-    shards: int = 2
-    seed: int = 13
-    max_text_length: int = 64
-    min_words: int = 8
-    ebae_prompt: str | None = None
-    ebar_prompt: str | None = None
-    head: str | None = None
-    variant: str = "paper"
-    text_prefix: str | None = None
-    summary_tokens: int = 8
-    lm_weight: float | None = None
-    ebae_weight: float | None = None
-    ebar_weight: float | None = None
+    shards: int
+    seed: int
+    max_text_length: int
+    min_words: int
+    ebae_prompt: str | None
+    ebar_prompt: str | None
+    head: str | None
+    variant: str
+    text_prefix: str | None
+    summary_tokens: int
+    lm_weight: float | None
+    ebae_weight: float | None
+    ebar_weight: float | None
 
     def __post_init__(self) -> None:
         if self.head is None:
-            object.__setattr__(self, "head", "tie" if self.variant == "flagembedding" else "copy")
-        check_at_least(self, 1, "shards", "min_words")
-        check_at_least(self, 4, "max_text_length")
-        check_choice(self, HEAD_MODES, "head")
+            object.__setattr__(self, "head", variant_class(self.variant).default_head)
+        schema.check_bounds(self, "pretraining")
         self.objective()  # a bad variant, prompt or weight fails here, not in a training job
 
     @classmethod
     def from_config(cls, cfg: Mapping) -> PretrainSpec:
         return settings(cls, cfg, "pretraining settings")
 
-    def effective(self, order: Sequence[str] = ()) -> dict:
-        """The settings with every None resolved, for the workflow's ``params``: what the
-        run really does, so writing a default out (or leaving it null) never retrains. The
-        paper variant lists only the keys it had before variants existed, so its cached
-        shards and checkpoints stay valid. Keys come in ``order`` first (the config's order:
-        Snakemake compares params by their printed form), then the rest."""
+    def rerun_keys(self) -> dict:
+        """The run's rerun keys (:func:`llmret.specs.rerun_keys` builds the
+        spec from the config entry and orders them): the settings with every None resolved,
+        what the run really does, so writing a default out (or leaving it null) never retrains.
+        The variant adds the objective's other settings
+        (:meth:`llmret.llara.variants.LlaraVariant.rerun_settings`): the paper variant none
+        while they are its defaults, as before variants existed, so its cached shards and
+        checkpoints stay valid."""
         obj = self.objective()
-        out = {
+        return {
             "shards": self.shards,
             "seed": self.seed,
             "max_text_length": self.max_text_length,
@@ -67,21 +70,13 @@ class PretrainSpec:
             "ebae_prompt": obj.ebae_prompt,
             "ebar_prompt": obj.ebar_prompt,
             "head": self.head,
+            **obj.kind.rerun_settings(obj),
         }
-        defaults = PretrainSpec().objective()
-        if obj.variant != "paper" or any(
-            getattr(obj, k) != getattr(defaults, k) for k in ("text_prefix", "lm_weight", "ebae_weight", "ebar_weight")
-        ):
-            out.update(
-                variant=obj.variant,
-                text_prefix=obj.text_prefix,
-                summary_tokens=obj.summary_tokens,
-                lm_weight=obj.lm_weight,
-                ebae_weight=obj.ebae_weight,
-                ebar_weight=obj.ebar_weight,
-            )
-        first = [k for k in order if k in out]
-        return {k: out[k] for k in [*first, *(k for k in out if k not in first)]}
+
+    def effective(self, order: Sequence[str] = ()) -> dict:
+        """:meth:`rerun_keys`, the keys named in ``order`` (the config entry's) first: the
+        workflow's ``params`` (what ``llmret.plan.rerun_settings`` calls)."""
+        return in_order(self.rerun_keys(), order)
 
     def objective(self) -> LlaraObjective:
         return LlaraObjective(
@@ -95,6 +90,16 @@ class PretrainSpec:
             lm_weight=self.lm_weight,
             summary_tokens=self.summary_tokens,
         )
+
+
+def required_encoder_settings(pretrain_entry: Mapping) -> dict[str, str | bool]:
+    """The encoder settings (key -> value) that a dense system on the model of the
+    ``pretraining.{run}`` config entry ``pretrain_entry`` must have: the run's variant decides
+    (flagembedding: its templates, ``append_eos`` and ``pooling``; the paper's: none, ``{}``).
+    The entry's other keys (model, corpora, training, ...) are ignored; a bad setting raises
+    ValueError as :class:`PretrainSpec` does."""
+    objective = PretrainSpec.from_config(own_settings(PretrainSpec, pretrain_entry)).objective()
+    return objective.kind.required_encoder_settings(objective)
 
 
 def make_shard(
@@ -112,7 +117,7 @@ def make_shard(
     from transformers import AutoTokenizer
 
     from llmret.llara.pairs import pairs_from_beir, pairs_from_dpr_wiki
-    from llmret.llara.shards import tokenize_shard
+    from llmret.llara.pretrain_shards import tokenize_shard
 
     if not corpus_paths and not dpr_paths:
         raise ValueError("no pretraining source: give corpora, DPR Wikipedia, or both")
@@ -143,7 +148,7 @@ def pretrain(
 
     from llmret.llara.modeling import LlaraModel, save_llara
     from llmret.llara.objective import PAD, fit_embeddings
-    from llmret.llara.shards import ShardDataset, collate
+    from llmret.llara.shard_dataset import ShardDataset, collate
     from llmret.training.arguments import TrainingArgs
     from llmret.training.loop import train
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from llmret import schema
 from llmret.retrieval.analysis import LuceneAnalyzer, make_stemmer
 from llmret.specs import settings
 
@@ -38,6 +39,7 @@ _DOC_IDS_FILE = "llmret_doc_ids.json"
 
 
 @dataclass(frozen=True)
+@schema.defaults_from("systems.bm25")
 class BM25Params:
     """Everything that determines BM25 scores, recorded with every index and run.
 
@@ -47,23 +49,16 @@ class BM25Params:
     one with no terms, in N and avgdl).
     """
 
-    k1: float = 0.9
-    b: float = 0.4
+    k1: float
+    b: float
     # "porter" (Lucene's), "snowball-porter", any other PyStemmer algorithm, or "none"
-    stemmer: str = "porter"
-    stopwords: str = "lucene"  # "lucene" or "none"
-    method: str = "lucene"  # bm25s scoring variant
-    norms: str = "lucene"  # "lucene" (1-byte SmallFloat norms) or "exact"
+    stemmer: str
+    stopwords: str  # "lucene" or "none"
+    method: str  # bm25s scoring variant
+    norms: str  # "lucene" (1-byte SmallFloat norms) or "exact"
 
     def __post_init__(self) -> None:
-        if not (self.k1 >= 0 and 0 <= self.b <= 1):
-            raise ValueError(f"BM25 needs k1 >= 0 and 0 <= b <= 1, got k1={self.k1}, b={self.b}")
-        if self.stopwords not in ("lucene", "none"):
-            raise ValueError(f"stopwords must be 'lucene' or 'none', got {self.stopwords!r}")
-        if self.norms not in ("lucene", "exact"):
-            raise ValueError(f"norms must be 'lucene' or 'exact', got {self.norms!r}")
-        if self.method not in ("lucene", "robertson", "atire", "bm25l", "bm25+"):
-            raise ValueError(f"unknown bm25s method {self.method!r}")
+        schema.check_bounds(self, "systems.bm25")
         if self.norms == "lucene" and self.method != "lucene":
             raise ValueError("norms='lucene' is only defined for method='lucene'; use norms='exact'")
         make_stemmer(self.stemmer)  # fail early on unknown stemmer names

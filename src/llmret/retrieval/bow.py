@@ -7,44 +7,48 @@ as BM25's, needs the whole corpus, while a corpus is encoded in shards: so it is
 the query at search time (:func:`weight_queries`), which gives exactly the scores of tf-idf
 passages against binary queries. These choices are this project's (measured on full SciFact
 with SmolLM2's tokenizer: docs/csplade.md), not a paper's.
+
+What a ``bow`` system does differently from the other sparse type (``sparse``: CSPLADE's
+learned vectors) in encode and search jobs is :class:`BowSystem`'s, against
+:class:`SparseSystem`; :func:`sparse_system` picks the class from the system type, so the
+jobs never test the type.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import numpy as np
 import scipy.sparse as sp
 
-from llmret.retrieval.encoder import EncodeStats, check_templates_and_lengths
+from llmret import launch, schema
+from llmret.retrieval.encoder import EncodeStats, device_for, timed_encode
+from llmret.retrieval.sparse_encoder import SparseEncoderSpec, encode_sparse, load_sparse_encoder
+from llmret.retrieval.text_framing import check_templates
 from llmret.retrieval.tokenization import KINDS, frame_texts
-from llmret.specs import check_choice, settings
-
-DOC_TF = ("log", "raw")
-QUERY_TF = ("binary", "raw")
-IDF = ("bm25", "none")
+from llmret.specs import settings
 
 
 @dataclass(frozen=True)
+@schema.defaults_from("systems.bow")
 class BowSpec:
     """How a ``bow`` system turns text into a vocabulary-sized vector; every field is part of
     the cache key. Templates and lengths frame and cut text exactly as a sparse system's."""
 
-    query_template: str = "query: {text}"
-    passage_template: str = "passage: {text}"
-    max_query_length: int = 32
-    max_passage_length: int = 256
-    doc_tf: str = "log"  # log: 1 + log(count); raw: count
-    query_tf: str = "binary"  # binary: 1 per distinct token; raw: count
-    idf: str = "bm25"  # bm25: applied to the query at search time; none
+    query_template: str
+    passage_template: str
+    max_query_length: int
+    max_passage_length: int
+    doc_tf: str  # log: 1 + log(count); raw: count
+    query_tf: str  # binary: 1 per distinct token; raw: count
+    idf: str  # bm25: applied to the query at search time; none
 
     def __post_init__(self) -> None:
-        check_templates_and_lengths(self)
-        check_choice(self, DOC_TF, "doc_tf")
-        check_choice(self, QUERY_TF, "query_tf")
-        check_choice(self, IDF, "idf")
+        check_templates(self)  # no append_eos (bags hold no EOS), so not a TextFraming
+        schema.check_bounds(self, "systems.bow")
 
     @classmethod
     def from_config(cls, cfg: dict) -> BowSpec:
@@ -112,3 +116,70 @@ def weight_queries(queries: sp.csr_matrix, idf: np.ndarray) -> sp.csr_matrix:
     out.data = out.data * idf[out.indices]
     out.eliminate_zeros()
     return out
+
+
+# --------------------------------------------------------------------------- sparse system types
+
+
+class SparseSystem:
+    """A ``sparse`` system (CSPLADE): a causal LM's SPLADE vectors on ``device_for(gpus)``,
+    queries searched as they were encoded. The base of the sparse system types; a type that
+    differs overrides what it does differently (:class:`BowSystem`)."""
+
+    type: ClassVar[str] = "sparse"
+    spec_class: ClassVar[type] = SparseEncoderSpec
+    # Whether a search job reads the corpus's vectors (:meth:`weigh_queries`' ``corpus``).
+    search_reads_corpus: ClassVar[bool] = False
+
+    def __init__(self, settings: Mapping):
+        """``settings``: the system's settings as a job's params carry them (its ``model``
+        arrives as the job's input and is dropped here)."""
+        self.spec = self.spec_class.from_config({k: v for k, v in settings.items() if k != "model"})
+
+    def encode(
+        self, model_dir: str, tokenizer, texts: Sequence[str], kind: str, gpus: int
+    ) -> tuple[sp.csr_matrix, dict]:
+        """(vectors, the figures an encode job records) of ``texts`` as ``kind`` ("query" or
+        "passage"); claims free GPUs first outside Slurm (:func:`llmret.launch.visible_devices`)."""
+        with launch.visible_devices(gpus):
+            device = device_for(gpus)
+            model = load_sparse_encoder(model_dir, self.spec, device)
+            vectors, stats = timed_encode(
+                lambda: encode_sparse(model, tokenizer, texts, kind, self.spec), len(texts), self.spec, model, device
+            )
+        return vectors, stats.to_dict()
+
+    def weigh_queries(self, queries: sp.csr_matrix, corpus: Iterable[sp.csr_matrix]) -> sp.csr_matrix:
+        """The query vectors a search scores the index with; ``corpus`` (the corpus shards'
+        vectors, read lazily: pass a generator) is only read by a type that needs it."""
+        return queries
+
+
+class BowSystem(SparseSystem):
+    """A ``bow`` system: token weights over the model's tokenizer, no network (the CPU);
+    with ``idf: bm25`` a search weighs each query by the corpus's idf (:func:`weight_queries`)."""
+
+    type = "bow"
+    spec_class = BowSpec
+    search_reads_corpus = True
+
+    def encode(
+        self, model_dir: str, tokenizer, texts: Sequence[str], kind: str, gpus: int
+    ) -> tuple[sp.csr_matrix, dict]:
+        return timed_encode_bow(tokenizer, texts, kind, self.spec)
+
+    def weigh_queries(self, queries: sp.csr_matrix, corpus: Iterable[sp.csr_matrix]) -> sp.csr_matrix:
+        if self.spec.idf == "none":
+            return queries
+        df, n = document_frequencies(corpus, queries.shape[1])
+        return weight_queries(queries, bm25_idf(df, n))
+
+
+SPARSE_SYSTEM_TYPES: dict[str, type[SparseSystem]] = {cls.type: cls for cls in (SparseSystem, BowSystem)}
+
+
+def sparse_system(system_type: str, settings: Mapping) -> SparseSystem:
+    """The sparse system of type ``system_type`` (``systems.<name>.type``) with ``settings``."""
+    if system_type not in SPARSE_SYSTEM_TYPES:
+        raise ValueError(f"{system_type!r} is not a sparse system type ({sorted(SPARSE_SYSTEM_TYPES)})")
+    return SPARSE_SYSTEM_TYPES[system_type](settings)

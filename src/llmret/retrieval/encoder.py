@@ -22,35 +22,33 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from llmret.retrieval.model_import import DTYPES
+from llmret import schema
 from llmret.retrieval.pooling import check_pooling, pool
-from llmret.retrieval.quantization import MIN_GROUP_SIZE
+from llmret.retrieval.text_framing import TextFraming
 from llmret.retrieval.tokenization import pad_id_of, special_frame, token_batches, tokenize_kind
-from llmret.specs import check_at_least, check_choice, settings
+from llmret.specs import settings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
 @dataclass(frozen=True)
-class EncoderSpec:
+@schema.defaults_from("systems.dense")
+class EncoderSpec(TextFraming):
     """How a system turns text into a vector; every field is part of the cache key."""
 
-    pooling: str = "last"
-    query_template: str = "{text}"
-    passage_template: str = "{text}"
-    append_eos: bool = True
-    normalize: bool = True
-    max_query_length: int = 64
-    max_passage_length: int = 256
-    batch_tokens: int = 8192
-    dtype: str = "float32"
-    quantize: str = "none"  # none | int8 | int4 (llmret.retrieval.quantization)
-    quantize_group_size: int = 64
+    pooling: str
+    normalize: bool
+    batch_tokens: int
+    dtype: str
+    quantize: str  # llmret.retrieval.quantization
+    quantize_group_size: int
 
     def __post_init__(self) -> None:
         check_pooling(self.pooling)
-        check_text_encoding(self)
+        super().__post_init__()
+        schema.check_bounds(self, "systems.dense")
+        check_quantize(self)
 
     @classmethod
     def from_config(cls, cfg: dict) -> EncoderSpec:
@@ -60,32 +58,10 @@ class EncoderSpec:
         return asdict(self)
 
 
-QUANTIZE = ("none", "int8", "int8-dynamic", "int4")
-
-
-def check_text_encoding(spec) -> None:
-    """What a dense and a sparse encoder spec share: templates with one ``{text}``, max
-    lengths that hold a token and EOS, a token budget, the dtype and the quantization."""
-    check_templates_and_lengths(spec)
-    check_at_least(spec, 1, "batch_tokens")
-    check_choice(spec, DTYPES, "dtype")
-    check_quantize(spec)
-
-
-def check_templates_and_lengths(spec) -> None:
-    """Templates with one ``{text}`` and max lengths that hold a token and EOS."""
-    for name in ("query_template", "passage_template"):
-        if getattr(spec, name).count("{text}") != 1:
-            raise ValueError(f"{name} must contain '{{text}}' exactly once: {getattr(spec, name)!r}")
-    check_at_least(spec, 2, "max_query_length", "max_passage_length")
-
-
 def check_quantize(spec) -> None:
     """A quantized encoder starts from float32 weights (quantization picks its own compute
-    types), so ``quantize`` with another ``dtype`` is refused rather than silently ignored."""
-    if spec.quantize not in QUANTIZE:
-        raise ValueError(f"quantize must be one of {QUANTIZE}, got {spec.quantize!r}")
-    check_at_least(spec, MIN_GROUP_SIZE, "quantize_group_size")
+    types), so ``quantize`` with another ``dtype`` is refused rather than silently ignored.
+    (The choices and the group size's bound are the schema's: :func:`llmret.schema.check_bounds`.)"""
     if spec.quantize != "none" and spec.dtype != "float32":
         raise ValueError(f"quantize {spec.quantize} needs dtype float32 (the weights it quantizes), got {spec.dtype}")
     if getattr(spec, "quantize_head", False) and spec.quantize == "none":

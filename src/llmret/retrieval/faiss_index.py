@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from llmret import schema
 from llmret.retrieval.corpus_shards import NO_ROW, TopK
 from llmret.specs import settings
 
 log = logging.getLogger(__name__)
 
-INDEX_TYPES = ("flat", "ivf", "hnsw")
 # FAISS k-means wants about this many training points per centroid; fewer and it warns
 # that the clustering is unreliable (and it fails outright with fewer points than lists).
 MIN_POINTS_PER_LIST = 39
@@ -67,10 +67,12 @@ def read_ids(ids_path: str | Path) -> list[str]:
 
 
 @dataclass(frozen=True)
+@schema.defaults_from("systems.dense.index")
 class IndexSpec:
     """How the document index is built and searched (the ``index`` config section)."""
 
-    type: str = "flat"  # "flat" | "ivf" | "hnsw"
+    type: str  # "flat" | "ivf" | "hnsw"
+    # The schema gives the rest no default (a key left out of the config is not filled in): these are theirs.
     nlist: int = 1024  # ivf: number of lists, capped at vectors // 39
     nprobe: int = 32  # ivf: lists searched per query
     hnsw_m: int = 32  # hnsw: neighbours per node
@@ -80,21 +82,7 @@ class IndexSpec:
     seed: int = 13  # ivf k-means seed, so builds are reproducible
 
     def __post_init__(self) -> None:
-        if self.type not in INDEX_TYPES:
-            raise ValueError(f"index type must be one of {INDEX_TYPES}, got {self.type!r}")
-        for name, minimum in (
-            ("nlist", 1),
-            ("nprobe", 1),
-            ("hnsw_m", 2),
-            ("ef_construction", 1),
-            ("ef_search", 1),
-            ("seed", -(2**31)),  # any C int
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-                raise ValueError(f"index {name} must be an integer >= {minimum}, got {value!r}")
-        if not isinstance(self.use_gpu, bool):
-            raise ValueError(f"index use_gpu must be true or false, got {self.use_gpu!r}")
+        schema.check_bounds(self, "systems.dense.index", "index ")
 
     @classmethod
     def from_config(cls, cfg: Mapping) -> IndexSpec:

@@ -17,16 +17,17 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from llmret import schema
 from llmret.atomic_files import file_sha256
-from llmret.specs import check_choice, settings
+from llmret.specs import settings
 
 log = logging.getLogger(__name__)
 
-KINDS = ("causal", "encoder")
 DTYPES = ("float32", "bfloat16", "float16")  # what a model loads and computes in
 
 
 @dataclass(frozen=True)
+@schema.defaults_from("models")
 class ModelSource:
     """Where a model comes from; exactly one of ``hf``, ``path``, ``package`` is set.
 
@@ -36,22 +37,20 @@ class ModelSource:
     LLaRA and CSPLADE) or ``encoder`` (BERT-style models used as baselines).
     """
 
-    kind: str = "causal"
+    kind: str
     hf: str | None = None
     revision: str | None = None
     path: str | None = None
     package: str | None = None
     subdir: str | None = None
     file: str | None = None
-    dtype: str = "float32"
+    dtype: str
 
     def __post_init__(self) -> None:
         given = [k for k in ("hf", "path", "package") if getattr(self, k)]
         if len(given) != 1:
             raise ValueError(f"a model source needs exactly one of hf, path, package; got {given or 'none'}")
-        if self.kind not in KINDS:
-            raise ValueError(f"model kind must be one of {KINDS}, got {self.kind!r}")
-        check_choice(self, DTYPES, "dtype")
+        schema.check_bounds(self, "models", "model ")
 
     @classmethod
     def from_config(cls, cfg: dict) -> ModelSource:

@@ -16,11 +16,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from llmret.retrieval.encoder import check_text_encoding
+from llmret import schema
+from llmret.retrieval.encoder import check_quantize
 from llmret.retrieval.masks import bidirectional_mask
 from llmret.retrieval.model_import import DTYPES
+from llmret.retrieval.text_framing import TextFraming
 from llmret.retrieval.tokenization import KINDS, pad_id_of, special_frame, token_batches, tokenize_kind
-from llmret.specs import check_at_least, settings
+from llmret.specs import settings
 
 log = logging.getLogger(__name__)
 
@@ -29,28 +31,26 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class SparseEncoderSpec:
+@schema.defaults_from("systems.sparse")
+class SparseEncoderSpec(TextFraming):
     """How a sparse system turns text into a vocabulary-sized vector; every field is part of
     the cache key. ``top_k`` 0 keeps every non-zero weight; ``min_weight`` drops weights below it."""
 
-    query_template: str = "query: {text}"
-    passage_template: str = "passage: {text}"
-    append_eos: bool = True
-    max_query_length: int = 32
-    max_passage_length: int = 256
-    echo: bool = False
-    bidirectional: bool = False
-    top_k: int = 0
-    min_weight: float = 0.0
-    batch_tokens: int = 4096
-    dtype: str = "float32"
-    quantize: str = "none"  # none | int8 | int4 (llmret.retrieval.quantization)
-    quantize_group_size: int = 64
-    quantize_head: bool = False  # the LM head stays float32 unless set (it computes every weight)
+    echo: bool
+    bidirectional: bool
+    top_k: int
+    min_weight: float
+    batch_tokens: int
+    dtype: str
+    quantize: str  # llmret.retrieval.quantization
+    quantize_group_size: int
+    # the LM head stays float32 unless set (it computes every weight)
+    quantize_head: bool
 
     def __post_init__(self) -> None:
-        check_text_encoding(self)
-        check_at_least(self, 0, "top_k", "min_weight")  # top_k 0 keeps every term
+        super().__post_init__()
+        schema.check_bounds(self, "systems.sparse")
+        check_quantize(self)
 
     @classmethod
     def from_config(cls, cfg: dict) -> SparseEncoderSpec:

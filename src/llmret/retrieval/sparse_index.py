@@ -1,6 +1,7 @@
 """Top-k retrieval over learned sparse vectors behind one :class:`SparseIndexSpec`: an exact
 scorer (sparse matrix product, ties by document id; the default) and Seismic's approximate
-inverted index for large corpora; index folders written atomically.
+inverted index for large corpora (its API calls: :mod:`llmret.retrieval.seismic_engine`);
+index folders written atomically.
 
 Design notes (engine choice, knobs, measurements): docs/retrieval.md.
 """
@@ -21,6 +22,8 @@ import numpy as np
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
+from llmret import schema
+from llmret.retrieval.seismic_engine import build_seismic, load_seismic, seismic_search, seismic_version
 from llmret.retrieval.sparse_vectors import check_sparse, load_sparse, save_sparse
 from llmret.specs import settings
 
@@ -34,15 +37,13 @@ DOC_IDS_FILE = "doc_ids.txt"
 VECTORS_FILE = "vectors.safetensors"  # exact engine: the documents themselves
 SEISMIC_STEM = "seismic"  # Seismic appends ".index.seismic"
 SEISMIC_FILE = SEISMIC_STEM + ".index.seismic"
-# Seismic's SeismicIndex numbers components with u16; larger vocabularies need the *LV classes.
-SEISMIC_U16_VOCAB = 65535
-FLOAT16_MAX = 65504.0  # Seismic stores document weights as float16
 
 BUILD_KEYS = ("n_postings", "max_fraction", "centroid_fraction", "min_cluster_size", "summary_energy", "doc_cut")
 SEARCH_KEYS = ("query_cut", "heap_factor", "first_sorted")
 
 
 @dataclass(frozen=True)
+@schema.defaults_from("systems.sparse.sparse_index")
 class SparseIndexSpec:
     """How a sparse index is built and searched (one system's ``sparse_index`` settings).
 
@@ -52,7 +53,9 @@ class SparseIndexSpec:
     skips a block: together (:meth:`exhaustive`) they make Seismic exact.
     """
 
-    engine: str = "exact"  # "exact" | "seismic" (docs/retrieval.md: when Seismic pays off)
+    # "exact" | "seismic" (docs/retrieval.md: when Seismic pays off)
+    engine: str
+    # The schema gives the knobs no default (a key left out of the config is not filled in): these are theirs.
     # seismic build: posting pruning, then k-means blocks with summaries per list
     n_postings: int = 3000  # mean postings kept per term (0: keep all)
     max_fraction: float = 6.0  # cap on one list: n_postings * max_fraction
@@ -66,25 +69,12 @@ class SparseIndexSpec:
     first_sorted: bool = False  # visit the first list's blocks best first (faster, less exact)
 
     def __post_init__(self) -> None:
-        if self.engine not in ENGINES:
-            raise ValueError(f"sparse_index engine must be one of {ENGINES}, got {self.engine!r}")
-        for name, minimum in (("n_postings", 0), ("min_cluster_size", 1), ("doc_cut", 1), ("query_cut", 0)):
+        # a fraction above 1 keeps this wording (tests/test_sparse_index.py); the schema's bounds check the rest
+        for name in ("centroid_fraction", "summary_energy"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-                raise ValueError(f"sparse_index {name} must be an integer >= {minimum}, got {value!r}")
-        for name, low, high in (
-            ("max_fraction", 1.0, float("inf")),
-            ("centroid_fraction", 0.0, 1.0),
-            ("summary_energy", 0.0, 1.0),
-            ("heap_factor", 0.0, float("inf")),
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int | float) or isinstance(value, bool) or not low <= value <= high:
-                raise ValueError(f"sparse_index {name} must be a number in [{low}, {high}], got {value!r}")
-        if self.centroid_fraction == 0 or self.summary_energy == 0:
-            raise ValueError("sparse_index centroid_fraction and summary_energy must be > 0")
-        if not isinstance(self.first_sorted, bool):
-            raise ValueError(f"sparse_index first_sorted must be true or false, got {self.first_sorted!r}")
+            if isinstance(value, int | float) and not isinstance(value, bool) and value > 1.0:
+                raise ValueError(f"sparse_index {name} must be a number in [0.0, 1.0], got {value!r}")
+        schema.check_bounds(self, "systems.sparse.sparse_index", "sparse_index ")
 
     @classmethod
     def from_config(cls, cfg: Mapping) -> SparseIndexSpec:
@@ -190,23 +180,6 @@ def _exact(
 # --------------------------------------------------------------------------------------
 
 
-def _seismic_classes(vocab_size: int) -> tuple[type, type]:
-    import seismic
-
-    if vocab_size > SEISMIC_U16_VOCAB:
-        return seismic.SeismicDatasetLV, seismic.SeismicIndexLV
-    return seismic.SeismicDataset, seismic.SeismicIndex
-
-
-def _engine_version(engine: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("pyseismic-lsr") if engine == "seismic" else None
-    except PackageNotFoundError:
-        return None
-
-
 def build_sparse_index(docs: sp.spmatrix, doc_ids: Sequence[str], spec: SparseIndexSpec | None = None) -> SparseIndex:
     """Index the rows of ``docs`` (named by ``doc_ids``) with the engine ``spec`` names."""
     spec = spec or SparseIndexSpec()
@@ -215,45 +188,14 @@ def build_sparse_index(docs: sp.spmatrix, doc_ids: Sequence[str], spec: SparseIn
         raise ValueError("documents: need at least one vector to index")
     ids = list(doc_ids)
     vocab = int(csr.shape[1])
-    info: dict = {"engine_version": _engine_version(spec.engine)}
+    info: dict = {"engine_version": seismic_version() if spec.engine == "seismic" else None}
     if spec.engine == "exact":
         engine_index: Any = csr
     else:
-        engine_index = _build_seismic(csr, spec, info)
+        engine_index = build_seismic(csr, spec.build_params(), info)
     index = SparseIndex(spec, ids, vocab, int(csr.nnz), engine_index, info)
     log.info("built sparse index %s", describe_sparse_index(index))
     return index
-
-
-def _build_seismic(csr: sp.csr_matrix, spec: SparseIndexSpec, info: dict):
-    if csr.nnz and csr.data.max() > FLOAT16_MAX:
-        raise ValueError(
-            f"documents: weight {csr.data.max()} exceeds float16's range ({FLOAT16_MAX}), which Seismic stores; "
-            "use sparse_index engine 'exact' or rescale the weights"
-        )
-    dataset_cls, index_cls = _seismic_classes(csr.shape[1])
-    n_postings, max_fraction = spec.n_postings, spec.max_fraction
-    if n_postings == 0:  # keep all: no list is longer than the largest document frequency
-        n_postings = max(1, int(np.bincount(csr.indices, minlength=csr.shape[1]).max()))
-        max_fraction = 1.0
-    dataset = dataset_cls(dim=int(csr.shape[1]))
-    # Seismic document ids are row numbers; ours are kept beside the index (Seismic drops empty rows).
-    dataset.add_documents_by_id(
-        [str(i) for i in range(csr.shape[0])],
-        csr.indices.astype(np.int64),
-        csr.data.astype(np.float32),
-        csr.indptr.astype(np.int64),
-    )
-    info.update(seismic_class=index_cls.__name__, effective_n_postings=n_postings, effective_max_fraction=max_fraction)
-    return index_cls.build_from_dataset(
-        dataset,
-        n_postings=n_postings,
-        centroid_fraction=float(spec.centroid_fraction),
-        min_cluster_size=spec.min_cluster_size,
-        summary_energy=float(spec.summary_energy),
-        max_fraction=float(max_fraction),
-        doc_cut=spec.doc_cut,
-    )
 
 
 def write_sparse_index(index: SparseIndex, folder: str | Path) -> None:
@@ -311,29 +253,12 @@ def read_sparse_index(folder: str | Path, spec: SparseIndexSpec | None = None) -
         doc_ids, engine_index = vectors.ids, vectors.matrix
     else:
         doc_ids = (folder / DOC_IDS_FILE).read_text(encoding="utf-8").splitlines()
-        engine_index = _load_seismic(folder / SEISMIC_FILE, meta)
+        engine_index = load_seismic(folder / SEISMIC_FILE, meta)
     if len(doc_ids) != meta["n_docs"]:
         raise ValueError(f"{folder}: holds {len(doc_ids)} document ids, {META_FILE} says {meta['n_docs']}")
     index = SparseIndex(stored, doc_ids, int(meta["vocab_size"]), int(meta["nnz"]), engine_index, info, folder)
     if spec is not None:
         configure_search(index, spec)
-    return index
-
-
-def _load_seismic(path: Path, meta: dict):
-    import seismic
-
-    cls = getattr(seismic, meta.get("seismic_class", "SeismicIndex"))
-    have = _engine_version("seismic")
-    try:
-        index = cls.load(str(path))
-    except Exception as e:
-        raise ValueError(
-            f"{path}: Seismic could not load it ({e}); it was written by pyseismic-lsr "
-            f"{meta.get('engine_version')}, this is {have}: rebuild the index"
-        ) from e
-    if have != meta.get("engine_version"):
-        log.warning("%s was written by pyseismic-lsr %s, reading with %s", path, meta.get("engine_version"), have)
     return index
 
 
@@ -382,37 +307,9 @@ def search_sparse(
         return _exact(index.postings(), index.doc_ids, q, qids, k, 32, show_progress)
     out: Run = {}
     for start in tqdm(range(0, len(qids), batch_size), desc="sparse search", disable=not show_progress):
-        out.update(_seismic_batch(index, q[start : start + batch_size], qids[start : start + batch_size], k))
+        batch_q, batch_ids = q[start : start + batch_size], qids[start : start + batch_size]
+        out.update(seismic_search(index.engine_index, index.doc_ids, batch_q, batch_ids, k, index.spec.search_params()))
     return out
-
-
-def _seismic_batch(index: SparseIndex, q: sp.csr_matrix, qids: list[str], k: int) -> Run:
-    """One Seismic batch_search call; its results come back in any order, keyed by row number."""
-    import seismic
-
-    string_type = seismic.get_seismic_string()
-    spec = index.spec
-    rows = [r for r in range(q.shape[0]) if q.indptr[r + 1] > q.indptr[r]]  # Seismic needs >= 1 term
-    found: dict[int, list[tuple[str, float]]] = {}
-    if rows:
-        # components ascend numerically (CSR sorted indices), as Seismic requires
-        comps = [np.array(q.indices[q.indptr[r] : q.indptr[r + 1]].astype(str), dtype=string_type) for r in rows]
-        vals = [np.ascontiguousarray(q.data[q.indptr[r] : q.indptr[r + 1]], dtype=np.float32) for r in rows]
-        max_terms = max(len(c) for c in comps)
-        results = index.engine_index.batch_search(
-            np.array([str(r) for r in rows], dtype=string_type),
-            comps,
-            vals,
-            k=min(k, len(index.doc_ids)),
-            query_cut=spec.query_cut or max_terms,
-            heap_factor=float(spec.heap_factor),
-            sorted=spec.first_sorted,
-        )
-        for hits in results:  # a query with no hit comes back as an empty, unnamed list
-            if hits:
-                ranked = sorted(((index.doc_ids[int(d)], float(s)) for _, s, d in hits), key=lambda x: (-x[1], x[0]))
-                found[int(hits[0][0])] = ranked
-    return {qid: found.get(r, []) for r, qid in enumerate(qids)}
 
 
 def index_size_bytes(folder: str | Path) -> int:

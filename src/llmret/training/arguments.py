@@ -19,7 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from llmret import schema
 from llmret.atomic_files import file_sha256
+from llmret.specs import check_at_least
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_DEEPSPEED_CONFIG = REPO_ROOT / "config" / "deepspeed" / "cpu.json"
@@ -41,49 +43,35 @@ ARGS_OWNED_KEYS = (
 
 
 @dataclass
+@schema.defaults_from("training")
 class TrainingArgs:
     """Everything that decides a run. ``max_steps`` counts optimizer steps."""
 
     output_dir: str  # final HF-style checkpoint (safetensors), written atomically by rank 0
     checkpoint_dir: str  # resumable DeepSpeed checkpoints (undeclared working folder)
-    max_steps: int = 100
-    per_device_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 1e-5
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    lr_scheduler: str = "linear"  # "linear" | "constant" | "cosine", after a linear warmup
-    save_every: int = 50  # steps; 0 = only at the end
-    log_every: int = 5
-    seed: int = 42
-    deepspeed_config: str | None = None  # JSON path; None = config/deepspeed/cpu.json
-    gradient_checkpointing: bool = False
+    max_steps: int
+    per_device_batch_size: int
+    gradient_accumulation_steps: int
+    learning_rate: float
+    warmup_steps: int
+    weight_decay: float
+    lr_scheduler: str  # after a linear warmup
+    save_every: int  # steps; 0 = only at the end
+    log_every: int
+    seed: int
+    deepspeed_config: str | None = None  # JSON path; None = config/deepspeed/cpu.json (the schema's default)
+    gradient_checkpointing: bool
     log_path: str | None = None  # JSONL; None = <checkpoint_dir>/train_log.jsonl
-    max_grad_norm: float = 1.0  # 0 = no clipping
+    max_grad_norm: float  # 0 = no clipping
     num_workers: int = 0  # DataLoader workers
     deterministic: bool = False  # torch.use_deterministic_algorithms(True)
-    dtype: str = "auto"  # load and compute dtype, agreeing with the DeepSpeed config (resolve_dtype)
-    keep_checkpoints: int | None = None  # None: 1, or 2 when the model has frozen parameters (LoRA)
+    dtype: str  # agreeing with the DeepSpeed config (resolve_dtype)
+    # None: 1, or 2 when the model has frozen parameters (LoRA)
+    keep_checkpoints: int | None
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "per_device_batch_size", "gradient_accumulation_steps", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "save_every", "weight_decay", "max_grad_norm", "num_workers"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if self.lr_scheduler not in LR_SCHEDULERS:
-            raise ValueError(f"lr_scheduler must be one of {LR_SCHEDULERS}, got {self.lr_scheduler!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if self.keep_checkpoints is not None and (
-            not isinstance(self.keep_checkpoints, int)
-            or isinstance(self.keep_checkpoints, bool)
-            or self.keep_checkpoints < 1
-        ):
-            raise ValueError(f"keep_checkpoints must be an integer >= 1 or null, got {self.keep_checkpoints!r}")
+        schema.check_bounds(self, "training")
+        check_at_least(self, 0, "num_workers")  # set by the workflow, not a config setting
 
     @property
     def resolved_log_path(self) -> Path:

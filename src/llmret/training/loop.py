@@ -10,10 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,79 +31,21 @@ from llmret.training.checkpointing import (
     use_safe_loading,
 )
 from llmret.training.distributed import (
-    all_reduce_floats,
     init_distributed,
     max_over_ranks,
     merge_peaks,
     peak_memory_mb,
 )
+from llmret.training.model_contract import call_model, log_scalars, model_losses, nonpad_token_counter, to_device
+from llmret.training.run_log import JsonlLog, LossWindow, progress_bar
 from llmret.training.sampling import ResumableBatchSampler, seed_step
 
 log = logging.getLogger(__name__)
 
-
-# --------------------------------------------------------------------------- helpers
-
-
-def nonpad_token_counter(pad_id: int, key: str = "input_ids") -> Callable[[Any], int]:
-    """A ``count_tokens`` for batches exposing ``input_ids`` (mapping key or attribute)."""
-
-    def count(batch: Any) -> int:
-        ids = batch[key] if isinstance(batch, Mapping) else getattr(batch, key)
-        return int((ids != pad_id).sum())
-
-    return count
+__all__ = ["nonpad_token_counter", "train"]  # the counter, from model_contract, for train()'s callers
 
 
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
-        return type(batch)(*(_to_device(v, device) for v in batch))
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_to_device(v, device) for v in batch)
-    if hasattr(batch, "to"):
-        return batch.to(device)
-    return batch
-
-
-def _call(model: Callable, batch: Any) -> Any:
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
-
-
-def _losses(out: Any) -> dict[str, torch.Tensor]:
-    """``loss`` plus every scalar ``loss_*`` of a model output."""
-    if isinstance(out, torch.Tensor):
-        out = {"loss": out}
-    if not isinstance(out, Mapping) or out.get("loss") is None:
-        raise TypeError(f"the model must return a mapping with a 'loss', got {type(out).__name__}")
-    found = {"loss": out["loss"]}
-    for k, v in out.items():
-        if k.startswith("loss_") and isinstance(v, torch.Tensor) and v.numel() == 1:
-            found[k] = v
-    return found
-
-
-RESERVED_LOG_KEYS = ("event", "step", "loss", "lr", "tokens_per_s", "elapsed_s")
-
-
-def _extras(out: Any) -> dict[str, torch.Tensor]:
-    """Scalars of the output's optional ``"log"`` mapping (not part of the loss)."""
-    extra = out.get("log") if isinstance(out, Mapping) else None
-    if not extra:
-        return {}
-    found = {}
-    for k, v in extra.items():
-        if k in RESERVED_LOG_KEYS or k.startswith("loss_"):
-            raise ValueError(f"log key {k!r} clashes with the loop's own log fields")
-        found[k] = v if isinstance(v, torch.Tensor) else torch.tensor(float(v))
-    return found
+# --------------------------------------------------------------------------- preparing the model
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -153,50 +94,6 @@ def _enable_gradient_checkpointing(model: nn.Module) -> None:
     raise ValueError(f"gradient_checkpointing: no submodule of {type(model).__name__} supports it")
 
 
-class _Window:
-    """Sums of the loss values, micro-batches and tokens since the last log line."""
-
-    def __init__(self):
-        self.sums: dict[str, torch.Tensor] = {}
-        self.micro = 0
-        self.tokens = 0
-        self.t0 = time.perf_counter()
-
-    def add(self, losses: dict[str, torch.Tensor], tokens: int) -> None:
-        for k, v in losses.items():
-            v = v.detach().float()
-            self.sums[k] = self.sums[k] + v if k in self.sums else v
-        self.micro += 1
-        self.tokens += tokens
-
-    def reduce(self, device, world_size: int) -> tuple[dict[str, float], float]:
-        """(mean of each loss over the window's micro-batches on all ranks, tokens per second)."""
-        keys = sorted(self.sums)
-        vals = [float(self.sums[k]) for k in keys] + [float(self.micro), float(self.tokens)]
-        vals = all_reduce_floats(vals, device, world_size)
-        micro, tokens = vals[-2], vals[-1]
-        dt = max(time.perf_counter() - self.t0, 1e-9)
-        return {k: vals[i] / micro for i, k in enumerate(keys)}, tokens / dt
-
-
-class _JsonlLog:
-    def __init__(self, path: Path, enabled: bool):
-        self.path, self.enabled = path, enabled
-        if enabled:
-            path.parent.mkdir(parents=True, exist_ok=True)
-
-    def restart(self) -> None:
-        """A fresh start (no checkpoint resumed) begins a new log: records of an earlier run
-        with other settings or inputs would otherwise read as this run's first steps."""
-        if self.enabled:
-            self.path.unlink(missing_ok=True)
-
-    def write(self, record: dict) -> None:
-        if self.enabled:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-
-
 # --------------------------------------------------------------------------- the loop
 
 
@@ -223,24 +120,62 @@ def train(
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
     rank, world_size, _ = init_distributed()
-    import deepspeed
     import deepspeed.comm as dist
 
-    ckpt_dir = Path(args.checkpoint_dir)
-    out_dir = Path(args.output_dir)
-    jlog = _JsonlLog(args.resolved_log_path, enabled=rank == 0)
+    plan = _plan(model, args, len(dataset), rank, world_size, inputs)
+    engine, init_s = _start_engine(model, args, plan.ds_config)
+    safe = use_safe_loading(engine)  # before any checkpoint load
+    if plan.saved is None:
+        plan.jlog.restart()
+    try:
+        run = _Run(engine, plan, init_s, safe)
+        run.resume()
+        run.train_steps(dataset, collate_fn, count_tokens)
+        result = run.result(wall0)
+        if rank == 0:
+            save_final(engine.module, Path(args.output_dir), tokenizer, save_fn, result)
+        dist.barrier()
+        return result
+    finally:
+        engine.destroy()
+
+
+@dataclass
+class _Plan:
+    """What :func:`train` settles before DeepSpeed starts, fixed for the whole call: the
+    settings every step, log line and checkpoint refer to, and the checkpoint to resume."""
+
+    args: TrainingArgs
+    rank: int
+    world_size: int
+    jlog: JsonlLog
+    ds_config: dict
+    order: dict  # what fixes the batch sequence; a checkpoint only resumes under the same values
+    dtype: str
+    keep: int  # resumable checkpoints kept while training (checkpoints_to_keep)
+    recipe: dict
+    tag: str | None  # the checkpoint to resume; None: a fresh start
+    saved: dict | None  # its training state (TRAINER_STATE)
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return Path(self.args.checkpoint_dir)
+
+
+def _plan(
+    model: nn.Module, args: TrainingArgs, n: int, rank: int, world_size: int, inputs: Sequence[str | os.PathLike]
+) -> _Plan:
+    """Check the model and settings and choose the checkpoint to resume, all before DeepSpeed
+    starts (an error costs no engine start); the model leaves ready for ``deepspeed.initialize``."""
+    jlog = JsonlLog(args.resolved_log_path, enabled=rank == 0)
     ds_config = build_deepspeed_config(args, world_size)
-    gas = args.gradient_accumulation_steps
-    n = len(dataset)
-    # What fixes the batch sequence; a checkpoint only resumes under the same values.
     order = {
         "seed": args.seed,
         "per_device_batch_size": args.per_device_batch_size,
-        "gradient_accumulation_steps": gas,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
         "world_size": world_size,
         "dataset_len": n,
     }
-
     dtype = args.resolved_dtype
     _check_dtype(model, dtype)
     keep = checkpoints_to_keep(args.keep_checkpoints, model)
@@ -249,15 +184,20 @@ def train(
     if args.gradient_checkpointing:
         _enable_gradient_checkpointing(model)
 
-    def schedule(optimizer):
-        return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_factor(s, args.lr_scheduler, args.warmup_steps, args.max_steps)
-        )
-
-    # Checked before DeepSpeed starts. A checkpoint of other settings (a changed learning rate,
-    # loss weight, LoRA rank...) is not this run's: training starts afresh, and the first save
-    # prunes the stale tags. Same settings with another batch order cannot resume: refused.
     run_recipe = recipe(args, model, inputs)
+    tag, saved = _checkpoint_to_resume(Path(args.checkpoint_dir), run_recipe, order, args.max_steps)
+    return _Plan(args, rank, world_size, jlog, ds_config, order, dtype, keep, run_recipe, tag, saved)
+
+
+def _checkpoint_to_resume(
+    ckpt_dir: Path, run_recipe: dict, order: dict, max_steps: int
+) -> tuple[str | None, dict | None]:
+    """The latest checkpoint's tag and training state, or ``(None, None)`` for a fresh start.
+
+    A checkpoint of other settings (a changed learning rate, loss weight, LoRA rank...) is not
+    this run's: training starts afresh, and the first save prunes the stale tags. Same
+    settings with another batch order cannot resume: refused, as is a checkpoint past the end.
+    """
     tag = latest_checkpoint(ckpt_dir) if ckpt_dir.is_dir() else None
     saved = json.loads((ckpt_dir / tag / TRAINER_STATE).read_text()) if tag else None
     if saved is not None and (stale := recipe_changes(saved.get("recipe"), run_recipe)):
@@ -267,8 +207,20 @@ def train(
         changed = {k: (saved["order"].get(k), v) for k, v in order.items() if saved["order"].get(k) != v}
         if changed:
             raise ValueError(f"cannot resume {ckpt_dir / tag}: batch order changed (saved, now): {changed}")
-        if saved["step"] > args.max_steps:
-            raise ValueError(f"checkpoint {tag} is past max_steps={args.max_steps}")
+        if saved["step"] > max_steps:
+            raise ValueError(f"checkpoint {tag} is past max_steps={max_steps}")
+    return tag, saved
+
+
+def _start_engine(model: nn.Module, args: TrainingArgs, ds_config: dict) -> tuple[Any, float]:
+    """The DeepSpeed engine (optimizer and the loop's LR schedule inside) and the seconds its
+    start took, which the log reports: on several ranks it is a noticeable share of a short run."""
+    import deepspeed
+
+    def schedule(optimizer):
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(s, args.lr_scheduler, args.warmup_steps, args.max_steps)
+        )
 
     t_init = time.perf_counter()
     engine, _, _, _ = deepspeed.initialize(
@@ -277,126 +229,169 @@ def train(
         config=ds_config,
         lr_scheduler=schedule,
     )
-    init_s = time.perf_counter() - t_init
-    safe = use_safe_loading(engine)
-    if saved is None:
-        jlog.restart()
-    try:
-        # ---- resume
-        start_step, elapsed0, last_log, peak0 = 0, 0.0, None, None
-        if saved is not None:
+    return engine, time.perf_counter() - t_init
+
+
+class _Run:
+    """The engine and what moves as it trains (the step it resumed at, time and peak memory
+    of earlier attempts, the data position, the last log record), one method per concern so
+    that :func:`train` reads as the run's outline."""
+
+    def __init__(self, engine: Any, plan: _Plan, init_s: float, safe_loading: bool):
+        self.engine, self.plan, self.args = engine, plan, plan.args
+        self.init_s, self.safe_loading = init_s, safe_loading
+        self.start_step = 0
+        self.elapsed0 = 0.0  # training seconds of the earlier attempts, up to their checkpoint
+        self.last_log: dict | None = None
+        self.peak0: dict | None = None  # peak memory of the earlier attempts
+        self.consumed = 0  # micro-batches of this rank since step 0
+        self.t0 = time.perf_counter()
+        self.sampler: ResumableBatchSampler | None = None
+        self.train_s = 0.0
+
+    @property
+    def elapsed(self) -> float:
+        """Training seconds over resumed attempts: the saved ones plus this process's."""
+        return self.elapsed0 + time.perf_counter() - self.t0
+
+    def peak(self) -> dict:
+        """The largest rank's peak memory, over resumed attempts too (a collective call)."""
+        device = self.engine.device
+        return merge_peaks(max_over_ranks(peak_memory_mb(device), device, self.plan.world_size), self.peak0)
+
+    def resume(self) -> None:
+        """Load the planned checkpoint, if any, and log where the run starts: the engine must
+        agree with the saved state on the step, or the batch order would no longer match."""
+        plan, engine = self.plan, self.engine
+        if plan.saved is not None:
+            ckpt_dir, tag, saved = plan.ckpt_dir, plan.tag, plan.saved
             load_path, _ = engine.load_checkpoint(
                 str(ckpt_dir), tag=tag, load_module_strict=not has_frozen(engine.module)
             )
             if load_path is None:
                 raise RuntimeError(f"DeepSpeed could not load {ckpt_dir / tag}")
-            start_step, elapsed0, last_log = saved["step"], saved["elapsed_s"], saved.get("last_log")
-            peak0 = saved.get("peak_memory_mb")
-            if engine.global_steps != start_step:
-                raise RuntimeError(f"checkpoint {tag}: engine at step {engine.global_steps}, state says {start_step}")
-            log.info("resumed from %s (step %d)", ckpt_dir / tag, start_step)
-        jlog.write(
+            self.start_step, self.elapsed0, self.last_log = saved["step"], saved["elapsed_s"], saved.get("last_log")
+            self.peak0 = saved.get("peak_memory_mb")
+            if engine.global_steps != self.start_step:
+                raise RuntimeError(
+                    f"checkpoint {tag}: engine at step {engine.global_steps}, state says {self.start_step}"
+                )
+            log.info("resumed from %s (step %d)", ckpt_dir / tag, self.start_step)
+        plan.jlog.write(
             {
-                "event": "resume" if tag else "start",
-                "step": start_step,
-                "checkpoint": tag,
-                "world_size": world_size,
-                "deepspeed_init_s": round(init_s, 3),
-                "safe_loading": safe,
+                "event": "resume" if plan.tag else "start",
+                "step": self.start_step,
+                "checkpoint": plan.tag,
+                "world_size": plan.world_size,
+                "deepspeed_init_s": round(self.init_s, 3),
+                "safe_loading": self.safe_loading,
             }
         )
 
-        # ---- data
-        sampler = ResumableBatchSampler(n, args.per_device_batch_size, args.seed, rank, world_size, start_step * gas)
-        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=args.num_workers)
+    def train_steps(self, dataset: Dataset, collate_fn: Callable, count_tokens: Callable[[Any], int] | None) -> None:
+        """Steps ``start_step + 1 .. max_steps``, on the batches a run from step 0 would see there;
+        a log line every ``log_every`` steps and a checkpoint every ``save_every`` (and at the end)."""
+        args, gas = self.args, self.args.gradient_accumulation_steps
+        rank, world_size = self.plan.rank, self.plan.world_size
+        self.sampler = ResumableBatchSampler(
+            len(dataset), args.per_device_batch_size, args.seed, rank, world_size, self.start_step * gas
+        )
+        loader = DataLoader(dataset, batch_sampler=self.sampler, collate_fn=collate_fn, num_workers=args.num_workers)
         batches = iter(loader)
-        consumed = start_step * gas
+        self.consumed = self.start_step * gas
 
-        # ---- loop
-        engine.train()
-        t0 = time.perf_counter()
-        window = _Window()
-        bar = _progress(args.max_steps, start_step, rank == 0)
-        set_step = getattr(engine.module, "set_step", None)
-        for step in range(start_step + 1, args.max_steps + 1):
-            seed_step(args.seed, step, rank)
-            if callable(set_step):
-                set_step(step)
-            lr = engine.get_lr()[0]  # the rate this step's update uses
-            for _ in range(gas):
-                batch = next(batches)
-                consumed += 1
-                tokens = count_tokens(batch) if count_tokens is not None else 0
-                out = _call(engine, _to_device(batch, engine.device))
-                losses = _losses(out)
-                engine.backward(losses["loss"])
-                engine.step()
-                window.add({**losses, **_extras(out)}, tokens)
-            if engine.global_steps != step:
-                raise RuntimeError(f"DeepSpeed skipped an update at step {step} (overflow?)")
+        self.engine.train()
+        self.t0 = time.perf_counter()
+        window = LossWindow()
+        bar = progress_bar(args.max_steps, self.start_step, rank == 0)
+        set_step = getattr(self.engine.module, "set_step", None)
+        for step in range(self.start_step + 1, args.max_steps + 1):
+            lr = self._step(step, batches, window, count_tokens, set_step)
             bar.update(1)
             if step % args.log_every == 0 or step == args.max_steps:
-                losses_mean, tokens_per_s = window.reduce(engine.device, world_size)
-                last_log = {
-                    "event": "step",
-                    "step": step,
-                    **losses_mean,
-                    "lr": lr,
-                    "tokens_per_s": tokens_per_s,
-                    "elapsed_s": elapsed0 + time.perf_counter() - t0,
-                }
-                jlog.write(last_log)
-                bar.set_postfix(loss=f"{losses_mean['loss']:.4f}", lr=f"{lr:.2e}")
-                window = _Window()
+                self._log(step, lr, window, bar)
+                window = LossWindow()
             if (args.save_every and step % args.save_every == 0) or step == args.max_steps:
-                epoch, index = sampler.position(consumed)
-                state = {
-                    "step": step,
-                    "order": order,
-                    "recipe": run_recipe,
-                    "data": {"micro_batches_consumed": consumed, "epoch": epoch, "batch_in_epoch": index},
-                    "elapsed_s": elapsed0 + time.perf_counter() - t0,
-                    "last_log": last_log,
-                    "peak_memory_mb": merge_peaks(
-                        max_over_ranks(peak_memory_mb(engine.device), engine.device, world_size), peak0
-                    ),
-                    "args": asdict(args),
-                }
-                save_checkpoint(engine, ckpt_dir, f"step{step}", state, rank, final=step == args.max_steps, keep=keep)
+                self._checkpoint(step)
         bar.close()
         del batches  # stops DataLoader workers, if any
-        train_s = elapsed0 + time.perf_counter() - t0
-        peak = merge_peaks(max_over_ranks(peak_memory_mb(engine.device), engine.device, world_size), peak0)
+        self.train_s = self.elapsed
 
-        # ---- final model
-        result = {
-            "steps": args.max_steps,
+    def _step(
+        self, step: int, batches, window: LossWindow, count_tokens: Callable[[Any], int] | None, set_step
+    ) -> float:
+        """One optimizer step over ``gradient_accumulation_steps`` micro-batches; returns the
+        learning rate its update used. Seeded by step, so a resumed run draws what an
+        uninterrupted one would (dropout, the model's own sampling)."""
+        args, engine = self.args, self.engine
+        seed_step(args.seed, step, self.plan.rank)
+        if callable(set_step):
+            set_step(step)
+        lr = engine.get_lr()[0]  # the rate this step's update uses
+        for _ in range(args.gradient_accumulation_steps):
+            batch = next(batches)
+            self.consumed += 1
+            tokens = count_tokens(batch) if count_tokens is not None else 0
+            out = call_model(engine, to_device(batch, engine.device))
+            losses = model_losses(out)
+            engine.backward(losses["loss"])
+            engine.step()
+            window.add({**losses, **log_scalars(out)}, tokens)
+        if engine.global_steps != step:
+            raise RuntimeError(f"DeepSpeed skipped an update at step {step} (overflow?)")
+        return lr
+
+    def _log(self, step: int, lr: float, window: LossWindow, bar) -> None:
+        """A ``step`` record of the window's means over all ranks (a collective call)."""
+        losses_mean, tokens_per_s = window.reduce(self.engine.device, self.plan.world_size)
+        self.last_log = {
+            "event": "step",
+            "step": step,
+            **losses_mean,
+            "lr": lr,
+            "tokens_per_s": tokens_per_s,
+            "elapsed_s": self.elapsed,
+        }
+        self.plan.jlog.write(self.last_log)
+        bar.set_postfix(loss=f"{losses_mean['loss']:.4f}", lr=f"{lr:.2e}")
+
+    def _checkpoint(self, step: int) -> None:
+        """A resumable checkpoint ``step{step}`` with the state a resume checks and continues."""
+        plan, args = self.plan, self.args
+        epoch, index = self.sampler.position(self.consumed)
+        state = {
+            "step": step,
+            "order": plan.order,
+            "recipe": plan.recipe,
+            "data": {"micro_batches_consumed": self.consumed, "epoch": epoch, "batch_in_epoch": index},
+            "elapsed_s": self.elapsed,
+            "last_log": self.last_log,
+            "peak_memory_mb": self.peak(),
+            "args": asdict(args),
+        }
+        final = step == args.max_steps
+        save_checkpoint(self.engine, plan.ckpt_dir, f"step{step}", state, plan.rank, final=final, keep=plan.keep)
+
+    def result(self, wall0: float) -> dict:
+        """``training_state.json`` of the final model (and :func:`train`'s return value)."""
+        plan, last_log = self.plan, self.last_log
+        peak = self.peak()
+        return {
+            "steps": self.args.max_steps,
             "final_loss": last_log["loss"] if last_log else None,
             "final_log": last_log,
-            "resumed_from_step": start_step if tag else None,
-            "train_time_s": train_s,  # accumulated over resumed runs (up to their checkpoints)
+            "resumed_from_step": self.start_step if plan.tag else None,
+            "train_time_s": self.train_s,  # accumulated over resumed runs (up to their checkpoints)
             "wall_time_s": time.time() - wall0,  # this process
-            "deepspeed_init_s": init_s,
-            "world_size": world_size,
-            "device": str(engine.device),
-            "dtype": dtype,
+            "deepspeed_init_s": self.init_s,
+            "world_size": plan.world_size,
+            "device": str(self.engine.device),
+            "dtype": plan.dtype,
             "peak_memory_mb": peak,  # the largest rank, over resumed attempts too (merge_peaks)
-            "args": asdict(args),
-            "deepspeed_config": ds_config,
+            "args": asdict(self.args),
+            "deepspeed_config": plan.ds_config,
             "versions": _versions(),
         }
-        if rank == 0:
-            save_final(engine.module, out_dir, tokenizer, save_fn, result)
-        dist.barrier()
-        return result
-    finally:
-        engine.destroy()
-
-
-def _progress(total: int, initial: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, disable=not enabled, file=sys.stderr, desc="train", dynamic_ncols=True)
 
 
 def _versions() -> dict[str, str]:

@@ -17,9 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from llmret import schema
 from llmret.specs import settings
 
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_TARGETS = tuple(schema.default("lora", "target_modules"))
 ADAPTER = "adapter"  # subfolder of the final model folder holding the adapter until finetune() moves it
 
 
@@ -27,23 +28,19 @@ ADAPTER = "adapter"  # subfolder of the final model folder holding the adapter u
 
 
 @dataclass(frozen=True)
+@schema.defaults_from("lora")
 class LoraSpec:
     """Which linear layers get adapters and how large they are (the ``lora`` config section)."""
 
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.05
+    r: int
+    alpha: int
+    dropout: float
     target_modules: tuple[str, ...] = LORA_TARGETS
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "target_modules", tuple(self.target_modules))  # YAML gives lists
-        if self.r < 1:
-            raise ValueError(f"lora r must be >= 1, got {self.r}")
-        if self.alpha <= 0:
-            raise ValueError(f"lora alpha must be > 0, got {self.alpha}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"lora dropout must be in [0, 1), got {self.dropout}")
-        if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
+        schema.check_bounds(self, "lora", "lora ")
+        if not all(isinstance(t, str) and t for t in self.target_modules):
             raise ValueError(f"lora target_modules must be non-empty module names, got {self.target_modules!r}")
         if len(set(self.target_modules)) != len(self.target_modules):
             raise ValueError(f"lora target_modules has duplicates: {self.target_modules!r}")

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import json
 import logging
-import math
+import random
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO
 
+from llmret import schema
 from llmret.atomic_files import atomic_write
 from llmret.data import beir, trec
 from llmret.specs import settings
@@ -32,26 +33,28 @@ from llmret.specs import settings
 log = logging.getLogger(__name__)
 
 TEVATRON_KEYS = ("query_id", "query", "positive_passages", "negative_passages")
-SELECTIONS = ("spread", "best")
 
 
 @dataclass(frozen=True)
+@schema.defaults_from("mining")
 class MiningSpec:
     """Which candidates of a run become negatives (the ``mining`` config section)."""
 
-    depth: int = 200  # retrieval depth of the run over training queries
-    rank_from: int = 10  # 1-based, inclusive
-    rank_to: int = 200  # inclusive, <= depth
-    max_negatives: int = 30  # per query
-    margin: float | None = None  # drop score > best_positive - margin
-    max_score_ratio: float | None = None  # drop score > ratio * best_positive
-    min_negatives: int = 1  # queries left with fewer are dropped
-    selection: str = "spread"  # more eligible than max_negatives: "spread" over the window, or "best"-ranked
+    depth: int  # retrieval depth of the run over training queries
+    rank_from: int  # 1-based, inclusive
+    rank_to: int  # inclusive, <= depth
+    max_negatives: int  # per query
+    margin: float | None  # drop score > best_positive - margin
+    max_score_ratio: float | None  # drop score > ratio * best_positive
+    min_negatives: int  # queries left with fewer are dropped
+    # more eligible than max_negatives: "spread" over the window, or "best"-ranked
+    selection: str
 
     def __post_init__(self) -> None:
-        for name, minimum in (("depth", 1), ("rank_from", 1), ("max_negatives", 1), ("min_negatives", 0)):
-            _check_int(name, getattr(self, name), minimum)
-        _check_int("rank_to", self.rank_to, self.rank_from)
+        # a negative margin would let through candidates scoring above the positive (the schema says >= 0)
+        schema.check_bounds(self, "mining", "mining ")
+        if self.rank_to < self.rank_from:
+            raise ValueError(f"mining rank_to must be an integer >= {self.rank_from}, got {self.rank_to!r}")
         if self.rank_to > self.depth:
             raise ValueError(f"mining rank_to ({self.rank_to}) must be <= depth ({self.depth}): the run ends there")
         if self.min_negatives > self.max_negatives:
@@ -59,28 +62,10 @@ class MiningSpec:
                 f"mining min_negatives ({self.min_negatives}) must be <= max_negatives ({self.max_negatives}), "
                 "or every query would be dropped"
             )
-        if self.margin is not None and not (_is_number(self.margin) and self.margin >= 0):
-            # A negative margin would let through candidates scoring above the positive.
-            raise ValueError(f"mining margin must be a number >= 0 or null, got {self.margin!r}")
-        if self.max_score_ratio is not None and not (
-            _is_number(self.max_score_ratio) and 0 < self.max_score_ratio <= 1
-        ):
-            raise ValueError(f"mining max_score_ratio must be a number in (0, 1] or null, got {self.max_score_ratio!r}")
-        if self.selection not in SELECTIONS:
-            raise ValueError(f"mining selection must be one of {list(SELECTIONS)}, got {self.selection!r}")
 
     @classmethod
     def from_config(cls, cfg: Mapping) -> MiningSpec:
         return settings(cls, cfg, "mining settings")
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _check_int(name: str, value: object, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"mining {name} must be an integer >= {minimum}, got {value!r}")
 
 
 @dataclass
@@ -254,6 +239,29 @@ def write_tevatron(
                 "negative_passages": [passages[d] for d in negatives[qid]],
             }
             f.write(json.dumps(example, ensure_ascii=False) + "\n")
+
+    atomic_write(Path(path), write)
+
+
+def write_random_groups(ds: beir.Dataset, path: str | Path, negatives: int, seed: int = 0) -> None:
+    """A Tevatron file without a retriever: each judged query of ``ds`` (qrels order) with its
+    positives and ``negatives`` passages drawn at random from the rest of the corpus (seeded;
+    passage text without title). For probes about the start of training, where the negatives'
+    quality does not matter; the workflow mines with :func:`mine_to_file`."""
+    rng = random.Random(seed)
+    text = dict(zip(ds.corpus.ids, ds.corpus.texts, strict=True))
+
+    def write(f: IO[str]) -> None:
+        for qid, rels in ds.qrels.items():
+            pos = [d for d, g in rels.items() if g > 0]
+            negs = [d for d in rng.sample(ds.corpus.ids, negatives + len(pos)) if d not in rels][:negatives]
+            example = {
+                "query_id": qid,
+                "query": ds.queries[qid],
+                "positive_passages": [{"docid": d, "title": "", "text": text[d]} for d in pos],
+                "negative_passages": [{"docid": d, "title": "", "text": text[d]} for d in negs],
+            }
+            f.write(json.dumps(example) + "\n")
 
     atomic_write(Path(path), write)
 

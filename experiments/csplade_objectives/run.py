@@ -1,7 +1,8 @@
 """Which adaptation objective makes a causal LM's SPLADE vectors retrieve: a fast CPU probe.
 
-A plain PyTorch loop (AdamW, LoRA, no DeepSpeed: ``benchmarks/csplade_adaptation.py`` runs the
-real stages) over :class:`llmret.csplade.adaptation.AdaptationModel`, so every objective is the library's.
+The probes' plain AdamW loop (:func:`llmret.training.plain_loop.plain_steps`: LoRA, a 10-step
+warm-up, no clipping, no DeepSpeed; ``experiments/csplade_adaptation`` runs the real stages)
+over :class:`llmret.csplade.adaptation.AdaptationModel`, so every objective is the library's.
 It prints JSON lines:
 
 * ``bow``: bag-of-words references on the same sample (the LM's token ids; binary queries,
@@ -11,9 +12,10 @@ It prints JSON lines:
   scale term teaches the model to output;
 * ``step`` / ``cstep``: adaptation and contrastive logs (next-token loss, mean logsumexp,
   terms per passage, own terms alive; InfoNCE, FLOPS, terms per query / passage);
-* ``eval``: nDCG@10 (exact sparse dot product, top 100) after adaptation and after training.
+* ``eval``: nDCG@10 (the workflow's exact sparse search, top 100, and ranx evaluation:
+  :func:`llmret.results.probe_eval.score_sparse`) after adaptation and after training.
 
-    python benchmarks/csplade_objectives.py --model resources/models/smollm2-135m \\
+    python experiments/csplade_objectives/run.py --model resources/models/smollm2-135m \\
         --beir resources/datasets/scifact --adapt-steps 120 --train-steps 60
 
 Contrastive groups are the train split's positives with random negatives.
@@ -25,7 +27,6 @@ import argparse
 import json
 import math
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,19 +34,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_devices import write_groups  # noqa: E402
-from csplade_adaptation import exact_run, ndcg10  # noqa: E402
-
-from llmret.csplade import adaptation, sparse_training  # noqa: E402
-from llmret.data import beir  # noqa: E402
-from llmret.retrieval import sparse_encoder  # noqa: E402
-from llmret.retrieval.sparse_encoder import SparseEncoderSpec, encode_sparse  # noqa: E402
-from llmret.training.contrastive import load_groups  # noqa: E402
-from llmret.training.lora import LoraSpec, apply_lora  # noqa: E402
+from llmret.csplade import adaptation, sparse_training
+from llmret.data import beir
+from llmret.results.probe_eval import score_sparse
+from llmret.retrieval import sparse_encoder
+from llmret.retrieval.sparse_encoder import SparseEncoderSpec, encode_sparse
+from llmret.training.contrastive import load_groups
+from llmret.training.lora import LoraSpec, apply_lora
+from llmret.training.mining import write_random_groups
+from llmret.training.plain_loop import plain_steps
 
 
 def emit(**record) -> None:
@@ -73,10 +70,9 @@ def bow_references(tok, test: beir.Dataset) -> dict:
     q = matrix(list(test.queries.values()), lambda n: 1.0)
     df = np.asarray((d > 0).sum(0)).ravel()
     idf = np.log((d.shape[0] + 1) / (df + 1)).astype(np.float32)
-    qids, dids = list(test.queries), test.corpus.ids
     return {
-        "tf": ndcg10(exact_run(q, d, qids, dids), test.qrels),
-        "tf_idf": ndcg10(exact_run(q, d.multiply(idf[None]).tocsr(), qids, dids), test.qrels),
+        "tf": score_sparse(q, d, test)[1]["ndcg@10"],
+        "tf_idf": score_sparse(q, d.multiply(idf[None]).tocsr(), test)[1]["ndcg@10"],
     }
 
 
@@ -86,9 +82,8 @@ def evaluate(model, tok, test: beir.Dataset, spec: SparseEncoderSpec) -> dict:
     d = encode_sparse(model, tok, test.corpus.contents(), "passage", spec, show_progress=False)
     q = encode_sparse(model, tok, list(test.queries.values()), "query", spec, show_progress=False)
     model.train()
-    run = exact_run(q, d, list(test.queries), test.corpus.ids)
     return {
-        "ndcg@10": round(ndcg10(run, test.qrels), 4),
+        "ndcg@10": round(score_sparse(q, d, test)[1]["ndcg@10"], 4),
         "nnz_per_passage": round(d.nnz / d.shape[0], 1),
         "nnz_per_query": round(q.nnz / q.shape[0], 1),
         "seconds": round(time.perf_counter() - start, 1),
@@ -106,16 +101,11 @@ def probe_normalised(model, tok, test, spec: SparseEncoderSpec, shift: float) ->
 
 
 def optimise(model, lr: float, steps: int, loss_at, warmup: int = 10):
-    """``steps`` AdamW steps (linear warm-up) on ``loss_at(step)``'s ``"loss"``; yields
+    """``steps`` AdamW updates of ``model``'s trainable parameters on ``loss_at(step)``'s
+    ``"loss"`` (the plain loop: linear warm-up over ``warmup`` steps, no clipping); yields
     (step, output) at step 1 and every 10th step."""
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
-    for step in range(1, steps + 1):
-        out = loss_at(step)
-        opt.zero_grad()
-        out["loss"].backward()
-        opt.step()
-        sched.step()
+    params = [p for p in model.parameters() if p.requires_grad]
+    for step, out in plain_steps(params, steps, loss_at, lr, warmup, max_grad_norm=0.0):
         if step == 1 or step % 10 == 0:
             yield step, out
 
@@ -189,7 +179,7 @@ def main() -> None:
     if not args.train_steps:
         return
     with tempfile.TemporaryDirectory() as tmp:
-        write_groups(beir.load_dataset(args.beir, "train"), Path(tmp) / "groups.jsonl", negatives=7)
+        write_random_groups(beir.load_dataset(args.beir, "train"), Path(tmp) / "groups.jsonl", negatives=7)
         groups = load_groups(Path(tmp) / "groups.jsonl")
     cspec = sparse_training.CspladeSpec(
         group_size=args.group_size,

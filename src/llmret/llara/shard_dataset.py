@@ -1,6 +1,6 @@
-"""LLaRA pretraining data as reproducible token shards: each pair assigned by a stable hash,
-shards written as safetensors whose bytes depend only on the set of pairs, a manifest
-checking they were made together, and the dataset and collator training reads.
+"""LLaRA pretraining shards read back for training: one shard file opened lazily and
+validated, the manifest checking the shards were made together, and the dataset and collator
+the pretraining stage trains on. Writing shards is :mod:`llmret.llara.pretrain_shards`.
 
 Design notes: docs/llara.md.
 """
@@ -8,210 +8,19 @@ Design notes: docs/llara.md.
 from __future__ import annotations
 
 import bisect
-import hashlib
 import json
-import operator
 import os
-import random
-import struct
-import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save_file
 
 from llmret.atomic_files import atomic_publish, file_sha256
 from llmret.llara.objective import JointBatch, LlaraObjective, build_training_batch
-from llmret.llara.pairs import Pair
-
-PathLike = str | os.PathLike[str]
-
-FORMAT = "llmret.pretrain-shard/1"
-ARRAYS = {"text_ids": np.int32, "next_ids": np.int32, "text_offsets": np.int64, "next_offsets": np.int64}
-METADATA_KEYS = (
-    "format",
-    "num_pairs",
-    "shard",
-    "num_shards",
-    "seed",
-    "tokenizer",
-    "tokenizer_vocab_sha256",
-    "max_text_length",
-    "ids_sha256",
-    "text_tokens",
-    "next_tokens",
-)
-TOKENIZE_BATCH = 1024
-
-
-# --------------------------------------------------------------------------- sharding
-
-
-def shard_of(pair_id: str, num_shards: int, seed: int) -> int:
-    """Shard of a pair: sha256 of (seed, id) modulo ``num_shards``.
-
-    hashlib rather than :func:`hash`, which is salted per process: every shard job must
-    agree on the assignment, whatever order it reads the pairs in.
-    """
-    if num_shards < 1:
-        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
-    digest = hashlib.sha256(f"{seed}\x00{pair_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") % num_shards
-
-
-_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """sha256 of the vocabulary (token -> id, added tokens included).
-
-    ``name_or_path`` is a machine-specific path; this tells whether two tokenizers map text to
-    the same ids, which is what a shard's meaning depends on. Cached per tokenizer object and
-    vocabulary size (adding tokens changes the size), since hashing 50k entries is not free.
-    """
-    size = len(tokenizer)
-    try:
-        cached = _FINGERPRINTS.get(tokenizer)
-    except TypeError:  # not weak-referenceable: just compute
-        cached = None
-    if cached is not None and cached[0] == size:
-        return cached[1]
-    vocab = sorted(tokenizer.get_vocab().items(), key=operator.itemgetter(1, 0))
-    digest = hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
-    try:
-        _FINGERPRINTS[tokenizer] = (size, digest)
-    except TypeError:
-        pass
-    return digest
-
-
-def _token_ids(tokenizer, texts: list[str], max_len: int) -> list[list[int]]:
-    """Ids as :func:`llara.build_training_batch` computes them: no special tokens, then cut."""
-    return [list(ids[:max_len]) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-
-
-def _csr(rows: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    offsets = np.zeros(len(rows) + 1, dtype=np.int64)
-    offsets[1:] = np.cumsum([len(r) for r in rows], dtype=np.int64)
-    flat = np.concatenate(rows).astype(np.int32) if rows else np.zeros(0, dtype=np.int32)
-    return flat, offsets
-
-
-def _canonical_header(path: Path) -> None:
-    """Rewrite the safetensors JSON header with sorted keys, in place.
-
-    safetensors keeps metadata in a Rust HashMap whose order is random per process, which
-    would make identical shards differ in bytes. Sorting changes no value, and the data
-    offsets are relative to the end of the header, so only the header bytes move.
-    """
-    with open(path, "r+b") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        raw = f.read(n)
-        header = json.loads(raw)
-        canon = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-        if len(canon) > n:  # cannot happen for the same JSON re-serialised compactly; refuse rather than corrupt
-            raise RuntimeError(f"{path}: canonical safetensors header is longer than the original")
-        f.seek(8)
-        f.write(canon + b" " * (n - len(canon)))
-
-
-def tokenize_shard(
-    pairs: Iterable[Pair],
-    shard: int,
-    num_shards: int,
-    seed: int,
-    tokenizer,
-    max_text_length: int,
-    out_path: PathLike,
-) -> dict[str, int]:
-    """Tokenise the pairs of one shard and write them to ``out_path`` (atomically).
-
-    Pairs of other shards are skipped unread beyond their id, so N jobs each scan the whole
-    source and together tokenise it once. Texts are tokenised without special tokens and cut
-    to ``max_text_length`` tokens (the objective adds prompts/EOS itself); pairs with an empty
-    side after tokenisation are dropped. The kept pairs are sorted by id and then shuffled with
-    ``random.Random(f"{seed}-{shard}")``, so the file depends on the set of pairs, not on the
-    order the source yields them. A repeated id is an error: it would otherwise be trained on
-    twice (the same id always hashes to the same shard, so this check is global).
-
-    Returns ``{"pairs", "text_tokens", "next_tokens", "seen", "skipped_empty"}``.
-    """
-    if not 0 <= shard < num_shards:
-        raise ValueError(f"shard must be in [0, {num_shards}), got {shard}")
-    if max_text_length < 1:
-        raise ValueError(f"max_text_length must be >= 1, got {max_text_length}")
-    out_path = Path(out_path)
-
-    mine: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    pending: list[Pair] = []
-    seen = skipped = 0
-
-    def flush() -> None:
-        nonlocal skipped
-        if not pending:
-            return
-        texts = _token_ids(tokenizer, [p.text for p in pending], max_text_length)
-        nexts = _token_ids(tokenizer, [p.next_text for p in pending], max_text_length)
-        for p, t, n in zip(pending, texts, nexts, strict=True):
-            if not t or not n:
-                skipped += 1
-                continue
-            mine[p.id] = (np.asarray(t, dtype=np.int32), np.asarray(n, dtype=np.int32))
-        pending.clear()
-
-    taken: set[str] = set()
-    for pair in pairs:
-        seen += 1
-        if shard_of(pair.id, num_shards, seed) != shard:
-            continue
-        if pair.id in taken:
-            raise ValueError(f"pair id {pair.id!r} occurs twice in the source")
-        taken.add(pair.id)
-        pending.append(pair)
-        if len(pending) >= TOKENIZE_BATCH:
-            flush()
-    flush()
-
-    ids = sorted(mine)
-    random.Random(f"{seed}-{shard}").shuffle(ids)
-    text_ids, text_offsets = _csr([mine[i][0] for i in ids])
-    next_ids, next_offsets = _csr([mine[i][1] for i in ids])
-    ids_hash = hashlib.sha256()
-    for i in ids:
-        ids_hash.update(i.encode() + b"\n")
-    stats = {
-        "pairs": len(ids),
-        "text_tokens": int(text_offsets[-1]),
-        "next_tokens": int(next_offsets[-1]),
-        "seen": seen,
-        "skipped_empty": skipped,
-    }
-    metadata = {
-        "format": FORMAT,
-        "num_pairs": str(len(ids)),
-        "shard": str(shard),
-        "num_shards": str(num_shards),
-        "seed": str(seed),
-        "tokenizer": str(getattr(tokenizer, "name_or_path", "")),
-        "tokenizer_vocab_sha256": tokenizer_fingerprint(tokenizer),
-        "max_text_length": str(max_text_length),
-        "ids_sha256": ids_hash.hexdigest(),
-        "text_tokens": str(stats["text_tokens"]),
-        "next_tokens": str(stats["next_tokens"]),
-    }
-    tensors = {"text_ids": text_ids, "text_offsets": text_offsets, "next_ids": next_ids, "next_offsets": next_offsets}
-
-    def write(tmp: Path) -> None:
-        save_file(tensors, str(tmp), metadata=metadata)
-        _canonical_header(tmp)
-
-    atomic_publish(write, out_path)
-    return stats
-
+from llmret.llara.pretrain_shards import ARRAYS, FORMAT, METADATA_KEYS, PathLike, tokenizer_fingerprint
 
 # --------------------------------------------------------------------------- reading shards
 
@@ -477,8 +286,5 @@ __all__ = [
     "collate",
     "load_shard",
     "read_manifest",
-    "shard_of",
-    "tokenize_shard",
-    "tokenizer_fingerprint",
     "write_manifest",
 ]

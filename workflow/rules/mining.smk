@@ -1,7 +1,7 @@
-# Fine-tuning (RepLLaMA recipe): the training split, a retriever's run over the training
-# queries, hard negatives from a rank window (Tevatron JSONL), then LoRA contrastive
-# training with DeepSpeed. Mining and fine-tuning are separate cached targets, so a
-# fine-tuning setting never re-mines.
+# Hard negatives for the contrastive stages (RepLLaMA fine-tuning, CSPLADE): the training
+# split, a retriever's run over the training queries, negatives from a rank window (Tevatron
+# JSONL), or a released file. Mining and training are separate cached targets, so a training
+# setting never re-mines (the training rules: training.smk).
 
 
 rule prepare_train_split:
@@ -125,39 +125,3 @@ rule import_negatives:
         "../../envs/retrieval.yaml"
     script:
         "../scripts/import_negatives.py"
-
-
-rule finetune:
-    input:
-        model=model_of("finetuning", "run"),
-        data=negatives_of("finetuning"),
-        deepspeed=lookup(
-            dpath="finetuning/{run}/training/deepspeed_config", within=config
-        ),
-    output:
-        model=protected(directory("results/models/{run}")),
-        adapter=directory("results/adapters/{run}"),
-        train_log="results/train_logs/{run}.jsonl",
-    log:
-        "logs/finetune/{run}.log",
-    benchmark:
-        "results/benchmarks/finetune/{run}.tsv"
-    wildcard_constraints:
-        run=one_of(FINETUNE_RUNS),
-    conda:
-        "../../envs/training.yaml"
-    threads: 8
-    resources:
-        mem_mb=mem_mb("train", section="finetuning"),
-        gpu=lookup(dpath="finetuning/{run}/gpus", within=config),
-    params:
-        task="finetune",
-        data_arg="negatives_path",
-        spec=lambda wc: run_spec("finetuning", wc.run),
-        tokenization=tokenization("finetuning", "run"),
-        lora=lookup(dpath="finetuning/{run}/lora", within=config),
-        training=lambda wc: training_settings("finetuning", wc.run),
-        section="finetuning",
-        checkpoint_dir=lambda wc: f"results/checkpoints/{wc.run}",
-    script:
-        "../scripts/train_lora.py"

@@ -6,11 +6,13 @@ Every arm starts from the base LM with fresh LoRA adapters (r 16), adapts on cor
 then trains InfoNCE + FLOPS on the train split with hard negatives mined by the ``bow``
 reference itself (top 30 non-positive passages per training query; the workflow mines with a
 dense retriever: this script's choice, so it needs no second model), and is evaluated on the
-full test corpus (exact sparse dot product, nDCG@10 computed here, top_k terms kept per
-vector). The loops are the library's models and collators with AdamW, gradient-norm clipping
-(1.0) and a linear warm-up, as the training stages; on CUDA under bfloat16 autocast.
+full test corpus (the workflow's exact sparse search and ranx evaluation,
+:func:`llmret.results.probe_eval.score_sparse`; top_k terms kept per vector). The loops are
+the library's models and collators trained by the probes' plain AdamW loop
+(:func:`llmret.training.plain_loop.plain_steps`: gradient-norm clipping at 1.0 and a 5-step
+linear warm-up, as the training stages); on CUDA under bfloat16 autocast.
 
-    python benchmarks/csplade_recipes.py --model resources/models/smollm2-135m \\
+    python experiments/csplade_recipes/run.py --model resources/models/smollm2-135m \\
         --beir resources/datasets/scifact --arms scale,ntp,bi,echo --budget-s 420
 
 Prints JSON lines (``bow``, ``arm``) and writes them to ``--out`` as they come.
@@ -22,7 +24,6 @@ import argparse
 import json
 import math
 import random
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
@@ -31,19 +32,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from llmret.csplade import adaptation
+from llmret.csplade.sparse_training import CspladeSpec, SparseGroupCollator, SparseModel
+from llmret.data import beir
+from llmret.results.probe_eval import score_sparse
+from llmret.retrieval import bow
+from llmret.retrieval.sparse_encoder import SparseEncoderSpec, encode_sparse
+from llmret.training.contrastive import TrainGroup
+from llmret.training.lora import LoraSpec
+from llmret.training.plain_loop import plain_steps
 
-from csplade_planted import optimiser, update  # noqa: E402
-
-from llmret.csplade import adaptation  # noqa: E402
-from llmret.csplade.sparse_training import CspladeSpec, SparseGroupCollator, SparseModel  # noqa: E402
-from llmret.data import beir  # noqa: E402
-from llmret.retrieval import bow  # noqa: E402
-from llmret.retrieval.sparse_encoder import SparseEncoderSpec, encode_sparse  # noqa: E402
-from llmret.training.contrastive import TrainGroup  # noqa: E402
-from llmret.training.lora import LoraSpec  # noqa: E402
+WARMUP_STEPS = 5  # of each phase's plain loop
 
 
 @dataclass(frozen=True)
@@ -76,19 +75,9 @@ ARMS = {
 }
 
 
-def ndcg_at_10(scores: np.ndarray, qids: list[str], dids: list[str], qrels: dict) -> float:
-    """Mean nDCG@10 (linear gains, as ranx and trec_eval; a query without judgements is skipped)."""
-    col = {d: j for j, d in enumerate(dids)}
-    total, n = 0.0, 0
-    for i, q in enumerate(qids):
-        rel = {col[d]: r for d, r in qrels.get(q, {}).items() if r > 0 and d in col}
-        if not rel:
-            continue
-        top = np.argsort(-scores[i], kind="stable")[:10]
-        dcg = sum(rel.get(int(j), 0) / math.log2(k + 2) for k, j in enumerate(top))
-        ideal = sum(r / math.log2(k + 2) for k, r in enumerate(sorted(rel.values(), reverse=True)[:10]))
-        total, n = total + dcg / ideal, n + 1
-    return total / n
+def ndcg_at_10(q, d, test: beir.Dataset) -> float:
+    """nDCG@10 of the exact sparse search of ``test``'s queries over its corpus."""
+    return score_sparse(q, d, test, ["ndcg@10"], k=10)[1]["ndcg@10"]
 
 
 def bow_vectors(tok, corpus: list[str], queries: list[str], spec: bow.BowSpec):
@@ -142,11 +131,13 @@ def run_arm(arm: Arm, args, tok, test: beir.Dataset, groups: list[TrainGroup], c
         )
         adapter = adaptation.AdaptationModel(encoder, aspec, lora)
         collate = adaptation.AdaptationCollator(tok, aspec, len(tok), rng=random.Random(0))
-        opt, sched = optimiser(params, arm.adapt_lr)
-        for _ in range(arm.adapt_steps):
+
+        def adaptation_loss(_step: int) -> dict:
             with autocast:
-                loss = adapter(collate(rng.sample(corpus_texts, arm.adapt_batch)).to(device))["loss"]
-            update(loss, opt, sched, params, 1.0)
+                return adapter(collate(rng.sample(corpus_texts, arm.adapt_batch)).to(device))
+
+        for _ in plain_steps(params, arm.adapt_steps, adaptation_loss, arm.adapt_lr, WARMUP_STEPS):
+            pass
     out["adapt_s"] = round(time.perf_counter() - start, 1)
 
     spec = CspladeSpec(
@@ -162,14 +153,15 @@ def run_arm(arm: Arm, args, tok, test: beir.Dataset, groups: list[TrainGroup], c
     model = SparseModel(encoder, spec, lora)
     collate_groups = SparseGroupCollator(tok, spec, rng=random.Random(1))
     steps = max(1, round(arm.epochs * len(groups) / arm.queries))
-    opt, sched = optimiser(params, arm.train_lr)
-    start, losses = time.perf_counter(), []
-    for step in range(1, steps + 1):
+
+    def contrastive(step: int) -> dict:
         model.set_step(step)
         batch = collate_groups(rng.sample(groups, arm.queries))
         with autocast:
-            result = model(batch["query"].to(device), batch["passage"].to(device))
-        update(result["loss"], opt, sched, params, 1.0)
+            return model(batch["query"].to(device), batch["passage"].to(device))
+
+    start, losses = time.perf_counter(), []
+    for _, result in plain_steps(params, steps, contrastive, arm.train_lr, WARMUP_STEPS):
         losses.append(float(result["loss_contrastive"]))
     out.update(train_steps=steps, train_s=round(time.perf_counter() - start, 1))
     out["loss_first_last"] = [round(float(np.mean(losses[:5])), 3), round(float(np.mean(losses[-5:])), 3)]
@@ -181,9 +173,8 @@ def run_arm(arm: Arm, args, tok, test: beir.Dataset, groups: list[TrainGroup], c
         d = encode_sparse(encoder, tok, test.corpus.contents(), "passage", espec, show_progress=False)
         q = encode_sparse(encoder, tok, list(test.queries.values()), "query", espec, show_progress=False)
     out["encode_s"] = round(time.perf_counter() - start, 1)
-    scores = (q @ d.T).toarray()
     out.update(
-        ndcg10=round(ndcg_at_10(scores, list(test.queries), list(test.corpus.ids), test.qrels), 4),
+        ndcg10=round(ndcg_at_10(q, d, test), 4),
         terms_per_query=round(q.nnz / q.shape[0], 1),
         terms_per_passage=round(d.nnz / d.shape[0], 1),
     )
@@ -231,7 +222,7 @@ def main() -> None:
     emit(
         {
             "bow": asdict(ref),
-            "ndcg10": round(ndcg_at_10((q @ d.T).toarray(), list(test.queries), list(test.corpus.ids), test.qrels), 4),
+            "ndcg10": round(ndcg_at_10(q, d, test), 4),
             "queries": len(test.queries),
             "passages": len(test.corpus.ids),
             "device": args.device,

@@ -7,10 +7,10 @@ per position, and terms per passage after the max-pool, on the first ``--passage
 of a BEIR corpus, under the bidirectional mask (``--causal`` for the causal one). The masked
 input is the adaptation collator's own (``AdaptationCollator``, seed 0, no share left whole).
 
-    python benchmarks/csplade_mntp_inputs.py --corpus <workdir>/results/data/scifact/corpus.jsonl \\
+    python experiments/csplade_mntp_inputs/run.py --corpus <workdir>/results/data/scifact/corpus.jsonl \\
         <workdir>/results/models/adapt-bi-smollm2
 
-docs/csplade.md gives the figures measured with it.
+experiments/csplade_mntp_inputs/README.md gives the figures measured with it.
 """
 
 from __future__ import annotations
@@ -18,15 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from llmret.csplade.adaptation import AdaptationCollator, AdaptationSpec, corpus_texts  # noqa: E402
-from llmret.retrieval.sparse_encoder import load_sparse_model, sparse_logits, splade_pool  # noqa: E402
+from llmret.csplade.adaptation import AdaptationCollator, AdaptationSpec, corpus_texts
+from llmret.retrieval.sparse_encoder import load_sparse_model, sparse_logits, splade_pool
 
 
 def figures(model, batch, bidirectional: bool) -> dict:

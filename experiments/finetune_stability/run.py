@@ -1,6 +1,7 @@
 """Does contrastive fine-tuning learn or collapse? A fast CPU probe of the fine-tuning recipe.
 
-A plain PyTorch loop (AdamW, the stage's warm-up + linear decay, LoRA; no DeepSpeed: the
+The probes' plain AdamW loop (:func:`llmret.training.plain_loop.plain_steps`: the stage's
+warm-up + linear decay, clipping at 1.0, no weight decay, LoRA; no DeepSpeed: the
 ``finetune`` rule runs the real stage) over :class:`llmret.finetuning.repllama.ContrastiveModel` on a
 Tevatron negatives file, so the loss and the batches are the library's. Each step prints a
 JSON line with the InfoNCE loss next to ``ln(candidates)`` (what identical embeddings
@@ -11,7 +12,7 @@ judged queries (exact dot-product search) and writes a TREC run per setting unde
 ``--runs-dir``; where ranx is installed the run's nDCG@10 and R@100 are printed too (elsewhere,
 e.g. on a GPU box, evaluate the runs later). ``--device cuda`` runs it on a GPU:
 
-    python benchmarks/finetune_stability.py --model resources/models/smollm2-135m \\
+    python experiments/finetune_stability/run.py --model resources/models/smollm2-135m \\
         --negatives results/mining/scifact-minilm/negatives.jsonl --steps 20 \\
         --lr 1e-4 --lr 2e-5 --temperature 0.01 --temperature 0.05 \\
         --eval-beir resources/datasets/scifact --runs-dir results/probe
@@ -24,23 +25,19 @@ import itertools
 import json
 import math
 import random
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-
-from llmret.data.beir import Dataset, load_dataset  # noqa: E402
-from llmret.data.trec import write_run  # noqa: E402
-from llmret.finetuning.repllama import ContrastiveModel, FinetuningSpec  # noqa: E402
-from llmret.retrieval.tokenization import token_batches  # noqa: E402
-from llmret.training.arguments import lr_factor  # noqa: E402
-from llmret.training.contrastive import GroupCollator, load_groups, mean_pairwise_cosine, pad_rows, top1_accuracy  # noqa: E402
-from llmret.training.lora import LoraSpec  # noqa: E402
+from llmret.data.beir import Dataset, load_dataset
+from llmret.data.trec import write_run
+from llmret.finetuning.repllama import ContrastiveModel, FinetuningSpec
+from llmret.retrieval.tokenization import token_batches
+from llmret.training.contrastive import GroupCollator, load_groups, mean_pairwise_cosine, pad_rows, top1_accuracy
+from llmret.training.lora import LoraSpec
+from llmret.training.plain_loop import plain_steps
 
 
 def emit(**record) -> None:
@@ -117,21 +114,19 @@ def probe(args, setting: Setting, groups: list, device, data: Dataset | None) ->
     random.Random(args.seed).shuffle(groups)
     collate = GroupCollator(tok, spec, rng=random.Random(args.seed))
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, "linear", setting.warmup, setting.steps))
     batches = itertools.cycle(range(0, len(groups) - setting.batch + 1, setting.batch))
     uniform = math.log(setting.batch * setting.group)
+
+    def loss_at(_step: int) -> dict:
+        start = next(batches)
+        return model(**on(device, collate(groups[start : start + setting.batch])))
+
     model.train()
     t0, last = time.perf_counter(), {}
-    for step in range(1, setting.steps + 1):
-        start = next(batches)
-        batch = on(device, collate(groups[start : start + setting.batch]))
-        out = model(**batch)
-        opt.zero_grad()
-        out["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+    loop = plain_steps(
+        params, setting.steps, loss_at, lr, setting.warmup, "linear", weight_decay=0.0, max_grad_norm=1.0
+    )
+    for step, out in loop:
         last = {"loss": out["loss"].item(), **out["log"]}
         if step % args.log_every == 0 or step == setting.steps:
             emit(event="step", setting=setting.tag, step=step, ln_candidates=uniform, **last)

@@ -2,7 +2,7 @@
 typical activation survives a per-tensor int8 scale (max|x| / 127), the scale torch's dynamic
 int8 quantization (``quantize: int8-dynamic``) computes for each input.
 
-    python benchmarks/activation_outliers.py --model results/models/csplade-smollm2 \\
+    python experiments/activation_outliers/run.py --model results/models/csplade-smollm2 \\
         --beir resources/datasets/scifact --passages 16
 
 Prints the six Linears with the smallest median-to-step ratio and how many have their median
@@ -12,23 +12,19 @@ input under one int8 step (rounded to 0).
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-
-from llmret.data import beir  # noqa: E402
-from llmret.retrieval.sparse_encoder import (  # noqa: E402
+from llmret.data import beir
+from llmret.retrieval.sparse_encoder import (
     SparseEncoderSpec,
     build_batch,
     hidden_states,
     load_sparse_model,
     tokenize_sparse,
 )
-from llmret.retrieval.tokenization import pad_id_of  # noqa: E402
+from llmret.retrieval.tokenization import pad_id_of
 
 
 def main() -> None:

@@ -5,10 +5,11 @@ For each learning rate, two arms train the same contrastive + FLOPS recipe on th
 training groups: from the base causal LM, and from the LM after ``--adapt-steps`` of the
 adaptation phase. Each logged step prints InfoNCE, FLOPS, the fraction of dead vocabulary
 dimensions and non-zero terms per passage; each trained model then encodes the test
-corpus and queries, and an exact sparse dot product ranks the top 100 (TREC runs written
-to ``--out``; nDCG@10 printed when ranx is installed).
+corpus and queries, and the workflow's exact sparse search ranks the top 100 (TREC runs
+written to ``--out``; nDCG@10 from the workflow's ranx evaluation,
+:func:`llmret.results.probe_eval.score_sparse`).
 
-    python benchmarks/csplade_adaptation.py --model resources/models/smollm2-135m \\
+    python experiments/csplade_adaptation/run.py --model resources/models/smollm2-135m \\
         --beir resources/datasets/scifact --out /tmp/csplade-ab --adapt-steps 100 --train-steps 200
 
 Training groups are the train split's positives with random negatives (the phenomenon is
@@ -20,22 +21,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from llmret.csplade import adaptation, sparse_training
+from llmret.data import beir
+from llmret.data.trec import write_run
+from llmret.results.probe_eval import score_sparse
+from llmret.retrieval.sparse_encoder import SparseEncoderSpec, encode_sparse, load_sparse_model
+from llmret.training.mining import write_random_groups
 
-from bench_devices import write_groups  # noqa: E402
-
-from llmret.csplade import adaptation, sparse_training  # noqa: E402
-from llmret.data import beir  # noqa: E402
-from llmret.retrieval.sparse_encoder import SparseEncoderSpec, encode_sparse, load_sparse_model  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def training(ds_config: str, steps: int, batch: int, lr: float) -> dict:
@@ -55,27 +53,6 @@ def read_log(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.open()] if path.is_file() else []
 
 
-def exact_run(q, d, qids, dids, k: int = 100) -> dict[str, dict[str, float]]:
-    scores = (q @ d.T).toarray()
-    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return {qid: {dids[j]: float(scores[i, j]) for j in top[i]} for i, qid in enumerate(qids)}
-
-
-def write_trec(run: dict, path: Path, tag: str) -> None:
-    with open(path, "w") as f:
-        for qid, docs in run.items():
-            for rank, (did, s) in enumerate(sorted(docs.items(), key=lambda x: -x[1]), 1):
-                f.write(f"{qid} Q0 {did} {rank} {s:.6f} {tag}\n")
-
-
-def ndcg10(run: dict, qrels: dict) -> float | None:
-    try:
-        from ranx import Qrels, Run, evaluate
-    except ImportError:
-        return None
-    return float(evaluate(Qrels(qrels), Run(run), "ndcg@10"))
-
-
 def evaluate_model(model_dir: Path, test: beir.Dataset, device: str, out: Path, tag: str, length: int) -> dict:
     from transformers import AutoTokenizer
 
@@ -86,14 +63,14 @@ def evaluate_model(model_dir: Path, test: beir.Dataset, device: str, out: Path, 
     d = encode_sparse(model, tok, test.corpus.contents(), "passage", spec, show_progress=False)
     secs = time.perf_counter() - start
     q = encode_sparse(model, tok, list(test.queries.values()), "query", spec, show_progress=False)
-    run = exact_run(q, d, list(test.queries), test.corpus.ids)
-    write_trec(run, out / f"{tag}.trec", tag)
+    run, metrics = score_sparse(q, d, test)
+    write_run(out / f"{tag}.trec", run, tag, {"model": str(model_dir)})
     del model
     return {
         "nnz_per_passage": d.nnz / d.shape[0],
         "nnz_per_query": q.nnz / q.shape[0],
         "passages_per_s": d.shape[0] / secs,
-        "ndcg@10": ndcg10(run, test.qrels),
+        "ndcg@10": metrics["ndcg@10"],
     }
 
 
@@ -136,7 +113,7 @@ def main() -> None:
     if args.test_queries or args.test_docs:
         test = beir.subsample(test, beir.Subsample(args.test_queries or None, args.test_docs or None))
     groups = out / "groups.jsonl"
-    write_groups(train_ds, groups, negatives=args.group_size - 1)
+    write_random_groups(train_ds, groups, negatives=args.group_size - 1)
     lora = {"r": 16, "alpha": 32}
     keys = ("loss", "loss_contrastive", "loss_flops_d", "dead_fraction", "nnz_d", "nnz_q", "loss_bow", "loss_ntp")
     keys += ("loss_scale", "own_alive")
