@@ -22,10 +22,16 @@ TOY_MODULE = '''"""A toy training stage (tests/test_extending.py): writes its ba
 import shutil
 from dataclasses import dataclass
 
+from llmret import schema
+
 
 @dataclass(frozen=True)
+@schema.defaults_from("toy")
 class ToySpec:
-    scale: float = 1.0
+    scale: float
+
+    def __post_init__(self):
+        schema.check_bounds(self, "toy")
 
 
 def train(model_dir, negatives_path, spec, lora, training, out_dir, adapter_dir, checkpoint_dir):
