@@ -202,3 +202,30 @@ def test_a_split_whose_judged_queries_are_all_unknown_is_an_error(beir_folder):
     (beir_folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq9\td1\t1\n")
     with pytest.raises(beir.BeirFormatError, match=r"test\.tsv: no query of split 'test' is left with a judgment"):
         beir.load_dataset(beir_folder, on_unknown="drop")
+
+
+@pytest.mark.parametrize(
+    ("name", "record", "line"),
+    [
+        ("corpus.jsonl", r'{"_id": "d4", "title": "\ud800", "text": "x"}', 4),
+        ("corpus.jsonl", r'{"_id": "d4", "text": "lone low \udc00 half"}', 4),
+        ("queries.jsonl", r'{"_id": "q4", "text": "cat \ud83d"}', 4),
+        ("queries.jsonl", r'{"_id": "q\ud800", "text": "cat"}', 4),
+    ],
+)
+def test_a_lone_surrogate_is_refused_with_file_and_line(beir_folder, tmp_path, name, record, line):
+    """Issue 30, item 6: valid JSON, not Unicode text; writing the prepared copy would die
+    with a bare UnicodeEncodeError naming no file."""
+    with open(beir_folder / name, "a") as f:
+        f.write(record + "\n")
+    (beir_folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\n")
+    with pytest.raises(beir.BeirFormatError, match=rf"{name}:{line}: .*lone surrogate"):
+        ds = beir.load_dataset(beir_folder)
+        beir.write_dataset(ds, tmp_path / "prepared")
+    assert not (tmp_path / "prepared").exists()
+
+
+def test_a_surrogate_pair_is_one_character_and_passes(beir_folder):
+    with open(beir_folder / "queries.jsonl", "a") as f:
+        f.write(r'{"_id": "q4", "text": "cat \ud83d\ude00"}' + "\n")
+    assert beir.load_queries(beir_folder / "queries.jsonl")["q4"] == "cat \U0001f600"

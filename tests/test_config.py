@@ -256,7 +256,7 @@ def test_an_experiment_from_scratch_plans_only_its_own_jobs(tmp_path):
     rules = re.findall(r"^(?:local)?rule (\w+):", out.stdout, flags=re.M)
     assert sorted(rules) == sorted(
         ["download_dataset", "unpack_dataset", "prepare_dataset", "bm25_index", "bm25_search"]
-        + ["evaluate", "beir_table", "plot_table", "all"]
+        + ["trec_qrels", "evaluate", "beir_table", "plot_table", "all"]
     )
 
 

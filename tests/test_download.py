@@ -264,7 +264,7 @@ def test_fetch_429_retried_and_backoff_is_exponential(
     server: SimpleNamespace, out: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     sleeps: list[float] = []
-    monkeypatch.setattr(dl, "time", SimpleNamespace(sleep=sleeps.append))
+    monkeypatch.setattr(dl, "time", SimpleNamespace(sleep=sleeps.append, monotonic=time.monotonic))
     server.routes["/r.bin"] = _fail_first(10, 429)
     with pytest.raises(DownloadError, match="429") as ei:
         fetch(server.url("/r.bin"), out / "r.bin", PAYLOAD_MD5, retries=3, backoff=0.5)

@@ -38,6 +38,21 @@ def test_dense_index_entry_reads_faiss_header(tmp_path):
         footprint.index_entry("x", "bm25", "scifact", tmp_path / "faiss.index")
 
 
+def test_dense_exact_search_entry_measures_the_stored_vectors(tmp_path):
+    """Exact search has no FAISS file: its index is the shards' vectors, float16 here."""
+    vectors = np.random.default_rng(0).standard_normal((50, 16)).astype(np.float32)
+    paths = []
+    for i, rows in enumerate(((0, 20), (20, 50))):
+        paths.append(tmp_path / f"{i}.npy")
+        faiss_index.save_embeddings(
+            vectors[slice(*rows)], ["d"] * (rows[1] - rows[0]), paths[-1], tmp_path / f"{i}.ids", dtype="float16"
+        )
+    row = footprint.index_entry("d", "dense", "scifact", paths)
+    assert (row["engine"], row["documents"], row["dim_or_nnz_per_doc"]) == ("exact", 50, 16.0)
+    assert row["index_mb"] == round(sum(p.stat().st_size for p in paths) / 1e6, 3)
+    assert sum(p.stat().st_size for p in paths) == 50 * 16 * 2 + 2 * 128  # float16 and two .npy headers
+
+
 def test_quantization_rows_and_missing_metric(tmp_path):
     (tmp_path / "idx").write_bytes(b"x" * 2_000_000)
     stats = {

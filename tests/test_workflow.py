@@ -19,6 +19,8 @@ import pytest
 import yaml
 from conftest import ROOT, SHARED_DATA, SMOKE, snakemake
 
+from llmret.data import trec
+
 pytestmark = pytest.mark.integration
 
 SPARSE_SYSTEMS = ["csplade", "csplade-echo", "csplade-bi"]  # the table's sparse rows
@@ -60,8 +62,7 @@ def test_cells_trace_back_to_metrics_and_runs(smoke_run):
         metrics = json.loads((workdir / row["metrics"]).read_text())
         assert metrics["metrics"]["ndcg@10"] == pytest.approx(row["value"], abs=1e-4)
         assert table.loc[row["system"], row["dataset"]] == pytest.approx(row["value"], abs=1e-3)
-        first = (workdir / row["run"]).read_text().splitlines()[0]
-        assert first.startswith("# llmret-run ") and json.loads(first[13:])["system"] == row["system"]
+        assert trec.read_header(workdir / row["run"])["system"] == row["system"]
         if row["system"] == "bm25":
             assert pd.isna(row["p_vs_bm25"])
         else:
@@ -206,9 +207,9 @@ def test_changed_setting_reruns_only_what_depends_on_it(smoke_run, tmp_path):
     jobs = _overlay_dry_run(smoke_run, tmp_path, "systems:\n  smollm2-135m:\n    max_passage_length: 48\n")
     rules = {r for r, _ in jobs}
     tables = {"beir_table", "msmarco_table", "plot_table", "check_expected", "index_sizes", "all"}
-    assert rules == {"encode", "encode_corpus", "faiss_index", "dense_search", "evaluate"} | tables
+    assert rules == {"encode", "encode_corpus", "dense_search", "evaluate"} | tables
     for rule, wc in jobs:
-        if rule in ("encode", "encode_corpus", "faiss_index", "dense_search", "evaluate"):
+        if rule in ("encode", "encode_corpus", "dense_search", "evaluate"):
             assert "system=smollm2-135m" in wc, (rule, wc)
 
 
@@ -432,8 +433,7 @@ def test_sparse_runs_index_sizes_and_quantization_table(smoke_run):
     assert not set(QUANTIZED) & set(table.index)
     assert not [p for s in QUANTIZED for p in (workdir / "results" / "runs" / s).glob("msmarco*")]
     for system in SPARSE_SYSTEMS + QUANTIZED:
-        lines = (workdir / "results" / "runs" / system / "scifact.trec").read_text().splitlines()
-        header = json.loads(lines[0][13:])
+        header = json.loads((workdir / "results" / "runs" / system / "scifact.trec.json").read_text())["settings"]
         assert header["type"] == "sparse" and header["index"]["engine"] == "exact"
         assert header["index"]["n_docs"] == len(
             sparse_vectors.load_sparse(
@@ -450,8 +450,8 @@ def test_sparse_runs_index_sizes_and_quantization_table(smoke_run):
     assert sorted(set(sizes["system"])) == sorted(learned)
     assert set(sizes["dataset"]) == {"scifact", "msmarco-dl19-5k"}
     dense = sizes[sizes["type"] == "dense"]
-    assert (dense["engine"] == "faiss IndexFlatIP").all()
-    # a flat FAISS index is the float32 vectors: documents x dim x 4 bytes, plus a header
+    assert (dense["engine"] == "exact").all()
+    # exact search reads the stored vectors: documents x dim x 4 bytes (float32 in smoke), plus a header
     assert ((dense["index_mb"] * 1e6 - dense["documents"] * dense["dim_or_nnz_per_doc"] * 4).abs() < 1000).all()
     sparse_rows = sizes[sizes["type"] == "sparse"]
     assert len(sparse_rows) == 2 * len(SPARSE_SYSTEMS) and (sparse_rows["engine"] == "exact").all()

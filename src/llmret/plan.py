@@ -74,22 +74,56 @@ def system_settings(config: Mapping, system: str, dataset: str | None = None) ->
     return settings
 
 
-def resolve_gpus(config: dict, usable_gpus: int) -> None:
-    """Turn every ``gpus: auto`` into a count: 1 when this process may use a GPU
-    (llmret.launch.usable_gpu_count), else 0. So the default config trains and encodes on a
-    GPU box's GPUs with no edit (each job claims a free GPU, see llmret.launch) and nothing
-    changes on a CPU machine. Under Slurm the submitting host's GPUs decide what a job asks
-    for, and inside the job the GPUs Slurm gave it, so both sides agree; give counts to be
-    sure."""
-    auto = 1 if usable_gpus > 0 else 0
+def resolve_gpus(config: dict, usable_gpus: int) -> list[str]:
+    """Turn every ``gpus: auto`` into a count and return the settings it resolved
+    (``systems.<name>.gpus``, ``<section>.<run>.gpus``).
+
+    ``auto`` is the top-level ``gpus_auto`` when set (profiles/slurm sets 1: a login node
+    sees none of the compute nodes' GPUs, so the count cannot come from it), else 1 when this
+    process may use a GPU (``usable_gpus``, llmret.launch.usable_gpu_count) and 0 when it
+    may not. So the default config trains and encodes on a GPU box's GPUs with no edit (each
+    job claims a free GPU, see llmret.launch), nothing changes on a CPU machine, and under
+    the Slurm profile every GPU job asks for one GPU; inside a Slurm job the GPUs Slurm gave
+    it. Paper presets give explicit counts."""
+    fixed = config.get("gpus_auto")
+    auto = fixed if fixed is not None else (1 if usable_gpus > 0 else 0)
+    resolved = []
     for section in ("systems", *registry.sections()):
-        for entry in (config.get(section) or {}).values():
+        for name, entry in (config.get(section) or {}).items():
             if (
                 isinstance(entry, dict)
                 and entry.get("gpus", "auto") == "auto"
                 and (section != "systems" or registry.system_type(entry.get("type")).encoder)
             ):
                 entry["gpus"] = auto
+                resolved.append(f"{section}.{name}.gpus")
+    return resolved
+
+
+def resolve_training(config: dict) -> None:
+    """Per training run, what its resolved ``gpus`` decide (call after :func:`resolve_gpus`):
+    ``training.deepspeed_config: auto`` becomes the GPU or CPU DeepSpeed file
+    (llmret.training.job_settings.deepspeed_config_for, the one place of that choice), and a
+    ``training.global_batch_size`` must equal per-device batch x ranks x accumulation, so a
+    preset run on fewer GPUs fails here, before any job is queued, not at its start."""
+    from llmret.training.job_settings import check_global_batch, deepspeed_config_for
+
+    for run, stage, entry in registry.runs(config):
+        training = entry.get("training")
+        if not isinstance(training, dict):
+            continue
+        gpus = entry.get("gpus", 0)
+        if isinstance(gpus, bool) or not isinstance(gpus, int):
+            raise ValueError(f"{stage.section}.{run}.gpus is {gpus!r}: resolve_gpus first")
+        if training.get("deepspeed_config") == "auto":
+            training["deepspeed_config"] = deepspeed_config_for("auto", gpus)
+        check_global_batch(
+            training.get("global_batch_size"),
+            training.get("per_device_batch_size", 1),
+            training.get("gradient_accumulation_steps", 1),
+            gpus,
+            where=f"{stage.section}.{run}.training",
+        )
 
 
 def complete(config: dict) -> None:

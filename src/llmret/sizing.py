@@ -8,8 +8,10 @@ has the derivation):
 - encoding a shard: the model's weights at its dtype (loaded on the host first), the
   shard's vectors (float32 rows of ``hidden`` numbers, or ``top_k`` (term, weight) pairs),
   and its token ids as Python lists;
-- a FAISS index of a shard: the shard's vectors twice (the loaded array and the index);
-- searching: one shard's index plus the running top-k of every query;
+- an ANN FAISS index (ivf/hnsw) of a shard: the shard's vectors twice (the loaded array and
+  the index);
+- searching: one shard's vectors as float32 (exact search) or its index, plus the running
+  top-k of every query;
 - training: each rank's copy of the weights at the training dtype.
 
 Model sizes come from ``models.<name>.parameters`` / ``hidden_size`` (a run inherits its
@@ -18,8 +20,10 @@ base model's), falling back to a 1B-parameter, 4,096-wide model when the config 
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
+from pathlib import Path
 
 from llmret import registry
 
@@ -116,13 +120,35 @@ def search_mb(config: Mapping, system: str, dataset: str, shards: int, k: int, t
     return mb(search_bytes(shard_rows(config, dataset, shards), hidden, queries, k))
 
 
+def training_dtype(training: Mapping, ranks: int) -> str:
+    """The dtype a run's weights are counted at: its ``dtype``, or for ``auto`` what its
+    DeepSpeed JSON's ``bf16``/``fp16`` sections say (as llmret.training.arguments.resolve_dtype
+    reads them: cpu.json float32, gpu_zero2_bf16.json bfloat16), and where the JSON leaves it
+    open (or is not resolved yet), bfloat16 on GPUs (``ranks`` > 0) and float32 on the CPU."""
+    dtype = training.get("dtype", "auto")
+    if dtype != "auto":
+        return dtype
+    path = training.get("deepspeed_config")
+    cfg: Mapping = {}
+    if path and path != "auto":
+        try:
+            cfg = json.loads(Path(path).read_text())
+        except (OSError, ValueError):
+            cfg = {}
+    sections = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16"}
+    stated = {name: (cfg.get(s) or {}).get("enabled") for s, name in sections.items() if isinstance(cfg.get(s), dict)}
+    on = [name for name, enabled in stated.items() if enabled is True]
+    if on:
+        return on[0]
+    if any(enabled is False for enabled in stated.values()):
+        return "float32"
+    return "bfloat16" if ranks > 0 else "float32"
+
+
 def training_mb(config: Mapping, run: str, ranks: int) -> int:
-    """``training.dtype: auto`` is counted as bfloat16 for a run on GPUs (what it resolves to
-    on bf16-capable GPUs) and float32 on the CPU."""
+    """Every rank's weights at :func:`training_dtype`."""
     parameters, _ = model_size(config, run)
-    dtype = (registry.run_entry(config, run).get("training") or {}).get("dtype", "auto")
-    if dtype == "auto":
-        dtype = "bfloat16" if ranks > 0 else "float32"
+    dtype = training_dtype(registry.run_entry(config, run).get("training") or {}, ranks)
     return mb(training_bytes(parameters, dtype, ranks) - BASE_BYTES)
 
 

@@ -16,13 +16,28 @@ from llmret.data import sources  # noqa: E402
 from llmret import sizing  # noqa: E402
 from llmret import registry  # noqa: E402
 from llmret.retrieval import corpus_shards  # noqa: E402
+from llmret.retrieval import faiss_index  # noqa: E402
 
 launch.prepare_environment(os.path.join(workflow.basedir, "src"))
 
 checks.prefill(config)
 validate(config, "../../src/llmret/config.schema.yaml")
 plan.complete(config)
-plan.resolve_gpus(config, launch.usable_gpu_count())
+AUTO_GPUS = plan.resolve_gpus(config, launch.usable_gpu_count())
+# Submitting to Slurm (a profile or executor named so) with the profile's gpus_auto dropped:
+if (
+    AUTO_GPUS
+    and config.get("gpus_auto") is None
+    and any("slurm" in arg for arg in sys.argv)
+    and launch.slurm_submit_host()
+):
+    logger.warning(
+        f"{len(AUTO_GPUS)} settings are gpus: auto ({', '.join(AUTO_GPUS[:3])}, ...), which "
+        "this host, with Slurm's sbatch and no GPU of its own, resolves to 0 (CPU only). "
+        "Under --workflow-profile profiles/slurm set gpus_auto (the profile's config sets 1; "
+        "a --config on the command line replaces it: add gpus_auto=1 there) or give counts."
+    )
+plan.resolve_training(config)
 checks.check(config)
 
 DATASETS = list(config["datasets"])
@@ -103,6 +118,28 @@ def dataset_file_names(dataset):
     return names
 
 
+# The download rules' files (each with its record, llmret.data.sources.record_path).
+DOWNLOADS = {
+    "dataset": "resources/downloads/{dataset}.zip",
+    "file": "resources/downloads/files/{file}",
+    "negatives": "resources/downloads/{mining}.tevatron",
+    "dpr_wiki": "resources/downloads/psgs_w100.tsv.gz",
+}
+
+
+def download_md5(kind):
+    """Params function: a download job's md5 param, its rerun key (llmret.data.sources.md5_key):
+    the key its file was verified with while the config still accepts that file's md5, so
+    accepting a second md5 reruns nothing downstream; the job checks the config's whole list.
+    """
+
+    def key(wildcards):
+        entry = sources.download_source(config, kind, dict(wildcards))
+        return sources.md5_key(entry["md5"], DOWNLOADS[kind].format(**dict(wildcards)))
+
+    return key
+
+
 def model_of(section, wildcard):
     """Input function: the checkpoint folder of the model a config entry names (the entry
     of ``section`` that the job's ``wildcard`` selects)."""
@@ -156,12 +193,14 @@ def run_lora(wildcards):
 def run_training(wildcards):
     """A run's training settings without those that do not change the model: the DeepSpeed
     file's path (the file is an input, its content triggers reruns, so moving the checkout
-    does not retrain) and checkpoint retention (the job reads it from the config)."""
+    does not retrain) and checkpoint retention (the job reads it from the config). The
+    global batch check travels only when set, so runs without one keep their params."""
     training = registry.run_entry(config, wildcards.run)["training"]
     return {
         k: v
         for k, v in training.items()
         if k not in ("deepspeed_config", "keep_checkpoints")
+        and not (k == "global_batch_size" and v is None)
     }
 
 
@@ -237,9 +276,37 @@ def bow_corpus(wildcards):
     return shard_files("sparse", "corpus", ".safetensors")(wildcards)
 
 
+def dense_index(system):
+    """A dense system's ``index`` config (llmret.retrieval.faiss_index.IndexSpec); {} = exact."""
+    return dict(config["systems"][system].get("index") or {})
+
+
 def index_settings(wildcards):
-    """A dense system's FAISS index settings (llmret.retrieval.faiss_index.IndexSpec); {} = exact."""
-    return dict(config["systems"][wildcards.system].get("index") or {})
+    """The evaluation queries' search settings: the system's index config but ``mining``."""
+    return {k: v for k, v in dense_index(wildcards.system).items() if k != "mining"}
+
+
+def mining_index_settings(wildcards):
+    """The training queries' search settings: ``mining``'s keys over the evaluation's."""
+    return {
+        **index_settings(wildcards),
+        **(dense_index(wildcards.system).get("mining") or {}),
+    }
+
+
+def index_build(wildcards):
+    """What a FAISS file of a folder is built from (type and build settings, defaults
+    resolved), so a search-time setting (nprobe, ef_search) never rebuilds it."""
+    spec = faiss_index.folder_spec(dense_index(wildcards.system), wildcards.folder)
+    return spec.build_settings()
+
+
+def mining_gpus(wildcards):
+    """GPUs of a training-query search: one when the system has any and the search is exact
+    (unless ``use_gpu: false``); approximate search runs on the CPU."""
+    spec = faiss_index.IndexSpec.from_config(dense_index(wildcards.system)).for_mining()
+    gpus = config["systems"][wildcards.system]["gpus"]
+    return min(1, gpus) if spec.exact and spec.use_gpu else 0
 
 
 def sparse_index_settings(wildcards):
@@ -318,11 +385,28 @@ def family_of(system):
     return registry.system_type(config["systems"][system]["type"]).family
 
 
+def search_shards(mining):
+    """Input function: what a dense search reads per corpus shard: the stored vectors for
+    exact search, the FAISS files of its folder (llmret.retrieval.faiss_index.index_folder)
+    for ivf/hnsw; for the training queries with ``mining``."""
+
+    def files(wc):
+        folder = faiss_index.index_folder(dense_index(wc.system), mining)
+        if folder is None:
+            return shard_files("embeddings", "corpus", ".npy")(wc)
+        return shard_files("index", folder, ".index")(wc)
+
+    return files
+
+
 def system_index(system, dataset):
-    """The index files (one per shard) a dense (FAISS file) or sparse (folder) system
-    searches for a dataset."""
-    kind = {"dense": ("faiss", ".index"), "sparse": ("sparse", "")}[family_of(system)]
-    return shard_files("index", *kind)(SimpleNamespace(system=system, dataset=dataset))
+    """The index (one entry per shard) a system searches for a dataset's evaluation queries:
+    a dense system's FAISS files, or its stored vectors for exact search; a sparse
+    system's index folders."""
+    wc = SimpleNamespace(system=system, dataset=dataset)
+    if family_of(system) == "dense":
+        return search_shards(mining=False)(wc)
+    return shard_files("index", "sparse", "")(wc)
 
 
 def corpus_stats(system, dataset):

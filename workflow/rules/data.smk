@@ -8,9 +8,11 @@ localrules:
 
 rule download_dataset:
     """Fetch a dataset zip from its URL or the mirror; the md5 pins the content, so the
-    mirror location is read from the config and is deliberately not a rerun trigger."""
+    mirror location is read from the config and is deliberately not a rerun trigger; nor
+    is another accepted md5 while the file on disk has one (download_md5)."""
     output:
-        "resources/downloads/{dataset}.zip",
+        DOWNLOADS["dataset"],
+        record=DOWNLOADS["dataset"] + sources.RECORD_SUFFIX,
     log:
         "logs/download/{dataset}.log",
     wildcard_constraints:
@@ -21,7 +23,7 @@ rule download_dataset:
         downloads=1,
     params:
         kind="dataset",
-        md5=lookup(dpath="datasets/{dataset}/md5", within=config),
+        md5=download_md5("dataset"),
     script:
         "../scripts/download_dataset.py"
 
@@ -30,7 +32,8 @@ rule download_file:
     """One raw file of a files-dataset (MS MARCO's official TSVs, TREC qrels), fetched
     once however many datasets read it; md5-verified like the zips."""
     output:
-        "resources/downloads/files/{file}",
+        DOWNLOADS["file"],
+        record=DOWNLOADS["file"] + sources.RECORD_SUFFIX,
     log:
         "logs/download/files/{file}.log",
     wildcard_constraints:
@@ -41,7 +44,7 @@ rule download_file:
         downloads=1,
     params:
         kind="file",
-        md5=lambda wc: RAW_FILES[wc.file]["md5"],
+        md5=download_md5("file"),
     script:
         "../scripts/download_dataset.py"
 
@@ -103,3 +106,22 @@ rule prepare_dataset:
         subsample=lookup(dpath="datasets/{dataset}/subsample", within=config),
     script:
         "../scripts/prepare_dataset.py"
+
+
+localrules:
+    trec_qrels,
+
+
+rule trec_qrels:
+    """The evaluation split's judgements in TREC format (qid 0 docid grade): what the
+    evaluation reads, and trec_eval, ir_measures or ranx take as they are."""
+    input:
+        lambda wc: prepared(wc.dataset, "qrels"),
+    output:
+        "results/data/{dataset}/qrels.trec",
+    log:
+        "logs/prepare/{dataset}-qrels.log",
+    conda:
+        "../../envs/retrieval.yaml"
+    script:
+        "../scripts/trec_qrels.py"

@@ -1,5 +1,5 @@
-# Dense systems: encode corpus shards and queries, a FAISS inner-product index per shard,
-# top-k search over the shards.
+# Dense systems: encode corpus shards and queries, top-k search over the shards: exact search
+# reads the stored vectors; ivf and hnsw build a FAISS index per shard.
 
 
 rule encode_corpus:
@@ -64,31 +64,35 @@ rule encode:
 
 
 rule faiss_index:
-    """One index per corpus shard: exact inner product by default; IVF or HNSW (on GPU when
-    faiss has one) per the system's index settings."""
+    """An approximate index (IVF or HNSW, per the system's index settings) of one corpus
+    shard, in faiss/ for the evaluation queries and, when mining builds another one,
+    faiss-mining/ for the training queries. Exact search has none: it reads the vectors.
+    """
     input:
         vectors="results/embeddings/{system}/{dataset}/corpus/{shard}.npy",
     output:
-        "results/index/{system}/{dataset}/faiss/{shard}.index",
+        "results/index/{system}/{dataset}/{folder}/{shard}.index",
     log:
-        "logs/faiss_index/{system}/{dataset}/{shard}.log",
+        "logs/faiss_index/{system}/{dataset}/{folder}-{shard}.log",
     wildcard_constraints:
         system=one_of(DENSE_SYSTEMS),
+        folder="faiss|faiss-mining",
         shard=SHARD_PATTERN,
     conda:
         "../../envs/retrieval.yaml"
     resources:
         mem_mb=mem_mb("index"),
     params:
-        index=index_settings,
+        index=index_build,
     script:
         "../scripts/faiss_index.py"
 
 
 rule dense_search:
-    """Every shard's index in turn, merged into the exact top-k."""
+    """Every shard in turn (its stored vectors, or its FAISS index for ivf/hnsw), merged into
+    the top-k."""
     input:
-        indexes=shard_files("index", "faiss", ".index"),
+        shards=search_shards(mining=False),
         doc_ids=shard_files("embeddings", "corpus", ".ids"),
         queries="results/embeddings/{system}/{dataset}/queries.npy",
         query_ids="results/embeddings/{system}/{dataset}/queries.ids",

@@ -1,6 +1,35 @@
 # Evaluation with ranx, and the paper-style tables.
 
 
+# How a family's runs are searched beyond the system's settings (the search rule's ``index``
+# params); BM25's index is its settings.
+SEARCH_INDEX = {"dense": index_settings, "sparse": sparse_index_settings}
+# What each (system, dataset) metrics file is computed with (``settings`` in the file): the
+# run's settings as its search rule passes them (the run's record keeps them) and the
+# evaluation's. The evaluate rule checks a run's record against "run". As the tables' params
+# ("cells") they rerun a table whenever a setting behind one of its cells changes, even when
+# the job that took the change first failed: Snakemake 9 records a failed job's params as
+# done and leaves a missing intermediate file missing. The tables check each file by them.
+EVALUATED_WITH = {
+    (s, d): {
+        "run": {
+            "top_k": config["evaluation"]["top_k"],
+            "ignore_identical_ids": config["datasets"][d]["ignore_identical_ids"],
+            "settings": plan.system_settings(config, s, d),
+        }
+        | (
+            {"index_settings": SEARCH_INDEX[family_of(s)](SimpleNamespace(system=s))}
+            if family_of(s) in SEARCH_INDEX
+            else {}
+        ),
+        "metrics": list(config["evaluation"]["metrics"]),
+        "relevance_level": config["datasets"][d]["relevance_level"],
+    }
+    for s in config["systems"]
+    for d in DATASETS
+}
+
+
 # Seconds of work each: on a cluster they run on the submitting host, not as jobs.
 localrules:
     evaluate,
@@ -9,9 +38,11 @@ localrules:
 
 
 rule evaluate:
+    """A run's metrics; the run is checked against its record (complete) and the config's
+    settings (``run``: not stale), the qrels for something relevant."""
     input:
         run="results/runs/{system}/{dataset}.trec",
-        qrels=lambda wc: prepared(wc.dataset, "qrels"),
+        qrels="results/data/{dataset}/qrels.trec",
     output:
         "results/metrics/{system}/{dataset}.json",
     log:
@@ -23,6 +54,7 @@ rule evaluate:
         relevance_level=lookup(
             dpath="datasets/{dataset}/relevance_level", within=config
         ),
+        run=lambda wc: EVALUATED_WITH[(wc.system, wc.dataset)]["run"],
     script:
         "../scripts/evaluate.py"
 
@@ -39,7 +71,7 @@ rule beir_table:
             system=TABLE_SYSTEMS,
             dataset=TABLE_DATASETS,
         ),
-        qrels=[prepared(d, "qrels") for d in TABLE_DATASETS],
+        qrels=expand("results/data/{dataset}/qrels.trec", dataset=TABLE_DATASETS),
         info=[prepared(d, "info") for d in TABLE_DATASETS],
     output:
         table=report(
@@ -66,6 +98,18 @@ rule beir_table:
         test=config["evaluation"]["test"],
         relevance_levels={
             d: config["datasets"][d]["relevance_level"] for d in TABLE_DATASETS
+        },
+        cells={
+            f"{s}/{d}": EVALUATED_WITH[(s, d)]
+            for s in TABLE_SYSTEMS
+            for d in TABLE_DATASETS
+        },
+        data={
+            d: {
+                k: config["datasets"][d].get(k)
+                for k in ("split", "on_unknown_qrels", "subsample")
+            }
+            for d in TABLE_DATASETS
         },
     script:
         "../scripts/beir_table.py"
@@ -116,6 +160,11 @@ rule msmarco_table:
     params:
         systems=MSMARCO_SYSTEMS,
         columns=MSMARCO_COLUMNS,
+        cells={
+            f"{s}/{c['dataset']}": EVALUATED_WITH[(s, c["dataset"])]
+            for s in MSMARCO_SYSTEMS
+            for c in MSMARCO_COLUMNS
+        },
     script:
         "../scripts/column_table.py"
 
@@ -139,6 +188,7 @@ rule check_expected:
         "../../envs/evaluation.yaml"
     params:
         runs=EXPECTED_RUNS,
+        cells={f"{s}/{d}": EVALUATED_WITH[(s, d)] for s, d in EXPECTED_RUNS},
         on_drift=lookup(dpath="expected/on_drift", within=config, default="error"),
     script:
         "../scripts/check_expected.py"
@@ -256,5 +306,9 @@ rule quantization_table:
         dataset=QUANT_DATASET,
         shards=len(corpus_shards(QUANT_DATASET)),
         metric=QUANT_METRIC,
+        cells={
+            f"{s}/{QUANT_DATASET}": EVALUATED_WITH[(s, QUANT_DATASET)]
+            for s in QUANT_SYSTEMS
+        },
     script:
         "../scripts/quantization_table.py"

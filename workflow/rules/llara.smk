@@ -17,7 +17,8 @@ localrules:
 rule download_dpr_wiki:
     """The whole psgs_w100.tsv.gz (4.7 GB), checked against sources.dpr_wiki.md5."""
     output:
-        "resources/downloads/psgs_w100.tsv.gz",
+        DOWNLOADS["dpr_wiki"],
+        record=DOWNLOADS["dpr_wiki"] + sources.RECORD_SUFFIX,
     log:
         "logs/download/dpr_wiki.log",
     conda:
@@ -26,7 +27,7 @@ rule download_dpr_wiki:
         downloads=1,
     params:
         kind="dpr_wiki",
-        md5=config["sources"]["dpr_wiki"]["md5"],
+        md5=download_md5("dpr_wiki"),
     script:
         "../scripts/download_dataset.py"
 

@@ -43,7 +43,7 @@ use rule bm25_search as bm25_search_train with:
 
 use rule dense_search as dense_search_train with:
     input:
-        indexes=shard_files("index", "faiss", ".index"),
+        shards=search_shards(mining=True),
         doc_ids=shard_files("embeddings", "corpus", ".ids"),
         queries="results/embeddings/{system}/{dataset}/train-queries.npy",
         query_ids="results/embeddings/{system}/{dataset}/train-queries.ids",
@@ -53,15 +53,17 @@ use rule dense_search as dense_search_train with:
         "logs/dense_search/{system}/{dataset}-train.log",
     benchmark:
         "results/benchmarks/dense_search/{system}/{dataset}-train.tsv"
+    threads: 8
     resources:
         mem_mb=mem_mb("search", train=True),
+        gpu=mining_gpus,
     params:
         top_k=mining_depth,
         ignore_identical_ids=lookup(
             dpath="datasets/{dataset}/ignore_identical_ids", within=config
         ),
         settings=system_settings,
-        index=index_settings,
+        index=mining_index_settings,
 
 
 rule mine_negatives:
@@ -94,7 +96,8 @@ localrules:
 rule download_negatives:
     """A released Tevatron training file (negatives mined elsewhere), md5-checked."""
     output:
-        "resources/downloads/{mining}.tevatron",
+        DOWNLOADS["negatives"],
+        record=DOWNLOADS["negatives"] + sources.RECORD_SUFFIX,
     log:
         "logs/download/{mining}.log",
     wildcard_constraints:
@@ -105,7 +108,7 @@ rule download_negatives:
         downloads=1,
     params:
         kind="negatives",
-        md5=lookup(dpath="mining/{mining}/file/md5", within=config),
+        md5=download_md5("negatives"),
     script:
         "../scripts/download_dataset.py"
 

@@ -1,4 +1,5 @@
-"""Snakemake entry point: BM25 top-k for every query, written as a TREC run."""
+"""Snakemake entry point: BM25 top-k for every query, written as a TREC run (six columns)
+with its settings, counts and sha256 in its record beside it (<run>.json)."""
 
 from llmret import atomic_files, logs
 from llmret.data import beir, trec

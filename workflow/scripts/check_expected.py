@@ -9,7 +9,10 @@ sm = snakemake  # noqa: F821
 logs.to_file(sm.log[0])
 atomic_files.remove_stale_temporaries(sm.output)
 cells = expected.load(sm.input.expected)
-runs = {tuple(r): tables.read_metrics(p)["metrics"] for r, p in zip(sm.params.runs, sm.input.metrics, strict=True)}
+runs = {
+    (s, d): tables.read_metrics(path, sm.params.cells[f"{s}/{d}"])["metrics"]
+    for (s, d), path in zip(sm.params.runs, sm.input.metrics, strict=True)
+}
 outcomes = expected.compare(cells, expected.measured_values(cells, runs))
 print(expected.render(outcomes), expected.summary(outcomes), sep="\n", file=sys.stderr)
 if sm.params.on_drift == "error":

@@ -11,9 +11,9 @@ indexes = iter(sm.input.indexes)  # each system's shards, in system order
 rows = [
     footprint.quantization_entry(
         system,
-        tables.read_metrics(stats),
+        tables.read_json(stats),
         [next(indexes) for _ in range(p.shards)],
-        tables.read_metrics(metrics),
+        tables.read_metrics(metrics, p.cells[f"{system}/{p.dataset}"]),
         p.dataset,
         p.metric,
     )

@@ -26,5 +26,6 @@ header = {
     "ignore_identical_ids": sm.params.ignore_identical_ids,
     "index": index_info,
     "settings": dict(sm.params.settings),
+    "index_settings": dict(sm.params.index),
 }
 trec.write_run(sm.output[0], run, tag=sm.wildcards.system, header=header)

@@ -114,6 +114,7 @@ class SparseModel(nn.Module):
         )
 
     def encode(self, batch: SparseBatch) -> torch.Tensor:
+        # bounded memory: the LM head in vocabulary chunks, recomputed in the backward (pooled_logits)
         return sparse_vectors(self.encoder, batch, self.spec.bidirectional)
 
     def forward(self, query: SparseBatch, passage: SparseBatch) -> dict[str, Any]:

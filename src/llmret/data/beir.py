@@ -111,7 +111,16 @@ def jsonl_records(path: str | Path) -> Iterator[tuple[int, dict]]:
             raise BeirFormatError(f"{path}:{lineno}: invalid JSON at column {e.colno}: {reason}") from None
         if not isinstance(rec, dict):
             raise BeirFormatError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+        if "\\u" in line:  # only an escape can make a lone surrogate (half a UTF-16 pair)
+            _refuse_lone_surrogates(rec, path, lineno)
         yield lineno, rec
+
+
+def _refuse_lone_surrogates(rec: dict, path: str | Path, lineno: int) -> None:
+    try:  # "\\ud800" is valid JSON but not Unicode text: no UTF-8 file can hold it
+        json.dumps(rec, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise BeirFormatError(f"{path}:{lineno}: a lone surrogate {e.object[e.start]!r} is not text") from None
 
 
 def _id_of(rec: dict, path: Path, lineno: int) -> str:
@@ -159,10 +168,8 @@ def _unique_records(path: Path, what: str) -> Iterator[tuple[int, str, dict]]:
 
 def iter_corpus(path: str | Path, check_ids: bool = True) -> Iterator[tuple[str, str, str]]:
     """Stream validated ``(id, title, text)`` records: corpora may not fit in memory.
-
     ``check_ids`` refuses a repeated id, remembering every id read (memory that grows with
-    the corpus); a reader of a corpus already checked whole may skip it.
-    """
+    the corpus); a reader of a corpus already checked whole may skip it."""
     path = Path(path)
     records = (
         _unique_records(path, "document")
@@ -197,10 +204,8 @@ def load_corpus(path: str | Path) -> Corpus:
 
 def corpus_rows(path: str | Path, start: int, end: int) -> Corpus:
     """Documents ``start <= i < end`` of a prepared corpus (one encode shard), read no further.
-
     Ids are not checked for repeats here: the prepared copy was checked whole when written,
-    and remembering every id would grow with the corpus, not the shard.
-    """
+    and remembering every id would grow with the corpus, not the shard."""
     path = Path(path)
     out = Corpus()
     for i, (lineno, rec) in enumerate(jsonl_records(path)):

@@ -1,6 +1,7 @@
 """Robust downloads for the workflow: streamed into a temporary sibling, md5-checked,
-retried on transient errors and renamed into place, so Snakemake never sees a partial file;
-mirror resolution and streams for readers that take a prefix.
+retried on transient errors, bounded by a deadline on each whole attempt (a server that
+trickles bytes does not hold a job forever) and renamed into place, so Snakemake never sees
+a partial file; mirror resolution and streams for readers that take a prefix.
 
 Design notes: docs/retrieval.md.
 """
@@ -16,7 +17,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import BinaryIO
 
 from tqdm import tqdm
 
+from llmret import schema
 from llmret.atomic_files import create_file, fsync_dir, remove_quietly, unique_sibling
 
 __all__ = [
@@ -183,9 +185,13 @@ def _open_http(url: str, timeout: float) -> Iterator[tuple[BinaryIO, int | None]
         yield resp, length
 
 
-def _read_network(resp: BinaryIO, n: int) -> bytes:
+def _read_network(resp: BinaryIO, n: int, started: float, timeout: float) -> bytes:
+    """Up to *n* bytes, as soon as some arrive (``read1``: a full chunk of a trickle would
+    never let the deadline be checked); past the attempt's deadline, a transient error."""
+    if time.monotonic() - started > timeout:
+        raise _TransientError(f"took longer than download.timeout ({timeout:g} s) in all")
     try:
-        return resp.read(n)
+        return resp.read1(n)
     except (OSError, http.client.HTTPException) as e:
         raise _TransientError(f"{type(e).__name__}: {e}") from e
 
@@ -194,23 +200,26 @@ def _stream_once(
     source: str,
     local: Path | None,
     dest: Path,
-    timeout: float,
+    timeouts: tuple[float, float],
     progress: bool,
 ) -> tuple[Path, str, int]:
-    """One attempt: stream *source* into a new temp file next to *dest*.
+    """One attempt: stream *source* into a new temp file next to *dest*; a network attempt
+    ends at its deadline (``timeouts``: the whole attempt's, and a connect or read's).
 
     Returns (temp_path, md5_hex, n_bytes).  On any exception the temp file is
     removed before the exception propagates.
     """
+    started = time.monotonic()
+    timeout, read_timeout = timeouts
     tmp = unique_sibling(dest.parent, f".{dest.name}.part-", create_file)
     try:
         h = hashlib.md5(usedforsecurity=False)
         n = 0
         with (
             open(tmp, "wb") as out,
-            _open_source(source, local, dest, timeout) as (src, total),
+            _open_source(source, local, dest, min(timeout, read_timeout)) as (src, total),
         ):
-            read = src.read if local is not None else partial(_read_network, src)
+            read = src.read if local is not None else partial(_read_network, src, started=started, timeout=timeout)
             with tqdm(
                 total=total,
                 unit="B",
@@ -266,15 +275,29 @@ def open_stream(source: str, timeout: float = 60.0) -> Iterator[BinaryIO]:
         raise DownloadError(f"{source}: {e}") from e
 
 
+def _publish(tmp: Path, dest: Path, source: str, expected: list[str] | None, actual: str) -> None:
+    """Rename the attempt's file onto *dest* if its md5 is accepted; else remove it."""
+    try:
+        if expected is not None and actual not in expected:
+            raise ChecksumError(source, dest, expected, actual)
+        os.replace(tmp, dest)
+    except BaseException:
+        remove_quietly(tmp)
+        raise
+    fsync_dir(dest.parent)
+
+
 def fetch(
     source: str,
     dest: str | Path,
     md5: str | Sequence[str] | None,
     *,
-    retries: int = 3,
-    timeout: float = 60.0,
+    retries: int = schema.default("download", "retries"),
+    timeout: float = schema.default("download", "timeout"),
+    read_timeout: float = schema.default("download", "read_timeout"),
     backoff: float = 2.0,
     progress: bool = True,
+    on_verified: Callable[[str], None] | None = None,
 ) -> Path:
     """Download *source* (http/https, file:// or a local path) to *dest* atomically.
 
@@ -285,9 +308,13 @@ def fetch(
     with a warning.  HTTP 5xx/429, network errors, timeouts and truncated bodies
     are retried: ``retries`` is the number of *extra* attempts (``retries+1``
     requests at most), sleeping ``backoff * 2**i`` seconds before retry ``i``.
-    Other HTTP errors (404, 403, ...), missing local files and md5 mismatches
-    fail at once.  On any failure, KeyboardInterrupt included, the temp file is
-    removed and *dest* is left as it was.  Returns *dest* as a Path.
+    An HTTP attempt may take *timeout* seconds in all (``download.timeout``,
+    however steadily bytes trickle in) and wait *read_timeout* seconds at most
+    to connect or for more bytes.  Other HTTP errors (404, 403, ...), missing
+    local files and md5 mismatches fail at once.  On any failure,
+    KeyboardInterrupt included, the temp file is removed and *dest* is left as
+    it was.  *on_verified* is called with the file's md5 once it is in place.
+    Returns *dest* as a Path.
     """
     dest = Path(dest)
     expected = _normalise_md5(md5)
@@ -317,7 +344,7 @@ def fetch(
             )
             time.sleep(delay)
         try:
-            tmp, actual, size = _stream_once(source, local, dest, timeout, progress)
+            tmp, actual, size = _stream_once(source, local, dest, (timeout, read_timeout), progress)
         except _TransientError as e:
             last = e
             continue
@@ -326,22 +353,11 @@ def fetch(
         except OSError as e:  # local read/write errors (disk full, permissions): final
             raise DownloadError(f"failed to fetch {source} -> {dest}: {e}") from e
 
-        try:
-            if expected is not None and actual not in expected:
-                raise ChecksumError(source, dest, expected, actual)
-            os.replace(tmp, dest)
-        except BaseException:
-            remove_quietly(tmp)
-            raise
-        fsync_dir(dest.parent)
-        logger.info(
-            "fetched %s -> %s (%d bytes, md5 %s, %s)",
-            source,
-            dest,
-            size,
-            actual,
-            "verified" if expected else "NOT verified",
-        )
+        _publish(tmp, dest, source, expected, actual)
+        verified = "verified" if expected else "NOT verified"
+        logger.info("fetched %s -> %s (%d bytes, md5 %s, %s)", source, dest, size, actual, verified)
+        if on_verified is not None:
+            on_verified(actual)
         return dest
 
     raise DownloadError(f"failed to fetch {source} -> {dest} after {attempts} attempt(s): {last}") from last

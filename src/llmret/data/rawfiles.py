@@ -14,6 +14,7 @@ import contextlib
 import gzip
 import json
 import logging
+import os
 import tarfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -58,6 +59,9 @@ def open_lines(f: RawFile) -> Iterator[Iterator[tuple[int, str]]]:
                 raise BeirFormatError(f"{f.path}: not a readable tar archive ({e})") from e
             if not info.isfile():
                 raise BeirFormatError(f"{f.path}: member {f.member!r} is not a regular file")
+            copies = sum(os.path.normpath(m.name) == os.path.normpath(f.member) for m in tar.getmembers())
+            if copies > 1:  # getmember gives the last: refused rather than let it silently win
+                raise BeirFormatError(f"{f.path}: member {f.member!r} is in the archive {copies} times")
             raw = stack.enter_context(tar.extractfile(info))
             inner_name = f.member
         if inner_name.endswith(".gz"):

@@ -1,13 +1,18 @@
 """Where each download of a config comes from: dataset zips, the raw files of assembled
 datasets (each distinct URL once), released negatives files and DPR Wikipedia, with the
 mirror that replaces every upstream URL. A job reads its source here; only the md5 (the
-content) is a rule param, so a moved URL or mirror reruns nothing."""
+content) is a rule param, so a moved URL or mirror reruns nothing; and of the md5s, only
+what the file on disk no longer matches (:func:`md5_key`), so accepting a second copy's md5
+reruns nothing either."""
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 
+from llmret.atomic_files import atomic_write_text
 from llmret.specs import ConfigError
 
 MIRROR_ENV = "LLMRET_MIRROR"
@@ -89,3 +94,49 @@ def download_source(config: Mapping, kind: str, wildcards: Mapping[str, str]) ->
 def mirror(config: Mapping) -> str | None:
     """The download mirror: the ``mirror`` setting, else the LLMRET_MIRROR variable."""
     return config.get("mirror") or os.environ.get(MIRROR_ENV) or None
+
+
+# --------------------------------------------------------------------------- md5 rerun key
+
+RECORD_SUFFIX = ".verified.json"
+
+
+def record_path(download: str | Path) -> Path:
+    """The record a download job writes beside its file: the md5 it verified and its rerun key."""
+    download = Path(download)
+    return download.with_name(download.name + RECORD_SUFFIX)
+
+
+def write_record(download: str | Path, md5: str, key: object) -> None:
+    """Record that ``download`` (of its size now) was verified to have ``md5`` by a job whose
+    md5 param was ``key``."""
+    record = {"md5": md5.lower(), "key": key, "size": Path(download).stat().st_size}
+    atomic_write_text(record_path(download), json.dumps(record) + "\n")
+
+
+def _current_record(download: Path) -> dict | None:
+    """The record of ``download`` if it may describe the file there now (same size; not the
+    mtime, which Snakemake touches after the job)."""
+    try:
+        record = json.loads(record_path(download).read_text(encoding="utf-8"))
+        if isinstance(record, dict) and record.get("size") == download.stat().st_size:
+            return record
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def md5_key(accepted: str | Sequence[str] | None, download: str | Path) -> object:
+    """A download job's md5 param (its rerun key, and so that of every job after it).
+
+    While the file on disk has an md5 that ``accepted`` (the config's md5 or list) still
+    holds, the key stays the one the job that wrote the file ran with: adding a mirror copy's
+    md5, reordering or dropping another changes nothing, and nothing downstream reruns. When
+    the file's md5 is no longer accepted, or no record describes the file, the key is
+    ``accepted`` itself, so a changed checksum downloads (and verifies) again. The job still
+    checks the bytes against the config's whole list."""
+    record = _current_record(Path(download))
+    wanted = [accepted] if isinstance(accepted, str) else list(accepted or [])
+    if record is not None and str(record.get("md5")).lower() in {m.lower() for m in wanted}:
+        return record["key"]
+    return accepted

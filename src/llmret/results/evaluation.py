@@ -3,11 +3,23 @@
 Graded judgments (TREC DL) use the grades as gains for nDCG; binary measures (MRR, recall)
 count a document as relevant from ``relevance_level`` up, as TREC DL does with level 2.
 Queries that a run does not answer count as zero, never as missing.
+
+:func:`evaluate_files` is the evaluate stage: the judgements checked (a file where nothing is
+relevant is an error naming it), the run checked against its record and the config's settings,
+and the result's count of queries that the tables check it by.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from llmret import atomic_files
+from llmret.data import trec
+
+log = logging.getLogger(__name__)
 
 DEFAULT_METRICS = ("ndcg@10", "mrr@10", "recall@100", "recall@1000")
 GRADED = ("ndcg", "ndcg_burges", "dcg", "dcg_burges")
@@ -90,7 +102,9 @@ def evaluate(
     metrics: Sequence[str] = DEFAULT_METRICS,
     relevance_level: int = 1,
 ) -> dict:
-    """Mean and per-query scores, keyed by our metric names (not ranx's)."""
+    """Mean and per-query scores, keyed by our metric names (not ranx's), and ``queries``: how
+    many queries were evaluated (every query of ``qrels``; each per-query mapping has that many
+    values, which :func:`llmret.results.tables.read_metrics` checks)."""
     from ranx import evaluate as rx_evaluate
 
     rq = _ranx_qrels(qrels)
@@ -111,6 +125,60 @@ def evaluate(
         "relevance_level": relevance_level,
         "ranx_metrics": names,
     }
+
+
+def check_judgements(qrels: Mapping[str, Mapping[str, int]], source: str | Path, relevance_level: int = 1) -> list[str]:
+    """Refuse judgements where nothing is relevant (every metric would be 0: an error naming
+    ``source``); return warnings for what makes some metrics meaningless (no grade reaches
+    ``relevance_level``, so the binary metrics are 0; queries with nothing relevant)."""
+    grades = [g for docs in qrels.values() for g in docs.values()]
+    if not any(g > 0 for g in grades):
+        raise ValueError(
+            f"{source}: none of its {len(grades)} judgements has a grade above 0 (grades {sorted(set(grades))}): "
+            "nothing is relevant, so every metric would be 0; check the dataset's qrels and its split"
+        )
+    warnings = []
+    if relevance_level > 1 and max(grades) < relevance_level:
+        warnings.append(
+            f"{source}: no judgement reaches relevance_level {relevance_level} (highest grade {max(grades)}): "
+            "the binary metrics (MRR, recall, precision, MAP) are 0 for every query"
+        )
+    empty = sum(1 for docs in qrels.values() if not any(g > 0 for g in docs.values()))
+    if empty:
+        warnings.append(
+            f"{source}: {empty} of {len(qrels)} queries have nothing relevant; they score 0 on every metric"
+        )
+    return warnings
+
+
+def evaluate_files(
+    run_path: str | Path,
+    qrels_path: str | Path,
+    metrics: Sequence[str],
+    relevance_level: int,
+    run_settings: Mapping,
+) -> dict:
+    """What ``results/metrics/{system}/{dataset}.json`` holds for one run: :func:`evaluate`'s
+    result, the run's and the qrels' sha256, the settings it was computed with (the run's, as
+    the config gives them, and the evaluation's) and warnings. The run must match its record
+    (complete) and its record the config's ``run_settings`` (not stale)."""
+    qrels = trec.read_qrels(qrels_path)
+    warnings = check_judgements(qrels, qrels_path, relevance_level)
+    for w in warnings:
+        log.warning(w)
+    trec.check_run_settings(run_path, run_settings)
+    result = evaluate(qrels, trec.read_run(run_path), metrics, relevance_level)
+    record = trec.read_record(run_path) if trec.record_path(run_path).exists() else {}
+    settings = {"run": dict(run_settings), "metrics": list(metrics), "relevance_level": relevance_level}
+    result.update(
+        run=str(run_path),
+        run_sha256=record.get("sha256"),
+        qrels=str(qrels_path),
+        qrels_sha256=atomic_files.file_sha256(qrels_path),
+        settings=json.loads(json.dumps(settings)),
+        warnings=warnings,
+    )
+    return result
 
 
 def significance(

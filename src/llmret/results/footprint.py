@@ -1,14 +1,15 @@
 """What retrieval costs in bytes and seconds: the index-size, quantization and training tables.
 
 ``results/index_sizes.csv`` puts each learned system's index next to the others (CSPLADE's
-inverted index beside the dense systems' FAISS indexes, as the CSPLADE paper compares
-them); ``results/quantization_table.csv`` lists, per system (one encoder at several
-precisions), the precision, the encoder's weight size, the corpus encoding throughput, the
-index size and a retrieval metric; ``results/training_table.csv`` lists each training run
-(pretraining, fine-tuning, adaptation, CSPLADE) with its steps, training time and peak
-memory. Inputs are files the workflow already writes: the index (a FAISS file or a
-sparse-index folder), the encoding job's statistics JSON, the run's metrics JSON and a
-trained model's ``training_state.json``.
+inverted index beside the dense systems' FAISS indexes, or the stored vectors a dense system
+searches exactly, as the CSPLADE paper compares them); ``results/quantization_table.csv``
+lists, per system (one encoder at several precisions), the precision, the encoder's weight
+size, the corpus encoding throughput, the index size and a retrieval metric;
+``results/training_table.csv`` lists each training run (pretraining, fine-tuning,
+adaptation, CSPLADE) with its steps, training time and peak memory. Inputs are files the
+workflow already writes: the index (a FAISS file, a shard's ``.npy`` vectors that exact
+search reads, or a sparse-index folder), the encoding job's statistics JSON, the run's
+metrics JSON and a trained model's ``training_state.json``.
 """
 
 from __future__ import annotations
@@ -61,12 +62,19 @@ def _paths(paths: str | Path | Sequence[str | Path]) -> list:
 
 
 def index_entry(system: str, kind: str, dataset: str, index_paths: str | Path | Sequence[str | Path]) -> dict:
-    """One row of the index-size table over a corpus's shards: FAISS index files (dense) or
-    sparse-index folders; documents and bytes add up over the shards."""
+    """One row of the index-size table over a corpus's shards: FAISS index files or the stored
+    ``.npy`` vectors that exact search reads (dense), or sparse-index folders; documents and
+    bytes add up over the shards."""
     index_paths = _paths(index_paths)
     docs, nnz = 0, 0
     for path in index_paths:
-        if kind == "dense":
+        if kind == "dense" and Path(path).suffix == ".npy":  # exact search: the stored vectors
+            import numpy as np
+
+            rows, dim = np.load(path, mmap_mode="r", allow_pickle=False).shape
+            engine, width = "exact", float(dim)
+            docs += int(rows)
+        elif kind == "dense":
             import faiss
 
             index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)

@@ -3,19 +3,29 @@
 ``beir_table.csv`` is the wide table (systems x datasets, one metric, plus the average);
 the full table is long: one row per (system, dataset, metric) with the p-value against the
 baseline and a mark, and the path of the run and metrics files it came from.
+
+A table never disagrees with the config: each metrics file is read checked (its count of
+queries against its per-query values, its settings against the config's, its run's sha256
+against the run's record), every input is read before anything is written, and each output
+is written beside its place and renamed in.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
 
+from llmret import atomic_files
+
+log = logging.getLogger(__name__)
+
 ALPHA = 0.05
+METRICS_KEYS = ("metrics", "per_query", "queries")
 
 
 def mark(value: float, base: float, p: float | None, alpha: float = ALPHA) -> str:
@@ -72,9 +82,45 @@ def long_table(
     return pd.DataFrame(rows)
 
 
-def read_metrics(path: str | Path) -> dict:
-    """A metrics JSON written by the evaluate stage."""
-    return json.loads(Path(path).read_text())
+def read_json(path: str | Path) -> dict:
+    """A JSON file; an error naming it when it cannot be read or parsed."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a readable JSON file ({e}); rebuild it (snakemake -R {path})") from None
+
+
+def read_metrics(path: str | Path, settings: Mapping | None = None) -> dict:
+    """A metrics JSON written by the evaluate stage, checked: ``queries`` (how many were
+    evaluated) is the number of per-query values of every metric and each mean is theirs, and,
+    given ``settings`` (the config's for this run), the file was computed with them. Errors
+    name the file."""
+    from llmret.data import trec
+
+    data = read_json(path)
+    missing = [k for k in METRICS_KEYS if not isinstance(data, dict) or k not in data]
+    if missing:
+        raise ValueError(f"{path}: not a metrics file (no {', '.join(missing)}); rebuild it (snakemake -R {path})")
+    n, means = data["queries"], data["metrics"]
+    if set(means) != set(data["per_query"]):
+        raise ValueError(f"{path}: means for {sorted(means)} but per-query values for {sorted(data['per_query'])}")
+    for metric, values in data["per_query"].items():
+        if len(values) != n:
+            raise ValueError(
+                f"{path}: {len(values)} per-query values of {metric}, but it says {n} queries were evaluated: "
+                f"it is truncated or was edited; rebuild it (snakemake -R {path})"
+            )
+        mean = sum(values.values()) / n if n else 0.0
+        if not math.isclose(means[metric], mean, rel_tol=1e-9, abs_tol=1e-12):
+            raise ValueError(f"{path}: mean {metric} {means[metric]} is not its per-query values' mean {mean}")
+    if settings is not None:
+        diffs = trec.setting_differences(data.get("settings", {}), settings)
+        if diffs:
+            raise ValueError(
+                f"{path} was computed with other settings than the config's (recorded -> config: "
+                f"{'; '.join(diffs)}): it is stale; rebuild it (snakemake -R {path})"
+            )
+    return data
 
 
 def column_table(
@@ -101,19 +147,13 @@ def column_table(
 
 
 def write_csv(df: pd.DataFrame, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    """Write beside ``path`` and rename in (the temporary goes on any failure)."""
+    atomic_files.atomic_write(path, lambda f: df.to_csv(f, index=False, lineterminator="\n"))
 
 
 def write_json(obj, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    """Write beside ``path`` and rename in (the temporary goes on any failure)."""
+    atomic_files.atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n"))
 
 
 def bar_plot(table: pd.DataFrame, path: str | Path, metric: str = "nDCG@10") -> None:
@@ -141,6 +181,53 @@ def bar_plot(table: pd.DataFrame, path: str | Path, metric: str = "nDCG@10") -> 
     plt.close(fig)
 
 
+def load_cells(
+    metrics_files: Mapping[tuple[str, str], str],
+    run_files: Mapping[tuple[str, str], str],
+    cell_settings: Mapping[tuple[str, str], Mapping] | None = None,
+) -> tuple[dict, dict]:
+    """Each (system, dataset) cell's metrics (:func:`read_metrics`, against the cell's settings
+    when given) and its run's record, checked to be the run the metrics were computed from
+    (the same sha256): a run rebuilt after its metrics makes them stale, an error naming both."""
+    from llmret.data import trec
+
+    loaded, records = {}, {}
+    for cell, path in metrics_files.items():
+        loaded[cell] = read_metrics(path, (cell_settings or {}).get(cell))
+        run = run_files[cell]
+        has_record = trec.record_path(run).exists()
+        records[cell] = trec.read_record(run) if has_record else {"settings": trec.read_header(run)}
+        if loaded[cell].get("run_sha256") != records[cell].get("sha256"):
+            raise ValueError(
+                f"{path}: computed from a run with sha256 {loaded[cell].get('run_sha256')}, but {run} now has "
+                f"{records[cell].get('sha256')}: the metrics are stale; rebuild them (snakemake -R {path})"
+            )
+        for warning in loaded[cell].get("warnings") or []:
+            log.warning("%s: %s", path, warning)
+    return loaded, records
+
+
+def _check_queries(path: str, data: Mapping, qrels: Mapping, qrels_path: str) -> None:
+    """The metrics file evaluated exactly the queries that ``qrels`` judges."""
+    evaluated = set(next(iter(data["per_query"].values()), {}))
+    if data["queries"] != len(qrels) or (evaluated and evaluated != set(qrels)):
+        raise ValueError(
+            f"{path}: {data['queries']} queries evaluated, but {qrels_path} judges {len(qrels)} "
+            f"({len(evaluated ^ set(qrels))} differ): computed from other judgements; rebuild it (snakemake -R {path})"
+        )
+
+
+def _dataset_records(info_files: Mapping[str, str], datasets: Sequence[str], settings: Mapping) -> dict:
+    """Each dataset's record (counts, split, subsampling), checked against its settings' split."""
+    out = {}
+    for d in datasets:
+        out[d] = read_json(info_files[d])
+        want = (settings.get(d) or {}).get("split")
+        if want is not None and out[d].get("split") != want:
+            raise ValueError(f"{info_files[d]}: split {out[d].get('split')!r}, but the config asks for {want!r}")
+    return out
+
+
 def build_beir_tables(
     *,
     metrics_files: Mapping[tuple[str, str], str],
@@ -157,15 +244,22 @@ def build_beir_tables(
     out_table: str,
     out_full: str,
     out_meta: str,
+    cell_settings: Mapping[tuple[str, str], Mapping] | None = None,
+    dataset_settings: Mapping[str, Mapping] | None = None,
 ) -> pd.DataFrame:
-    """Write the wide table, the long table with significance, and the metadata JSON."""
-    from llmret.data import beir, trec
+    """Write the wide table, the long table with significance, and the metadata JSON. Every
+    input is read and checked first (:func:`load_cells`, the qrels' queries, each run against
+    its record, each dataset's record against its ``split`` in ``dataset_settings``), so a bad
+    input fails the job before any output is written."""
+    from llmret.data import trec
     from llmret.results import evaluation
 
-    loaded = {cell: read_metrics(f) for cell, f in metrics_files.items()}
+    loaded, records = load_cells(metrics_files, run_files, cell_settings)
     pvalues = {}
     for d in datasets:
-        qrels = beir.load_qrels(qrels_files[d])
+        qrels = trec.read_qrels(qrels_files[d])
+        for s in systems:
+            _check_queries(metrics_files[(s, d)], loaded[(s, d)], qrels, qrels_files[d])
         runs = {s: trec.read_run(run_files[(s, d)]) for s in systems}
         pvalues[d] = evaluation.significance(qrels, runs, baseline, metrics, relevance_levels[d], test)
     wide = wide_table(loaded, systems, datasets, metric)
@@ -175,9 +269,13 @@ def build_beir_tables(
         "metric": metric,
         "baseline": baseline,
         "significance": {"test": test, "alpha": ALPHA, "library": "ranx"},
-        "datasets": {d: json.loads(Path(info_files[d]).read_text()) for d in datasets},
+        "datasets": _dataset_records(info_files, datasets, dataset_settings or {}),
+        "dataset_settings": dict(dataset_settings or {}),
         "systems": list(systems),
-        "run_headers": {f"{s}/{d}": trec.read_header(run_files[(s, d)]) for s, d in run_files},
+        "run_headers": {f"{s}/{d}": records[(s, d)]["settings"] for s, d in run_files},
+        "runs": {f"{s}/{d}": {k: records[(s, d)].get(k) for k in ("queries", "lines", "sha256")} for s, d in run_files},
+        "queries_evaluated": {f"{s}/{d}": loaded[(s, d)]["queries"] for s, d in metrics_files},
+        "warnings": {f"{s}/{d}": m["warnings"] for (s, d), m in loaded.items() if m.get("warnings")},
     }
     write_csv(wide, out_table)
     write_csv(full, out_full)

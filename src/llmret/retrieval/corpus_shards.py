@@ -81,6 +81,29 @@ class TopK:
         self.tie[start:end] = np.take_along_axis(t, order, axis=1)
         self.docs[start:end] = np.take_along_axis(d, order, axis=1)
 
+    def add_rows(self, start: int, scores: np.ndarray, rows: np.ndarray, offset: int, doc_ids: np.ndarray) -> None:
+        """Merge a shard's search results as FAISS returns them: ``rows`` within the shard
+        (-1 for none), ``offset`` the shard's first row in the corpus, ``doc_ids`` its ids (an
+        object array)."""
+        found = rows >= 0
+        tie = np.where(found, rows + offset, NO_ROW)
+        docs = np.where(found, doc_ids[np.maximum(rows, 0)], None)
+        self.add(start, np.where(found, scores, -np.inf), tie, docs)
+
+    @classmethod
+    def from_arrays(cls, scores: np.ndarray, tie: np.ndarray, docs: np.ndarray) -> TopK:
+        """A top-k already merged elsewhere (queries x k arrays, each row sorted best first,
+        ties by ``tie``; empty slots score -inf with tie NO_ROW and doc None)."""
+        if not scores.shape == tie.shape == docs.shape or scores.ndim != 2:
+            shapes = f"{scores.shape}, {tie.shape}, {docs.shape}"
+            raise ValueError(f"scores, tie and docs must be queries x k alike: {shapes}")
+        top = cls.__new__(cls)
+        top.k = scores.shape[1]
+        top.scores = scores.astype(np.float32, copy=False)
+        top.tie = tie.astype(np.int64, copy=False)
+        top.docs = docs
+        return top
+
     def run(self, query_ids: Sequence[str], drop_identical_ids: bool = False, top_k: int | None = None) -> ArrayRun:
         return ArrayRun(query_ids, self, drop_identical_ids, top_k)
 

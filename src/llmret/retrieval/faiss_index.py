@@ -1,11 +1,13 @@
 """Dense vectors on disk and inner-product search with FAISS.
 
-Embeddings are stored as ``.npy`` (float32) next to a text file of ids, one per line, so
-any tool can read them; the FAISS index is a separate cached artifact built from them.
-The index type is a setting (:class:`IndexSpec`): exact ``flat`` search for small corpora,
-``ivf`` or ``hnsw`` for millions of passages. Every type uses the inner-product metric
-(cosine, since the encoders L2-normalise), and an index on disk is always a CPU index so
-any machine can read it.
+Embeddings are stored as ``.npy`` (float32, or float16 for a 16-bit encoder) next to a text
+file of ids, one per line, so any tool can read them. The index type is a setting
+(:class:`IndexSpec`): ``flat`` (the default) is exact search over those stored vectors, with
+no index file (:mod:`llmret.retrieval.dense_search`); ``ivf`` and ``hnsw`` are approximate
+FAISS indexes, a cached artifact per corpus shard, for millions of passages. The training
+queries (hard-negative mining) may search another way than the evaluation queries
+(``mining``). Every type uses the inner-product metric (cosine, since the encoders
+L2-normalise), and an index on disk is always a CPU index so any machine can read it.
 """
 
 from __future__ import annotations
@@ -13,15 +15,15 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from llmret import schema
-from llmret.retrieval.corpus_shards import NO_ROW, TopK
-from llmret.specs import settings
+from llmret.retrieval.corpus_shards import TopK
+from llmret.specs import field_names, settings
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +32,11 @@ log = logging.getLogger(__name__)
 MIN_POINTS_PER_LIST = 39
 # Largest k (and nprobe) that FAISS's GPU selection kernels support.
 GPU_MAX_K = 2048
+# The settings a FAISS file is built from, per type: two specs that agree on them share a
+# file (search-time settings are applied when it is read).
+BUILD_KEYS = {"flat": (), "ivf": ("nlist", "seed"), "hnsw": ("hnsw_m", "ef_construction")}
+# Folders of a dense system's FAISS files under results/index/{system}/{corpus}/.
+INDEX_FOLDER, MINING_INDEX_FOLDER = "faiss", "faiss-mining"
 
 
 def storage_dtype(encoder_dtype: str) -> str:
@@ -71,22 +78,72 @@ def read_ids(ids_path: str | Path) -> list[str]:
 class IndexSpec:
     """How the document index is built and searched (the ``index`` config section)."""
 
-    type: str  # "flat" | "ivf" | "hnsw"
+    type: str  # "flat" (exact, over the stored vectors) | "ivf" | "hnsw"
     # The schema gives the rest no default (a key left out of the config is not filled in): these are theirs.
     nlist: int = 1024  # ivf: number of lists, capped at vectors // 39
     nprobe: int = 32  # ivf: lists searched per query
     hnsw_m: int = 32  # hnsw: neighbours per node
     ef_construction: int = 200  # hnsw: candidate list size while building
     ef_search: int = 256  # hnsw: candidate list size while searching
-    use_gpu: bool = True  # flat and ivf go to a GPU when FAISS sees one; hnsw stays on CPU
+    # flat: training queries on the system's GPUs (torch); ivf: on a GPU when FAISS sees one; hnsw: CPU
+    use_gpu: bool = True
     seed: int = 13  # ivf k-means seed, so builds are reproducible
+    mining: Mapping | None = None  # the training queries' settings, over these (None: the same)
 
     def __post_init__(self) -> None:
         schema.check_bounds(self, "systems.dense.index", "index ")
+        if self.mining is not None:
+            self.for_mining()  # a wrong key or bound there fails here, not in the mining job
 
     @classmethod
     def from_config(cls, cfg: Mapping) -> IndexSpec:
         return settings(cls, cfg, "index settings")
+
+    @property
+    def exact(self) -> bool:
+        """Exact search over the stored vectors: no FAISS file."""
+        return self.type == "flat"
+
+    def for_mining(self) -> IndexSpec:
+        """The spec the training queries search with: ``mining``'s keys over this one's."""
+        over = self.mining or {}
+        if not isinstance(over, Mapping):
+            raise ValueError(f"index mining must be a mapping of index settings, got {over!r}")
+        unknown = set(over) - (field_names(IndexSpec) - {"mining"})
+        if unknown:
+            raise ValueError(f"unknown index mining settings: {sorted(unknown)}")
+        try:
+            return replace(self, mining=None, **over)
+        except ValueError as err:
+            raise ValueError(f"index mining: {err}") from None
+
+    def build_settings(self) -> dict:
+        """What this type's FAISS file is built from (type and build-time settings, defaults
+        resolved); {} for exact search, which has no file."""
+        if self.exact:
+            return {}
+        return {"type": self.type, **{key: getattr(self, key) for key in BUILD_KEYS[self.type]}}
+
+
+def index_folder(cfg: Mapping, mining: bool = False) -> str | None:
+    """The folder of a dense system's FAISS files (``cfg``: its ``index`` config) for the
+    evaluation or the training queries' search; None for exact search (the stored vectors).
+    Mining shares the evaluation's files when both are built alike."""
+    spec = IndexSpec.from_config(cfg)
+    if not mining:
+        return None if spec.exact else INDEX_FOLDER
+    wanted = spec.for_mining()
+    if wanted.exact:
+        return None
+    return INDEX_FOLDER if wanted.build_settings() == spec.build_settings() else MINING_INDEX_FOLDER
+
+
+def folder_spec(cfg: Mapping, folder: str) -> IndexSpec:
+    """The spec that the FAISS files of ``folder`` (:func:`index_folder`) are built from."""
+    spec = IndexSpec.from_config(cfg)
+    if folder not in (INDEX_FOLDER, MINING_INDEX_FOLDER):
+        raise ValueError(f"not a FAISS index folder: {folder!r}")
+    return spec.for_mining() if folder == MINING_INDEX_FOLDER else spec
 
 
 def _gpu_available() -> bool:
@@ -298,10 +355,7 @@ def search_shards(
         desc = f"search {Path(index_path).stem}"
         for start in tqdm(range(0, len(q), batch_size), desc=desc, mininterval=5.0, disable=not show_progress):
             scores, rows = index.search(q[start : start + batch_size], depth)
-            found = rows >= 0
-            tie = np.where(found, rows + offset, NO_ROW)
-            docs = np.where(found, doc_ids[np.maximum(rows, 0)], None)
-            top.add(start, np.where(found, scores, -np.inf), tie, docs)
+            top.add_rows(start, scores, rows, offset, doc_ids)
         offset += index.ntotal
         info = describe_index(index)
         del index

@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from llmret import schema
 from llmret.atomic_files import file_sha256
@@ -51,10 +51,40 @@ class ModelSource:
         if len(given) != 1:
             raise ValueError(f"a model source needs exactly one of hf, path, package; got {given or 'none'}")
         schema.check_bounds(self, "models", "model ")
+        check_inner_paths(vars(self), "model ")
 
     @classmethod
-    def from_config(cls, cfg: dict) -> ModelSource:
+    def from_config(cls, cfg: dict, name: str | None = None) -> ModelSource:
+        """The source a config entry describes; with its ``name``, a ``file`` or ``subdir``
+        outside the package or folder is refused naming ``models.{name}.file``."""
+        if name is not None:
+            check_inner_paths(cfg, f"models.{name}.")
         return settings(cls, cfg, "model source keys")
+
+
+INNER_PATHS = ("subdir", "file")  # paths inside the package, folder or hub repository
+
+
+def check_inner_paths(cfg: dict, prefix: str) -> None:
+    """``ValueError`` naming ``{prefix}file`` or ``{prefix}subdir`` when it is not a relative
+    path that stays inside its package or folder: an absolute path, a drive or a '..' part
+    (backslashes count as separators) would let an import open any file of the machine."""
+    for key in INNER_PATHS:
+        value = cfg.get(key)
+        if value is None:
+            continue
+        parts = PurePosixPath(str(value).replace("\\", "/")).parts
+        if (
+            not isinstance(value, str)
+            or not value.strip()
+            or PureWindowsPath(value).drive
+            or value.replace("\\", "/").startswith("/")
+            or ".." in parts
+        ):
+            raise ValueError(
+                f"{prefix}{key} must be a relative path inside the model's package or folder "
+                f"(no absolute path, no '..'), got {value!r}"
+            )
 
 
 def package_dir(package: str) -> Path:
@@ -70,6 +100,7 @@ def package_dir(package: str) -> Path:
 
 def resolve(source: ModelSource) -> tuple[str, str | None]:
     """Return (what to pass to from_pretrained, gguf_file or None)."""
+    check_inner_paths(vars(source), "model ")  # a source built past __post_init__ too
     if source.hf:
         return source.hf, source.file
     base = Path(source.path) if source.path else package_dir(source.package)

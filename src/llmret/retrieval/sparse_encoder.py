@@ -1,12 +1,15 @@
 """SPLADE-style sparse vectors from a causal LM (CSPLADE): ``log(1 + ReLU(logit))``
 max-pooled over positions, with echo and bidirectional-attention variants, pruning and
-token-budgeted encoding into CSR matrices (LM head applied in chunks with a running max).
+token-budgeted encoding into CSR matrices. The LM head is applied in chunks: of positions with
+a running max when encoding, of the vocabulary with recomputation in training
+(:mod:`llmret.retrieval.pooled_logits`); pruning runs on the model's device.
 
 Design notes: docs/csplade.md.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
@@ -20,6 +23,7 @@ from llmret import schema
 from llmret.retrieval.encoder import check_quantize
 from llmret.retrieval.masks import bidirectional_mask
 from llmret.retrieval.model_import import DTYPES
+from llmret.retrieval.pooled_logits import DEFAULT_BLOCK, pooled_splade, slicable_head
 from llmret.retrieval.text_framing import TextFraming
 from llmret.retrieval.tokenization import KINDS, pad_id_of, special_frame, token_batches, tokenize_kind
 from llmret.specs import settings
@@ -184,13 +188,29 @@ def sparse_logits(lm: nn.Module, batch: SparseBatch, bidirectional: bool) -> tor
     return head(hidden_states(lm, batch, bidirectional)).float()
 
 
-def sparse_vectors(lm: nn.Module, batch: SparseBatch, bidirectional: bool, chunk: int | None = None) -> torch.Tensor:
-    """(B, V) float32 SPLADE vectors. ``chunk`` (inference) applies the LM head to that many
-    positions at a time with a running max, instead of materialising all (B, L, V) logits."""
-    if chunk is None:
-        return splade_pool(sparse_logits(lm, batch, bidirectional), batch.pool_mask.to(next(lm.parameters()).device))
+@functools.cache
+def _warn_full_logits(head_type: str) -> None:
+    log.warning("LM head %s is not a plain nn.Linear: SPLADE pooling over all (batch, length, vocab) logits", head_type)
+
+
+def sparse_vectors(
+    lm: nn.Module, batch: SparseBatch, bidirectional: bool, chunk: int | None = None, block: int = DEFAULT_BLOCK
+) -> torch.Tensor:
+    """(B, V) float32 SPLADE vectors, without materialising all (B, L, V) logits.
+
+    Without ``chunk`` (training): :func:`llmret.retrieval.pooled_logits.pooled_splade`, the LM
+    head applied to chunks of the vocabulary (``block`` logits at a time) and recomputed in the
+    backward; a head that is not a plain ``nn.Linear`` (e.g. LoRA-wrapped) falls back to
+    :func:`splade_pool` of the full logits. ``chunk`` (inference) applies the head to that many
+    positions at a time with a running max."""
     _, head = _parts(lm)
     h = hidden_states(lm, batch, bidirectional)
+    if chunk is None:
+        if slicable_head(head):
+            return pooled_splade(h, head.weight, head.bias, batch.pool_mask, block)
+        if torch.is_grad_enabled():
+            _warn_full_logits(type(head).__name__)
+        return splade_pool(head(h).float(), batch.pool_mask.to(h.device))
     pool = batch.pool_mask.to(h.device).bool()
     if not pool.any(1).all():
         raise ValueError("a row has no pooled position")
@@ -237,6 +257,31 @@ def to_csr(weights: torch.Tensor):
     rows, cols = nz[:, 0].numpy(), nz[:, 1].numpy()
     data = w[nz[:, 0], nz[:, 1]].numpy().astype(np.float32)
     return csr_matrix((data, (rows, cols)), shape=tuple(w.shape), dtype=np.float32)
+
+
+def pruned_csr(weights: torch.Tensor, top_k: int = 0, min_weight: float = 0.0):
+    """``to_csr(prune(weights, top_k, min_weight))`` computed where ``weights`` lie: the
+    pruning (``torch.topk``, or ``nonzero`` without ``top_k``) runs on their device and only the
+    kept (index, weight) pairs, zeros dropped, are copied to the host."""
+    from scipy.sparse import csr_matrix
+
+    w = weights.detach().float()
+    if min_weight > 0:
+        w = w.masked_fill(w < min_weight, 0.0)
+    n, vocab = w.shape
+    if top_k and top_k < vocab:
+        vals, idx = torch.topk(w, top_k, dim=1)
+        idx, order = idx.sort(1)
+        vals = vals.gather(1, order)
+        keep = vals != 0
+        cols, data, counts = idx[keep], vals[keep], keep.sum(1)
+    else:
+        rows, cols = w.nonzero(as_tuple=True)
+        data, counts = w[rows, cols], torch.bincount(rows, minlength=n)
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(counts.cpu().numpy(), out=indptr[1:])
+    data, cols = data.cpu().numpy(), cols.cpu().numpy().astype(np.int32)
+    return csr_matrix((data, cols, indptr), shape=(n, vocab), dtype=np.float32)
 
 
 # --------------------------------------------------------------------------- encoding
@@ -302,7 +347,7 @@ def encode_sparse(
         for idx in plan:
             batch = build_batch([rows[i] for i in idx], pad_id, echo=spec.echo, head=head).to(device)
             w = sparse_vectors(model, batch, spec.bidirectional, chunk=chunk)
-            parts.append(to_csr(prune(w, spec.top_k, spec.min_weight)))
+            parts.append(pruned_csr(w, spec.top_k, spec.min_weight))
             order.extend(idx)
             bar.update(len(idx))
     stacked = vstack(parts, format="csr", dtype=np.float32)

@@ -22,6 +22,7 @@ from torch import nn
 from llmret import schema
 from llmret.atomic_files import file_sha256
 from llmret.specs import check_at_least
+from llmret.training.job_settings import AUTO, deepspeed_config_for
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_DEEPSPEED_CONFIG = REPO_ROOT / "config" / "deepspeed" / "cpu.json"
@@ -59,7 +60,8 @@ class TrainingArgs:
     save_every: int  # steps; 0 = only at the end
     log_every: int
     seed: int
-    deepspeed_config: str | None = None  # JSON path; None = config/deepspeed/cpu.json (the schema's default)
+    # JSON path; None = config/deepspeed/cpu.json (the schema's default); "auto": by the GPUs (job_settings)
+    deepspeed_config: str | None = None
     gradient_checkpointing: bool
     log_path: str | None = None  # JSONL; None = <checkpoint_dir>/train_log.jsonl
     max_grad_norm: float  # 0 = no clipping
@@ -68,6 +70,8 @@ class TrainingArgs:
     dtype: str  # agreeing with the DeepSpeed config (resolve_dtype)
     # None: 1, or 2 when the model has frozen parameters (LoRA)
     keep_checkpoints: int | None
+    # per_device_batch_size x ranks x gradient_accumulation_steps must equal it; None: no check
+    global_batch_size: int | None
 
     def __post_init__(self) -> None:
         schema.check_bounds(self, "training")
@@ -79,7 +83,7 @@ class TrainingArgs:
 
     @property
     def resolved_deepspeed_config(self) -> Path:
-        return Path(self.deepspeed_config) if self.deepspeed_config else DEFAULT_DEEPSPEED_CONFIG
+        return deepspeed_config_path(self.deepspeed_config)
 
     @property
     def resolved_dtype(self) -> str:
@@ -97,6 +101,21 @@ class TrainingArgs:
 
 def _read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def deepspeed_config_path(setting: str | None) -> Path:
+    """The DeepSpeed JSON of a ``deepspeed_config`` setting: None is the schema's default
+    (``cpu.json``); ``auto`` is :func:`llmret.training.job_settings.deepspeed_config_for` with
+    this process's GPUs (the workflow resolves ``auto`` from the run's ``gpus`` before the job
+    starts, so a job sees a path); the shipped files are found from the checkout too."""
+    if not setting:
+        return DEFAULT_DEEPSPEED_CONFIG
+    if setting == AUTO:
+        setting = deepspeed_config_for(AUTO, 1 if torch.cuda.is_available() else 0)
+    path = Path(setting)
+    if not path.is_absolute() and not path.exists() and (REPO_ROOT / path).exists():
+        return REPO_ROOT / path
+    return path
 
 
 def deepspeed_precision(cfg: Mapping, where: str | os.PathLike = "the DeepSpeed config") -> str | None:
@@ -160,7 +179,7 @@ def training_dtype(training: Mapping) -> torch.dtype:
     """:attr:`TrainingArgs.torch_dtype` of a config's ``training`` mapping (before the run's
     folders are known): the dtype a stage loads its model in."""
     dtype = training.get("dtype", TrainingArgs.dtype)
-    path = Path(training["deepspeed_config"]) if training.get("deepspeed_config") else DEFAULT_DEEPSPEED_CONFIG
+    path = deepspeed_config_path(training.get("deepspeed_config"))
     return getattr(torch, resolve_dtype(dtype, _read_json(path), path))
 
 
@@ -225,10 +244,16 @@ def build_deepspeed_config(args: TrainingArgs, world_size: int) -> dict:
 RECIPE_ARGS = ("max_steps", "learning_rate", "warmup_steps", "weight_decay", "lr_scheduler", "max_grad_norm")
 
 
-def recipe(args: TrainingArgs, model: nn.Module, inputs: Sequence[str | os.PathLike] = ()) -> dict:
+def recipe(
+    args: TrainingArgs,
+    model: nn.Module,
+    inputs: Sequence[str | os.PathLike] = (),
+    digests: Sequence[str] | None = None,
+) -> dict:
     """What makes a checkpoint this run's: :data:`RECIPE_ARGS`, the resolved ``dtype``, the
     model's own settings (its ``spec``, ``lora`` and ``objective`` dataclasses) and the
-    digests of ``inputs`` (see :func:`input_digest`), as JSON values. Under a constant
+    digests of ``inputs`` (see :func:`input_digest`; ``digests``, when given, are those
+    already computed, e.g. by rank 0 for every rank), as JSON values. Under a constant
     learning rate ``max_steps`` changes no step's update, so a run may be extended: it is
     left out there."""
     out: dict[str, Any] = {k: getattr(args, k) for k in RECIPE_ARGS}
@@ -240,24 +265,59 @@ def recipe(args: TrainingArgs, model: nn.Module, inputs: Sequence[str | os.PathL
         if is_dataclass(value) and not isinstance(value, type):
             out[name] = asdict(value)
     if inputs:
-        out["inputs"] = [input_digest(p) for p in inputs]
+        out["inputs"] = list(digests) if digests is not None else [input_digest(p) for p in inputs]
     return json.loads(json.dumps(out, sort_keys=True, default=str))
 
 
-def input_digest(path: str | os.PathLike) -> str:
+def input_digest(path: str | os.PathLike, cache: dict | None = None) -> str:
     """sha256 of a file, or of a folder's files (relative names and contents), so the same
     content in another place gives the same digest: a stage rerun from a new base model or
     new negatives does not resume the old run's checkpoint (the batch-order check only sees
-    the dataset's length)."""
+    the dataset's length).
+
+    ``cache`` (``{absolute path: [size, mtime_ns, sha256]}``, updated in place) skips
+    hashing a file whose size and modification time are those recorded: a resumed attempt
+    does not read a 7B model's 14 GB again (:func:`cached_input_digests`)."""
     path = Path(path)
     if path.is_file():
-        return file_sha256(path)
+        if cache is None:
+            return file_sha256(path)
+        st = path.stat()
+        key = str(path.resolve())
+        hit = cache.get(key)
+        if hit is not None and hit[:2] == [st.st_size, st.st_mtime_ns]:
+            return hit[2]
+        cache[key] = [st.st_size, st.st_mtime_ns, file_sha256(path)]
+        return cache[key][2]
     if not path.is_dir():
         raise FileNotFoundError(f"training input {path} does not exist")
     h = hashlib.sha256()
     for file in sorted(f for f in path.rglob("*") if f.is_file()):
-        h.update(f"{file.relative_to(path).as_posix()}\0{input_digest(file)}\n".encode())
+        h.update(f"{file.relative_to(path).as_posix()}\0{input_digest(file, cache)}\n".encode())
     return h.hexdigest()
+
+
+DIGEST_CACHE = "input_digests.json"  # in checkpoint_dir: file digests by size and mtime
+
+
+def cached_input_digests(inputs: Sequence[str | os.PathLike], checkpoint_dir: str | os.PathLike) -> list[str]:
+    """:func:`input_digest` of each input, reusing and updating the digests recorded in
+    ``checkpoint_dir/input_digests.json`` (keyed by path, size and modification time; an
+    unreadable file is ignored and rewritten). Called by one rank, which shares the result."""
+    from llmret.atomic_files import atomic_write_text
+
+    cache_path = Path(checkpoint_dir) / DIGEST_CACHE
+    try:
+        cache = json.loads(cache_path.read_text())
+        cache = cache if isinstance(cache, dict) else {}
+    except (OSError, ValueError):
+        cache = {}
+    before = json.dumps(cache, sort_keys=True)
+    digests = [input_digest(p, cache) for p in inputs]
+    if json.dumps(cache, sort_keys=True) != before:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(cache_path, json.dumps(cache, indent=1, sort_keys=True))
+    return digests
 
 
 def recipe_changes(saved_recipe: dict | None, now: dict) -> dict:

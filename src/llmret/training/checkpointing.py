@@ -162,13 +162,47 @@ def checkpoints_to_keep(setting: int | None, module: nn.Module) -> int:
     return KEEP_FROZEN if has_frozen(module) else KEEP_FULL
 
 
+def checkpoint_bytes(folder: Path) -> int:
+    """Bytes of the files under ``folder`` (one checkpoint tag)."""
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def _warn_if_short_of_space(ckpt_dir: Path) -> None:
+    """A save writes a whole new tag before the previous one goes, so the file system needs
+    the newest tag's size free on top: warn (rank 0) before a long write runs out of space."""
+    try:
+        tag = latest_checkpoint(ckpt_dir) if (ckpt_dir / LATEST).is_file() else None
+        if tag is None:
+            return
+        need, free = checkpoint_bytes(ckpt_dir / tag), shutil.disk_usage(ckpt_dir).free
+    except (OSError, RuntimeError):
+        return
+    if free < need:
+        log.warning(
+            "%s: %.1f GB free, but the next checkpoint needs about %.1f GB beside %s until it is complete",
+            ckpt_dir,
+            free / 1e9,
+            need / 1e9,
+            tag,
+        )
+
+
 def save_checkpoint(
     engine, ckpt_dir: Path, tag: str, state: dict, rank: int, final: bool = False, keep: int = KEEP_CHECKPOINTS
 ) -> None:
     """Save tag ``tag``, then point ``latest`` at it and prune to the newest ``keep`` tags (only
-    itself when ``final``: the final model is written next). A save briefly holds ``keep + 1``."""
+    itself when ``final``: the final model is written next).
+
+    The order is crash-safe: (1) every rank writes the new tag; (2) rank 0 writes its
+    ``trainer_state.json``; (3) ``latest`` is replaced atomically to name it; (4) older tags
+    and any partial ones go. A kill before (3) leaves the previous checkpoint in force (the
+    partial tag is removed by the next save); after (3) the new one is. The disk therefore
+    peaks at ``keep + 1`` tags during a save, and after a completed save holds exactly
+    ``keep`` (one, for a full-parameter run: ~100 GB for 7B, so ~200 GB at the peak)."""
     import deepspeed.comm as dist
 
+    if rank == 0:
+        _warn_if_short_of_space(ckpt_dir)
     # LoRA stages freeze the base model: its weights come back from the model folder on a
     # resume, so a checkpoint holds only what trains (MBs instead of the whole model).
     engine.save_checkpoint(

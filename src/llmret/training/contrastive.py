@@ -7,6 +7,7 @@ Design notes: docs/finetuning.md.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import random
@@ -93,46 +94,109 @@ def _json_object(text: str, where: str) -> dict:
     return rec
 
 
+GROUP_INDEX_VERSION = 1
+
+
+def _scan_groups(path: Path) -> dict[str, np.ndarray]:
+    """One streaming pass over a Tevatron JSONL file that validates every line as
+    :func:`llmret.training.mining.read_tevatron` does (errors name ``file:line``; repeated
+    query ids too) and keeps each group's byte range and line number, and the groups without
+    negatives."""
+    from llmret.data.beir import decoded_lines
+
+    starts, ends, lines = array("q"), array("q"), array("q")
+    no_negatives = array("q")
+    first_line: dict[str, int] = {}  # for the repeat check; dropped after the pass
+    with open(path, "rb") as f:
+        pos = _Positions(f)
+        for lineno, text in decoded_lines(path, pos):
+            if not text.strip():
+                continue
+            where = f"{path}:{lineno}"
+            ex = _json_object(text, where)
+            check_tevatron_record(ex, where)
+            qid = ex["query_id"]
+            if qid in first_line:
+                raise ValueError(f"{where}: duplicate query id {qid!r} (first on line {first_line[qid]})")
+            first_line[qid] = lineno
+            if not ex["negative_passages"]:
+                no_negatives.append(len(starts))
+            starts.append(pos.start)
+            ends.append(pos.end)
+            lines.append(lineno)
+        size = pos.end
+    if not starts:
+        raise ValueError(f"{path}: no training queries")
+    out = {k: np.frombuffer(a, dtype=np.int64) for k, a in (("starts", starts), ("ends", ends), ("lines", lines))}
+    out["no_negatives"] = np.frombuffer(no_negatives, dtype=np.int64)
+    out["size"] = np.array([size], dtype=np.int64)
+    return out
+
+
+def group_index_path(path: Path) -> Path:
+    """Where :func:`group_index` keeps a file's index: a hidden file beside it."""
+    return path.with_name(f".{path.name}.groups.npz")
+
+
+def _read_group_index(cache: Path, key: list[int]) -> dict[str, np.ndarray] | None:
+    try:
+        with np.load(cache, allow_pickle=False) as z:
+            if z["key"].tolist() != [GROUP_INDEX_VERSION, *key]:
+                return None
+            return {k: z[k] for k in ("starts", "ends", "lines", "no_negatives", "size")}
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def group_index(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The validated index of a Tevatron file (:func:`_scan_groups`), built once and shared:
+    the first process (of the ranks, of a resumed attempt) validates the file under an
+    exclusive ``flock`` and writes the index beside it (:func:`group_index_path`, keyed by the
+    file's size, modification time and inode); the others wait for the lock and read it (MBs, not
+    another pass over GBs). A folder that cannot be written, or a file system without locks,
+    only costs each process its own pass."""
+    path = Path(path)
+    st = path.stat()
+    key = [st.st_size, st.st_mtime_ns, st.st_ino]  # a file replaced (renamed over) has a new inode
+    cache = group_index_path(path)
+    try:
+        lock = open(cache.with_suffix(".lock"), "a")  # noqa: SIM115 - closed below
+    except OSError:
+        return _scan_groups(path)
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError:  # no locks here: a concurrent process may validate the file too
+            pass
+        index = _read_group_index(cache, key)
+        if index is None:
+            index = _scan_groups(path)
+            tmp = cache.with_name(f"{cache.name}.tmp-{os.getpid()}.npz")
+            try:
+                np.savez(tmp, key=np.array([GROUP_INDEX_VERSION, *key], dtype=np.int64), **index)
+                os.replace(tmp, cache)
+            except OSError:
+                tmp.unlink(missing_ok=True)
+        return index
+
+
 class LazyGroups(Sequence[TrainGroup]):
     """The :class:`TrainGroup`s of a plain Tevatron JSONL file, parsed only when indexed.
 
-    One streaming pass validates every line as :func:`llmret.training.mining.read_tevatron`
-    does (errors name ``file:line``; repeated query ids too) and keeps, per group, only the
-    byte range and line number of its line (int64 arrays, 24 bytes a query): a rank holds no
-    more than the groups of its current batch, however large the file. ``self[i]`` reads
-    and re-checks line i, so the sequence equals ``groups_from_records(read_tevatron(path))``
+    :func:`group_index` validates every line once (errors name ``file:line``; repeated query
+    ids too) and keeps, per group, only the byte range and line number of its line (int64
+    arrays, 24 bytes a query): a rank holds no more than the groups of its current batch,
+    however large the file, and the ranks of a run share one validation pass. ``self[i]``
+    reads and re-checks line i, so the sequence equals ``groups_from_records(read_tevatron(path))``
     and training samples exactly the same groups. A file changed after the pass is an error.
     """
 
     def __init__(self, path: str | os.PathLike):
-        from llmret.data.beir import decoded_lines
-
         self.path = Path(path)
-        starts, ends, lines = array("q"), array("q"), array("q")
-        no_negatives = array("q")
-        first_line: dict[str, int] = {}  # for the repeat check; dropped after the pass
-        with open(self.path, "rb") as f:
-            pos = _Positions(f)
-            for lineno, text in decoded_lines(self.path, pos):
-                if not text.strip():
-                    continue
-                where = f"{self.path}:{lineno}"
-                ex = _json_object(text, where)
-                check_tevatron_record(ex, where)
-                qid = ex["query_id"]
-                if qid in first_line:
-                    raise ValueError(f"{where}: duplicate query id {qid!r} (first on line {first_line[qid]})")
-                first_line[qid] = lineno
-                if not ex["negative_passages"]:
-                    no_negatives.append(len(starts))
-                starts.append(pos.start)
-                ends.append(pos.end)
-                lines.append(lineno)
-            self._size = pos.end
-        if not starts:
-            raise ValueError(f"{self.path}: no training queries")
-        self._starts, self._ends, self._lines = (np.frombuffer(a, dtype=np.int64) for a in (starts, ends, lines))
-        self._no_negatives = np.frombuffer(no_negatives, dtype=np.int64)
+        index = group_index(self.path)
+        self._starts, self._ends, self._lines = index["starts"], index["ends"], index["lines"]
+        self._no_negatives = index["no_negatives"]
+        self._size = int(index["size"][0])
 
     def __len__(self) -> int:
         return len(self._starts)

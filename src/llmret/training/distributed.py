@@ -10,7 +10,8 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 
@@ -96,3 +97,31 @@ def max_over_ranks(values: dict[str, float], device, world_size: int) -> dict[st
     keys = sorted(values)
     reduced = all_reduce_floats([values[k] for k in keys], device, world_size, op="MAX")
     return dict(zip(keys, reduced, strict=True))
+
+
+def share_from_rank0(compute: Callable[[], Any], rank: int, world_size: int) -> Any:
+    """``compute()`` run on rank 0 only and its (picklable) result given to every rank: work
+    whose answer is the same everywhere (hashing the inputs, reading a file) is done once, not
+    once per rank. An error on rank 0 fails every rank (none waits forever for a result)."""
+    if world_size == 1:
+        return compute()
+    import torch.distributed as dist
+
+    error = None
+    value = None
+    if rank == 0:
+        try:
+            value = compute()
+        except Exception as e:  # every rank must join the broadcast before anyone raises
+            error = e
+    # NCCL moves the pickled object through this rank's GPU (named: no device is current yet)
+    nccl = dist.get_backend() == "nccl"
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if nccl else torch.device("cpu")
+    box = [(value, None if error is None else f"{type(error).__name__}: {error}")]
+    dist.broadcast_object_list(box, src=0, device=device)
+    value, failed = box[0]
+    if error is not None:
+        raise error
+    if failed is not None:
+        raise RuntimeError(f"rank 0 failed: {failed}")
+    return value

@@ -20,7 +20,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from llmret.training.arguments import TrainingArgs, build_deepspeed_config, lr_factor, recipe, recipe_changes
+from llmret.training.arguments import (
+    TrainingArgs,
+    build_deepspeed_config,
+    cached_input_digests,
+    lr_factor,
+    recipe,
+    recipe_changes,
+)
 from llmret.training.checkpointing import (
     TRAINER_STATE,
     checkpoints_to_keep,
@@ -35,7 +42,10 @@ from llmret.training.distributed import (
     max_over_ranks,
     merge_peaks,
     peak_memory_mb,
+    share_from_rank0,
 )
+from llmret.training.interruption import StopRequests
+from llmret.training.job_settings import check_global_batch
 from llmret.training.model_contract import call_model, log_scalars, model_losses, nonpad_token_counter, to_device
 from llmret.training.run_log import JsonlLog, LossWindow, progress_bar
 from llmret.training.sampling import ResumableBatchSampler, seed_step
@@ -123,21 +133,22 @@ def train(
     import deepspeed.comm as dist
 
     plan = _plan(model, args, len(dataset), rank, world_size, inputs)
-    engine, init_s = _start_engine(model, args, plan.ds_config)
-    safe = use_safe_loading(engine)  # before any checkpoint load
-    if plan.saved is None:
-        plan.jlog.restart()
-    try:
-        run = _Run(engine, plan, init_s, safe)
-        run.resume()
-        run.train_steps(dataset, collate_fn, count_tokens)
-        result = run.result(wall0)
-        if rank == 0:
-            save_final(engine.module, Path(args.output_dir), tokenizer, save_fn, result)
-        dist.barrier()
-        return result
-    finally:
-        engine.destroy()
+    with StopRequests() as stops:  # SIGTERM/SIGUSR1 from here on: save after the step, then stop
+        engine, init_s = _start_engine(model, args, plan.ds_config)
+        safe = use_safe_loading(engine)  # before any checkpoint load
+        if plan.saved is None:
+            plan.jlog.restart()
+        try:
+            run = _Run(engine, plan, init_s, safe, stops)
+            run.resume()
+            run.train_steps(dataset, collate_fn, count_tokens)
+            result = run.result(wall0)
+            if rank == 0:
+                save_final(engine.module, Path(args.output_dir), tokenizer, save_fn, result)
+            dist.barrier()
+            return result
+        finally:
+            engine.destroy()
 
 
 @dataclass
@@ -166,7 +177,10 @@ def _plan(
     model: nn.Module, args: TrainingArgs, n: int, rank: int, world_size: int, inputs: Sequence[str | os.PathLike]
 ) -> _Plan:
     """Check the model and settings and choose the checkpoint to resume, all before DeepSpeed
-    starts (an error costs no engine start); the model leaves ready for ``deepspeed.initialize``."""
+    starts (an error costs no engine start); the model leaves ready for ``deepspeed.initialize``.
+    Rank 0 alone hashes the inputs (cached by size and mtime in the checkpoint folder) and
+    shares the digests."""
+    check_global_batch(args.global_batch_size, args.per_device_batch_size, args.gradient_accumulation_steps, world_size)
     jlog = JsonlLog(args.resolved_log_path, enabled=rank == 0)
     ds_config = build_deepspeed_config(args, world_size)
     order = {
@@ -184,7 +198,8 @@ def _plan(
     if args.gradient_checkpointing:
         _enable_gradient_checkpointing(model)
 
-    run_recipe = recipe(args, model, inputs)
+    digests = share_from_rank0(lambda: cached_input_digests(inputs, args.checkpoint_dir), rank, world_size)
+    run_recipe = recipe(args, model, inputs, digests)
     tag, saved = _checkpoint_to_resume(Path(args.checkpoint_dir), run_recipe, order, args.max_steps)
     return _Plan(args, rank, world_size, jlog, ds_config, order, dtype, keep, run_recipe, tag, saved)
 
@@ -237,8 +252,8 @@ class _Run:
     of earlier attempts, the data position, the last log record), one method per concern so
     that :func:`train` reads as the run's outline."""
 
-    def __init__(self, engine: Any, plan: _Plan, init_s: float, safe_loading: bool):
-        self.engine, self.plan, self.args = engine, plan, plan.args
+    def __init__(self, engine: Any, plan: _Plan, init_s: float, safe_loading: bool, stops: StopRequests):
+        self.engine, self.plan, self.args, self.stops = engine, plan, plan.args, stops
         self.init_s, self.safe_loading = init_s, safe_loading
         self.start_step = 0
         self.elapsed0 = 0.0  # training seconds of the earlier attempts, up to their checkpoint
@@ -305,17 +320,32 @@ class _Run:
         window = LossWindow()
         bar = progress_bar(args.max_steps, self.start_step, rank == 0)
         set_step = getattr(self.engine.module, "set_step", None)
+        self.stops.check_deadline(self.start_step)
         for step in range(self.start_step + 1, args.max_steps + 1):
+            t_step = time.perf_counter()
             lr = self._step(step, batches, window, count_tokens, set_step)
             bar.update(1)
             if step % args.log_every == 0 or step == args.max_steps:
                 self._log(step, lr, window, bar)
                 window = LossWindow()
-            if (args.save_every and step % args.save_every == 0) or step == args.max_steps:
+            saved = bool(args.save_every and step % args.save_every == 0) or step == args.max_steps
+            if saved:
                 self._checkpoint(step)
+            if step < args.max_steps:
+                self._stop_if_asked(step, saved, time.perf_counter() - t_step, bar)
         bar.close()
         del batches  # stops DataLoader workers, if any
         self.train_s = self.elapsed
+
+    def _stop_if_asked(self, step: int, saved: bool, step_s: float, bar) -> None:
+        """If any rank was asked to stop (:class:`StopRequests`), save ``step`` (unless it was
+        just saved) and raise ``TrainingInterrupted``: the rerun resumes from this checkpoint."""
+        reason = self.stops.agreed(step_s, self.engine.device, self.plan.world_size)
+        if reason:
+            if not saved:
+                self._checkpoint(step)
+            bar.close()
+            raise self.stops.interrupt(step, reason, self.plan.rank)
 
     def _step(
         self, step: int, batches, window: LossWindow, count_tokens: Callable[[Any], int] | None, set_step
