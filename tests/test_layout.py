@@ -13,12 +13,13 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "llmret"
 # Lower layers first; a module may import only from its own sub-package or a lower layer.
 LAYERS = (
     {"specs", "schema", "registry"},
-    {"atomic_files", "logs", "launch", "sizing"},
+    {"atomic_files", "logs", "launch"},
     {"data"},
     {"retrieval"},
     {"training"},
     {"llara", "finetuning", "csplade"},
     {"results"},
+    {"sizing"},
     {"plan"},
     {"checks", "settings_doc"},
 )

@@ -26,6 +26,7 @@ WIRING = {
     "systems.bow": {"type", "model", "gpus", "sparse_index", "lengths"},
     "models": set(PLANNING_KEYS),  # memory planning (llmret.sizing), never imported
     "mining": {"dataset", "retriever", "file"},
+    "encoding": set(),
     "lora": set(),
     "training": set(),
     # each training stage's wiring comes from its registry entry

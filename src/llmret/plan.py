@@ -23,6 +23,7 @@ OTHER_SPEC_CLASSES = {
     "systems.sparse.sparse_index": "llmret.retrieval.sparse_index:SparseIndexSpec",
     "models": "llmret.retrieval.model_import:ModelSource",
     "mining": "llmret.training.mining:MiningSpec",
+    "encoding": "llmret.retrieval.corpus_shards:EncodingSpec",
     "lora": "llmret.training.lora:LoraSpec",
     "training": "llmret.training.arguments:TrainingArgs",
 }
@@ -176,11 +177,11 @@ def run_stages(config: Mapping, runs: Iterable[str]) -> list[tuple[str, str, str
 def corpus_shards(config: Mapping, dataset: str) -> list[str]:
     """Names of a dataset's corpus shards, planned from its ``corpus_size`` (or subsample
     ``max_docs``) over ``encoding.shard_size``; one shard when the size is unknown."""
-    from llmret.retrieval.corpus_shards import shard_count, shard_names
+    from llmret.retrieval.corpus_shards import EncodingSpec, shard_count, shard_names
     from llmret.sizing import planned_corpus_size
 
     size = planned_corpus_size(config["datasets"][dataset])
-    return shard_names(shard_count(size, config["encoding"]["shard_size"]))
+    return shard_names(shard_count(size, EncodingSpec.from_config(config).shard_size))
 
 
 def table_systems(config: Mapping) -> list[str]:

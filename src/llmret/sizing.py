@@ -96,7 +96,9 @@ def planned_corpus_size(dataset: Mapping) -> int | None:
 def shard_rows(config: Mapping, dataset: str, shards: int) -> int:
     """Passages in the largest shard of a dataset's corpus, as planned (a full shard when the
     corpus size is unknown)."""
-    size = planned_corpus_size(config["datasets"][dataset]) or config["encoding"]["shard_size"]
+    from llmret.retrieval.corpus_shards import EncodingSpec
+
+    size = planned_corpus_size(config["datasets"][dataset]) or EncodingSpec.from_config(config).shard_size
     return math.ceil(size / shards)
 
 

@@ -14,18 +14,38 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
+
+from llmret import schema
+from llmret.specs import settings
 
 SHARD_PATTERN = r"[0-9]+-of-[0-9]+"
 _SHARD_RE = re.compile(r"(\d+)-of-(\d+)")
 NO_ROW = np.iinfo(np.int64).max  # the tie key of an empty slot: after every real row
 
 
+@dataclass(frozen=True)
+@schema.defaults_from("encoding")
+class EncodingSpec:
+    """How corpora are encoded (the ``encoding`` config section): shards of at most about
+    ``shard_size`` passages."""
+
+    shard_size: int
+
+    def __post_init__(self) -> None:
+        schema.check_bounds(self, "encoding")
+
+    @classmethod
+    def from_config(cls, config: Mapping) -> EncodingSpec:
+        """The spec of a workflow config's ``encoding`` section (schema defaults when absent)."""
+        return settings(cls, config.get("encoding") or {}, "encoding settings")
+
+
 def shard_count(corpus_size: int | None, shard_size: int) -> int:
-    """Shards for a corpus of ``corpus_size`` passages (None: unknown, one shard)."""
-    if shard_size < 1:
-        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    """Shards for a corpus of ``corpus_size`` passages (None: unknown, one shard); the
+    bounds of ``shard_size`` are :class:`EncodingSpec`'s."""
     if not corpus_size:
         return 1
     return max(1, math.ceil(corpus_size / shard_size))
